@@ -1,0 +1,11 @@
+//! Ferry: a host agent that runs KVM guests and live-migrates them between hosts.
+//!
+//! The binary (`src/main.rs`) only parses the command line; everything lives here:
+//!
+//! - [`vm`]: the KVM guest runtime (memory + dirty log, vCPU threads, devices, state).
+//! - [`control`]: the agent daemon, its configuration and its local HTTP/JSON API.
+//! - [`cli`]: the `ferry` command line, a client of that API.
+
+pub mod cli;
+pub mod control;
+pub mod vm;

@@ -1,0 +1,539 @@
+//! Guest memory: anonymous mappings owned by the agent, registered with KVM as memory slots.
+//!
+//! Every region can have KVM dirty logging switched on or off on its own. [`GuestMemory::take_dirty`]
+//! is the one way to learn which pages changed: it fetches (and clears) KVM's dirty log *and* the
+//! agent's own write log, so pages that the agent wrote itself (device emulation, loading an image,
+//! restoring a snapshot) are never missed. A region whose dirty logging is off reports every page as
+//! dirty: a caller can never under-count.
+//!
+//! Host-side access goes through [`GuestMemory::read`] / [`GuestMemory::write`], which copy bytes
+//! and, for writes, mark the pages dirty. Guest memory may change under the agent while vCPUs run;
+//! reads of a running guest are racy by nature (like a DMA engine's), and exact only while the vCPUs
+//! are paused.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+
+/// Size of a guest page: the unit of dirty tracking and of migration.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Where the classic x86 "PCI hole" starts: memory above this goes above 4 GiB.
+pub const LOW_MEMORY_END: u64 = 3 << 30;
+/// Where memory resumes above the hole.
+pub const HIGH_MEMORY_START: u64 = 4 << 30;
+
+/// Errors of the guest memory layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory size {0} bytes is not a positive multiple of 2 MiB")]
+    BadSize(u64),
+    #[error("could not map {size} bytes of guest memory: {source}; reduce the VM's memory or free host memory")]
+    Mmap {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("KVM refused memory slot {slot} (gpa {gpa:#x}, {size} bytes): {source}")]
+    SetRegion {
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("reading KVM's dirty log of slot {slot} failed: {source}")]
+    DirtyLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest-physical range {gpa:#x}+{len:#x} is not inside guest memory")]
+    OutOfRange { gpa: u64, len: u64 },
+    #[error("region index {0} does not exist")]
+    NoRegion(usize),
+}
+
+/// The shape of one memory region, without its contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionLayout {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Size in bytes (a multiple of [`PAGE_SIZE`]).
+    pub size: u64,
+}
+
+impl RegionLayout {
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+    pub fn end(&self) -> u64 {
+        self.gpa + self.size
+    }
+}
+
+/// The standard layout for `size` bytes of guest memory: everything below 3 GiB in one region,
+/// the rest above 4 GiB (leaving the usual hole for MMIO).
+pub fn standard_layout(size: u64) -> Result<Vec<RegionLayout>, MemoryError> {
+    if size == 0 || size % (2 << 20) != 0 {
+        return Err(MemoryError::BadSize(size));
+    }
+    if size <= LOW_MEMORY_END {
+        return Ok(vec![RegionLayout { gpa: 0, size }]);
+    }
+    Ok(vec![
+        RegionLayout {
+            gpa: 0,
+            size: LOW_MEMORY_END,
+        },
+        RegionLayout {
+            gpa: HIGH_MEMORY_START,
+            size: size - LOW_MEMORY_END,
+        },
+    ])
+}
+
+struct Region {
+    layout: RegionLayout,
+    slot: u32,
+    host: NonNull<u8>,
+    dirty_logging: AtomicBool,
+    /// Pages written by the agent since the last [`GuestMemory::take_dirty`].
+    agent_dirty: Box<[AtomicU64]>,
+}
+
+// SAFETY: `host` points to a private anonymous mapping owned by this Region for its whole life;
+// all access to it goes through raw-pointer copies that tolerate concurrent writers (the guest).
+unsafe impl Send for Region {}
+// SAFETY: as above; the Region's own mutable state is atomic.
+unsafe impl Sync for Region {}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: `host`/`size` are exactly the mapping created in `GuestMemory::new`, and the
+        // VM (holding the memory slot) is dropped before the memory (see `GuestMemory`'s fields).
+        unsafe {
+            libc::munmap(self.host.as_ptr().cast(), self.layout.size as usize);
+        }
+    }
+}
+
+/// All of a guest's memory.
+pub struct GuestMemory {
+    regions: Vec<Region>,
+    vm: Arc<VmFd>,
+}
+
+impl std::fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMemory")
+            .field("regions", &self.layout())
+            .finish()
+    }
+}
+
+/// Dirty pages of one region, one bit per page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionBitmap {
+    pub layout: RegionLayout,
+    pub bits: Vec<u64>,
+}
+
+impl RegionBitmap {
+    pub fn empty(layout: RegionLayout) -> Self {
+        RegionBitmap {
+            layout,
+            bits: vec![0; layout.pages().div_ceil(64) as usize],
+        }
+    }
+    pub fn full(layout: RegionLayout) -> Self {
+        let mut b = Self::empty(layout);
+        for p in 0..layout.pages() {
+            b.set(p);
+        }
+        b
+    }
+    pub fn set(&mut self, page: u64) {
+        self.bits[(page / 64) as usize] |= 1 << (page % 64);
+    }
+    pub fn get(&self, page: u64) -> bool {
+        self.bits[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+    pub fn count(&self) -> u64 {
+        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+    /// Dirty page indices (relative to the region), ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bits.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = w.trailing_zeros() as u64;
+                w &= w - 1;
+                Some(i as u64 * 64 + b)
+            })
+        })
+    }
+}
+
+/// Dirty pages of the whole guest, as returned by [`GuestMemory::take_dirty`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    pub regions: Vec<RegionBitmap>,
+}
+
+impl DirtyBitmap {
+    pub fn count(&self) -> u64 {
+        self.regions.iter().map(RegionBitmap::count).sum()
+    }
+    /// Guest-physical addresses of the dirty pages, ascending.
+    pub fn iter_gpa(&self) -> impl Iterator<Item = u64> + '_ {
+        self.regions
+            .iter()
+            .flat_map(|r| r.iter().map(move |p| r.layout.gpa + p * PAGE_SIZE))
+    }
+    /// Whether the page at `gpa` is marked.
+    pub fn contains(&self, gpa: u64) -> bool {
+        self.regions.iter().any(|r| {
+            gpa >= r.layout.gpa && gpa < r.layout.end() && r.get((gpa - r.layout.gpa) / PAGE_SIZE)
+        })
+    }
+    /// OR another bitmap of the same layout into this one.
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        for (a, b) in self.regions.iter_mut().zip(&other.regions) {
+            for (x, y) in a.bits.iter_mut().zip(&b.bits) {
+                *x |= *y;
+            }
+        }
+    }
+}
+
+impl GuestMemory {
+    /// Map the given regions and register them with KVM as slots 0, 1, ...
+    pub fn new(vm: Arc<VmFd>, layout: &[RegionLayout]) -> Result<Self, MemoryError> {
+        let mut regions = Vec::with_capacity(layout.len());
+        for (slot, l) in layout.iter().enumerate() {
+            if l.size == 0 || l.size % PAGE_SIZE != 0 || l.gpa % PAGE_SIZE != 0 {
+                return Err(MemoryError::BadSize(l.size));
+            }
+            // SAFETY: a fresh private anonymous mapping; no existing memory is affected. The
+            // result is checked against MAP_FAILED below.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    l.size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(MemoryError::Mmap {
+                    size: l.size,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            let host = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Mmap {
+                size: l.size,
+                source: std::io::Error::other("mmap returned null"),
+            })?;
+            let words = l.pages().div_ceil(64) as usize;
+            regions.push(Region {
+                layout: *l,
+                slot: slot as u32,
+                host,
+                dirty_logging: AtomicBool::new(false),
+                agent_dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            });
+        }
+        let mem = GuestMemory { regions, vm };
+        for r in &mem.regions {
+            mem.register(r, false)?;
+        }
+        Ok(mem)
+    }
+
+    fn register(&self, r: &Region, log_dirty: bool) -> Result<(), MemoryError> {
+        let region = kvm_userspace_memory_region {
+            slot: r.slot,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: r.layout.gpa,
+            memory_size: r.layout.size,
+            userspace_addr: r.host.as_ptr() as u64,
+        };
+        // SAFETY: the host range is a live mapping owned by `self` of exactly `memory_size`
+        // bytes, and it outlives the VM's use of it (the slot is dropped with the VM fd, which
+        // `Vm` drops before this memory).
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|source| {
+            MemoryError::SetRegion {
+                slot: r.slot,
+                gpa: r.layout.gpa,
+                size: r.layout.size,
+                source,
+            }
+        })
+    }
+
+    /// The regions' shapes.
+    pub fn layout(&self) -> Vec<RegionLayout> {
+        self.regions.iter().map(|r| r.layout).collect()
+    }
+
+    /// Total guest memory in bytes.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.layout.size).sum()
+    }
+
+    /// Switch KVM dirty logging for one region. Turning it on starts a fresh log: every page
+    /// counts as clean until written. Turning it off makes that region report all pages dirty.
+    pub fn set_dirty_logging(&self, region: usize, on: bool) -> Result<(), MemoryError> {
+        let r = self
+            .regions
+            .get(region)
+            .ok_or(MemoryError::NoRegion(region))?;
+        self.register(r, on)?;
+        r.dirty_logging.store(on, Ordering::SeqCst);
+        if on {
+            for w in r.agent_dirty.iter() {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Switch dirty logging for every region.
+    pub fn set_dirty_logging_all(&self, on: bool) -> Result<(), MemoryError> {
+        for i in 0..self.regions.len() {
+            self.set_dirty_logging(i, on)?;
+        }
+        Ok(())
+    }
+
+    pub fn dirty_logging(&self, region: usize) -> bool {
+        self.regions
+            .get(region)
+            .is_some_and(|r| r.dirty_logging.load(Ordering::SeqCst))
+    }
+
+    /// Fetch and clear the dirty pages of every region: KVM's log OR the agent's own writes.
+    /// Regions without dirty logging report all pages.
+    pub fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
+        let mut out = Vec::with_capacity(self.regions.len());
+        for r in &self.regions {
+            let mut bm = if r.dirty_logging.load(Ordering::SeqCst) {
+                let bits = self
+                    .vm
+                    .get_dirty_log(r.slot, r.layout.size as usize)
+                    .map_err(|source| MemoryError::DirtyLog {
+                        slot: r.slot,
+                        source,
+                    })?;
+                RegionBitmap {
+                    layout: r.layout,
+                    bits,
+                }
+            } else {
+                RegionBitmap::full(r.layout)
+            };
+            for (w, a) in bm.bits.iter_mut().zip(r.agent_dirty.iter()) {
+                *w |= a.swap(0, Ordering::AcqRel);
+            }
+            out.push(bm);
+        }
+        Ok(DirtyBitmap { regions: out })
+    }
+
+    /// Put pages back into the dirty set (e.g. after a failed send): they will be reported by the
+    /// next [`GuestMemory::take_dirty`]. Dirty state is never dropped.
+    pub fn mark_dirty(&self, bitmap: &DirtyBitmap) {
+        for (r, b) in self.regions.iter().zip(&bitmap.regions) {
+            for (a, w) in r.agent_dirty.iter().zip(&b.bits) {
+                if *w != 0 {
+                    a.fetch_or(*w, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+
+    fn find(&self, gpa: u64, len: u64) -> Result<(&Region, u64), MemoryError> {
+        for r in &self.regions {
+            if gpa >= r.layout.gpa
+                && gpa
+                    .checked_add(len)
+                    .is_some_and(|end| end <= r.layout.end())
+            {
+                return Ok((r, gpa - r.layout.gpa));
+            }
+        }
+        Err(MemoryError::OutOfRange { gpa, len })
+    }
+
+    fn mark_range(r: &Region, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = off / PAGE_SIZE;
+        let last = (off + len - 1) / PAGE_SIZE;
+        for p in first..=last {
+            r.agent_dirty[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel);
+        }
+    }
+
+    /// Copy bytes out of guest memory. The range must lie inside one region.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let (r, off) = self.find(gpa, buf.len() as u64)?;
+        // SAFETY: `find` checked that [off, off+len) lies inside the region's mapping; `buf` is a
+        // distinct host buffer. The guest may write concurrently; the copy then sees some mix of
+        // old and new bytes, which callers accept (they pause the guest for exact copies).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                r.host.as_ptr().add(off as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Copy bytes into guest memory and mark the pages dirty. The range must lie inside one region.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let (r, off) = self.find(gpa, data.len() as u64)?;
+        // SAFETY: bounds checked by `find`; `data` cannot overlap guest memory handed out by us
+        // except through `host_slice`, whose callers must not alias it with writes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                r.host.as_ptr().add(off as usize),
+                data.len(),
+            );
+        }
+        Self::mark_range(r, off, data.len() as u64);
+        Ok(())
+    }
+
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+
+    /// Whether the page at `gpa` is all zero (word-wise scan).
+    pub fn page_is_zero(&self, gpa: u64) -> Result<bool, MemoryError> {
+        let mut page = [0u8; PAGE_SIZE as usize];
+        self.read(gpa, &mut page)?;
+        Ok(is_zero(&page))
+    }
+
+    /// A view of a whole region's bytes.
+    ///
+    /// # Safety
+    /// The caller must make sure nothing writes the region while the slice lives: the vCPUs are
+    /// paused and the agent does not call [`GuestMemory::write`] on it.
+    pub unsafe fn region_slice(&self, region: usize) -> Result<&[u8], MemoryError> {
+        let r = self
+            .regions
+            .get(region)
+            .ok_or(MemoryError::NoRegion(region))?;
+        // SAFETY: the mapping is live for `self`'s lifetime and exactly `size` bytes long; the
+        // absence of writers is the caller's promise (see `# Safety`).
+        Ok(unsafe { std::slice::from_raw_parts(r.host.as_ptr(), r.layout.size as usize) })
+    }
+
+    /// A mutable view of a whole region's bytes, for bulk loads (restore). Marks the whole
+    /// region dirty.
+    ///
+    /// # Safety
+    /// The vCPUs must not run and no other view of the region may exist while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn region_slice_mut(&self, region: usize) -> Result<&mut [u8], MemoryError> {
+        let r = self
+            .regions
+            .get(region)
+            .ok_or(MemoryError::NoRegion(region))?;
+        Self::mark_range(r, 0, r.layout.size);
+        // SAFETY: the mapping is live for `self`'s lifetime; exclusivity is the caller's promise.
+        Ok(unsafe { std::slice::from_raw_parts_mut(r.host.as_ptr(), r.layout.size as usize) })
+    }
+}
+
+/// Whether a buffer is all zero bytes, scanning 64 bytes at a time with an OR-fold.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    for c in &mut chunks {
+        let mut acc = 0u64;
+        for w in c.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().unwrap_or([0; 8]));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_splits_above_3g() {
+        assert_eq!(standard_layout(1 << 30).unwrap().len(), 1);
+        let l = standard_layout(4 << 30).unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[1].gpa, 4 << 30);
+        assert_eq!(l[0].size + l[1].size, 4 << 30);
+        assert!(standard_layout(0).is_err());
+        assert!(standard_layout(3 << 20).is_err());
+    }
+
+    #[test]
+    fn bitmap_iter_and_merge() {
+        let l = RegionLayout {
+            gpa: 0x1000_0000,
+            size: 200 * PAGE_SIZE,
+        };
+        let mut a = RegionBitmap::empty(l);
+        a.set(0);
+        a.set(63);
+        a.set(64);
+        a.set(199);
+        assert_eq!(a.iter().collect::<Vec<_>>(), vec![0, 63, 64, 199]);
+        let mut d = DirtyBitmap {
+            regions: vec![a.clone()],
+        };
+        let mut b = RegionBitmap::empty(l);
+        b.set(5);
+        d.merge(&DirtyBitmap { regions: vec![b] });
+        assert_eq!(d.count(), 5);
+        assert!(d.contains(0x1000_0000 + 5 * PAGE_SIZE));
+        assert!(!d.contains(0x1000_0000 + 6 * PAGE_SIZE));
+        assert_eq!(RegionBitmap::full(l).count(), 200);
+    }
+
+    #[test]
+    fn zero_scan() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        p[4095] = 0;
+        p[70] = 1;
+        assert!(!is_zero(&p));
+        assert!(is_zero(&[0u8; 3]));
+    }
+}

@@ -1,0 +1,563 @@
+//! The KVM guest runtime: a guest's memory, its vCPU threads, its devices, and its complete state.
+//!
+//! ```text
+//!  Hypervisor (/dev/kvm, probed once: MSR list, CPUID, TSC)
+//!    └─ Vm ── GuestMemory (regions + dirty log)       memory.rs
+//!         ├── Vcpu threads (KVM_RUN, pause, state)     vcpu.rs
+//!         ├── Devices (serial console, yield port)     devices.rs
+//!         └── VmState (versioned, serializable)        state.rs
+//!  guest kinds: workload (generated CPL3 program)      workload.rs
+//!               raw (flat image in real mode)          raw.rs
+//! ```
+//!
+//! A [`Vm`] is always created with its vCPUs parked: [`Vm::start`] runs them. A guest is loaded
+//! by its kind's loader, which writes memory and returns how each vCPU begins ([`BootVcpu`]); a
+//! `linux` kind (bzImage + initrd + cmdline) fits the same shape: its loader writes the kernel,
+//! the zero page and the command line and returns a 64-bit entry state.
+
+pub mod devices;
+pub mod memory;
+pub mod raw;
+pub mod snapshot;
+pub mod state;
+pub mod vcpu;
+pub mod workload;
+pub mod x86;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_irqchip, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
+
+use devices::Devices;
+use memory::{GuestMemory, MemoryError, RegionLayout};
+use state::{VcpuState, VmState};
+use vcpu::{Fault, Vcpu, VcpuError, VmShared};
+
+pub use raw::RawParams;
+pub use workload::{Profile, WorkloadParams};
+
+/// How long a pause may take before it is reported as stuck.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u32 = workload::MAX_VCPUS;
+
+/// Errors of the guest runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}; run as root on a host with KVM enabled")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM: {what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("a VM needs 1 to {MAX_VCPUS} vCPUs, not {0}")]
+    Vcpus(u32),
+    #[error("memory must be a positive multiple of 2 MiB, not {0} MiB")]
+    MemorySize(u64),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Workload(#[from] workload::WorkloadError),
+    #[error(transparent)]
+    Raw(#[from] raw::RawError),
+    #[error("VM is {0}; {1}")]
+    State(VmStatus, &'static str),
+    #[error("the saved state does not fit this VM: {0}")]
+    Mismatch(String),
+}
+
+/// Which program the guest runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestKind {
+    /// The built-in CPL3 workload generator.
+    Workload(WorkloadParams),
+    /// A flat binary started in 16-bit real mode.
+    Raw(RawParams),
+}
+
+impl GuestKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            GuestKind::Workload(_) => "workload",
+            GuestKind::Raw(_) => "raw",
+        }
+    }
+}
+
+/// What a VM is: enough to build it from scratch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub kind: GuestKind,
+}
+
+impl VmSpec {
+    /// Shape checks that need no host: vCPU count and memory size.
+    pub fn validate(&self) -> Result<(), VmError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(VmError::Vcpus(self.vcpus));
+        }
+        if self.memory_mib == 0 || self.memory_mib % 2 != 0 || self.memory_mib > (512 << 10) {
+            return Err(VmError::MemorySize(self.memory_mib));
+        }
+        Ok(())
+    }
+}
+
+/// Lifecycle state of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmStatus {
+    /// Built, never run.
+    Created,
+    Running,
+    Paused,
+    /// Powered off by request.
+    Stopped,
+    /// Stopped on its own (triple fault, KVM error).
+    Crashed,
+}
+
+impl std::fmt::Display for VmStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmStatus::Created => "created",
+            VmStatus::Running => "running",
+            VmStatus::Paused => "paused",
+            VmStatus::Stopped => "stopped",
+            VmStatus::Crashed => "crashed",
+        })
+    }
+}
+
+/// The host's KVM, opened once per agent.
+pub struct Hypervisor {
+    kvm: Kvm,
+    /// MSRs that can be read and written on this host (from KVM_GET_MSR_INDEX_LIST, probed).
+    msr_list: Arc<Vec<u32>>,
+    cpuid: CpuId,
+    /// TSC frequency a fresh vCPU gets.
+    pub tsc_khz: u32,
+}
+
+impl std::fmt::Debug for Hypervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hypervisor")
+            .field("msrs", &self.msr_list.len())
+            .field("tsc_khz", &self.tsc_khz)
+            .finish()
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+impl Hypervisor {
+    /// Open /dev/kvm and probe what this host offers.
+    pub fn open() -> Result<Arc<Hypervisor>, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let listed = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
+        // Probe on a throwaway vCPU which listed MSRs can really be read and written back.
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let tsc_khz = vcpu.get_tsc_khz().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "KVM does not report a TSC frequency; assuming 2 GHz for guest pacing");
+            2_000_000
+        });
+        let mut usable = Vec::with_capacity(listed.len());
+        for index in listed {
+            let entry = kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            };
+            let Ok(mut m) = kvm_bindings::Msrs::from_entries(&[entry]) else {
+                continue;
+            };
+            if vcpu.get_msrs(&mut m) != Ok(1) {
+                continue;
+            }
+            if vcpu.set_msrs(&m) != Ok(1) {
+                continue;
+            }
+            usable.push(index);
+        }
+        tracing::debug!(msrs = usable.len(), tsc_khz, "KVM probed");
+        Ok(Arc::new(Hypervisor {
+            kvm,
+            msr_list: Arc::new(usable),
+            cpuid,
+            tsc_khz,
+        }))
+    }
+
+    /// The MSRs saved and restored for every vCPU.
+    pub fn msr_list(&self) -> &[u32] {
+        &self.msr_list
+    }
+
+    fn vcpu_cpuid(&self, id: u32) -> CpuId {
+        let mut c = self.cpuid.clone();
+        for e in c.as_mut_slice() {
+            match e.function {
+                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
+                0xb | 0x1f => e.edx = id,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+/// How one vCPU begins.
+#[derive(Debug, Clone, Copy)]
+pub enum BootVcpu {
+    /// 64-bit long mode at CPL3 with the scaffolding of [`x86`].
+    LongModeUser { rip: u64, rsp: u64, rdi: u64, rsi: u64 },
+    /// 16-bit real mode at `cs:ip`.
+    RealMode { cs: u16, ip: u16, sp: u16 },
+    /// Not started (application processors of a guest that starts them itself).
+    Waiting,
+}
+
+/// Per-vCPU heartbeat with rates, for `inspect`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VcpuReport {
+    pub id: u32,
+    pub heartbeat: Option<workload::Heartbeat>,
+}
+
+/// A guest on this host.
+pub struct Vm {
+    pub spec: VmSpec,
+    // Field order matters for Drop: vCPU threads end before memory and the VM fd go.
+    vcpus: Vec<Vcpu>,
+    shared: Arc<VmShared>,
+    memory: Arc<GuestMemory>,
+    vm_fd: Arc<VmFd>,
+    status: Mutex<VmStatus>,
+    last_pause_ns: AtomicU64,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("spec", &self.spec)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl Vm {
+    /// Build a VM of `spec`'s shape with empty memory, vCPUs created and parked, not loaded.
+    fn build(
+        hv: &Hypervisor,
+        spec: VmSpec,
+        regions: &[RegionLayout],
+    ) -> Result<(Vm, Vec<kvm_ioctls::VcpuFd>), VmError> {
+        spec.validate()?;
+        let vm_fd = Arc::new(hv.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        if let Err(e) = vm_fd.set_tss_address(0xfffb_d000) {
+            tracing::debug!(error = %e, "KVM_SET_TSS_ADDR not needed here");
+        }
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let memory = Arc::new(GuestMemory::new(vm_fd.clone(), regions)?);
+        let yield_port = matches!(spec.kind, GuestKind::Workload(_)).then_some(workload::YIELD_PORT);
+        let shared = Arc::new(VmShared {
+            devices: Arc::new(Devices::new(&spec.name, yield_port)),
+            tsc_khz: hv.tsc_khz,
+            fault: Mutex::new(None),
+            vcpus: OnceLock::new(),
+        });
+        let mut fds = Vec::new();
+        for id in 0..spec.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&hv.vcpu_cpuid(id))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            fds.push(fd);
+        }
+        Ok((
+            Vm {
+                spec,
+                vcpus: Vec::new(),
+                shared,
+                memory,
+                vm_fd,
+                status: Mutex::new(VmStatus::Created),
+                last_pause_ns: AtomicU64::new(0),
+            },
+            fds,
+        ))
+    }
+
+    fn spawn(&mut self, hv: &Hypervisor, fds: Vec<kvm_ioctls::VcpuFd>) -> Result<(), VmError> {
+        for (id, fd) in fds.into_iter().enumerate() {
+            self.vcpus.push(Vcpu::spawn(
+                id as u32,
+                fd,
+                hv.msr_list.clone(),
+                self.shared.clone(),
+            )?);
+        }
+        let _ = self
+            .shared
+            .vcpus
+            .set(self.vcpus.iter().map(|v| v.shared.clone()).collect());
+        Ok(())
+    }
+
+    /// Create and load a VM from its spec; its vCPUs are parked until [`Vm::start`].
+    pub fn create(hv: &Hypervisor, spec: VmSpec) -> Result<Vm, VmError> {
+        let regions = memory::standard_layout(spec.memory_mib << 20)?;
+        let (mut vm, fds) = Self::build(hv, spec, &regions)?;
+        let boots: Vec<BootVcpu> = match &vm.spec.kind {
+            GuestKind::Workload(p) => workload::load(&vm.memory, vm.spec.vcpus, p, hv.tsc_khz)?
+                .into_iter()
+                .map(|e| BootVcpu::LongModeUser {
+                    rip: e.rip,
+                    rsp: e.rsp,
+                    rdi: e.rdi,
+                    rsi: e.rsi,
+                })
+                .collect(),
+            GuestKind::Raw(p) => raw::load(&vm.memory, vm.spec.vcpus, p)?,
+        };
+        for (fd, boot) in fds.iter().zip(&boots) {
+            set_boot_state(fd, boot)?;
+        }
+        vm.spawn(hv, fds)?;
+        tracing::info!(vm = %vm.spec.name, kind = vm.spec.kind.name(), memory_mib = vm.spec.memory_mib, vcpus = vm.spec.vcpus, "vm created");
+        Ok(vm)
+    }
+
+    /// Create a VM of the state's shape with empty memory; fill the memory through
+    /// [`Vm::memory`], then call [`Vm::restore_state`].
+    pub fn create_for_restore(hv: &Hypervisor, state: &VmState) -> Result<Vm, VmError> {
+        if state.vcpus.len() != state.spec.vcpus as usize {
+            return Err(VmError::Mismatch(format!(
+                "{} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                state.spec.vcpus
+            )));
+        }
+        let (mut vm, fds) = Self::build(hv, state.spec.clone(), &state.regions)?;
+        vm.spawn(hv, fds)?;
+        Ok(vm)
+    }
+
+    /// Load vCPU, interrupt controller, clock and device state into a parked VM.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let st = self.status();
+        if st != VmStatus::Created && st != VmStatus::Paused {
+            return Err(VmError::State(st, "restore needs a VM that is not running"));
+        }
+        if state.regions != self.memory.layout() {
+            return Err(VmError::Mismatch("memory layout differs".into()));
+        }
+        for chip in &state.irqchips {
+            self.vm_fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        if let Some(clock) = &state.clock {
+            let mut c = *clock;
+            c.flags = 0;
+            if let Err(e) = self.vm_fd.set_clock(&c) {
+                tracing::debug!(error = %e, "KVM_SET_CLOCK refused; kvmclock starts fresh");
+            }
+        }
+        for (v, s) in self.vcpus.iter().zip(&state.vcpus) {
+            v.shared.restore(Box::new(s.clone()))?;
+        }
+        self.shared.devices.restore(&state.devices);
+        Ok(())
+    }
+
+    /// Capture everything but memory. The VM must be paused (or never started).
+    pub fn capture_state(&self) -> Result<VmState, VmError> {
+        let st = self.status();
+        if st == VmStatus::Running {
+            return Err(VmError::State(st, "pause it before capturing its state"));
+        }
+        let mut vcpus: Vec<VcpuState> = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(*v.shared.capture()?);
+        }
+        let mut irqchips = Vec::new();
+        for chip_id in 0..3 {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm_fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            irqchips.push(c);
+        }
+        Ok(VmState {
+            spec: self.spec.clone(),
+            regions: self.memory.layout(),
+            vcpus,
+            irqchips,
+            clock: self.vm_fd.get_clock().ok(),
+            devices: self.shared.devices.state(),
+        })
+    }
+
+    pub fn status(&self) -> VmStatus {
+        if self.fault().is_some() {
+            return VmStatus::Crashed;
+        }
+        self.status.lock().map(|s| *s).unwrap_or(VmStatus::Crashed)
+    }
+
+    /// Why the guest crashed, if it did.
+    pub fn fault(&self) -> Option<Fault> {
+        self.shared.fault.lock().ok().and_then(|f| f.clone())
+    }
+
+    fn set_status(&self, s: VmStatus) {
+        if let Ok(mut g) = self.status.lock() {
+            *g = s;
+        }
+    }
+
+    /// Run a created or paused VM.
+    pub fn start(&self) -> Result<(), VmError> {
+        match self.status() {
+            VmStatus::Created | VmStatus::Paused => {}
+            VmStatus::Running => return Ok(()),
+            s => return Err(VmError::State(s, "it cannot run again; start it afresh")),
+        }
+        self.set_status(VmStatus::Running);
+        for v in &self.vcpus {
+            v.shared.resume();
+        }
+        Ok(())
+    }
+
+    /// Pause all vCPUs; returns how long it took.
+    pub fn pause(&self) -> Result<Duration, VmError> {
+        let st = self.status();
+        match st {
+            VmStatus::Running => {}
+            VmStatus::Paused | VmStatus::Created => return Ok(Duration::ZERO),
+            s => return Err(VmError::State(s, "only a running VM can be paused")),
+        }
+        let t = Instant::now();
+        for v in &self.vcpus {
+            v.shared.pause(PAUSE_TIMEOUT)?;
+        }
+        let took = t.elapsed();
+        self.last_pause_ns
+            .store(took.as_nanos() as u64, Ordering::Relaxed);
+        if self.fault().is_none() {
+            self.set_status(VmStatus::Paused);
+        }
+        tracing::debug!(vm = %self.spec.name, took_us = took.as_micros() as u64, "vm paused");
+        Ok(took)
+    }
+
+    /// Resume a paused VM.
+    pub fn resume(&self) -> Result<(), VmError> {
+        match self.status() {
+            VmStatus::Paused => self.start(),
+            VmStatus::Running => Ok(()),
+            s => Err(VmError::State(s, "only a paused VM can be resumed")),
+        }
+    }
+
+    /// Power off: vCPU threads end. The memory stays until the Vm is dropped.
+    pub fn stop(&mut self) {
+        for v in &self.vcpus {
+            v.shared.stop();
+        }
+        self.vcpus.clear();
+        if self.fault().is_none() {
+            self.set_status(VmStatus::Stopped);
+        }
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.shared.devices
+    }
+
+    /// How long the last pause took.
+    pub fn last_pause(&self) -> Duration {
+        Duration::from_nanos(self.last_pause_ns.load(Ordering::Relaxed))
+    }
+
+    /// The guest's TSC frequency as the agent paces it.
+    pub fn tsc_khz(&self) -> u32 {
+        self.shared.tsc_khz
+    }
+
+    /// Workload heartbeats (None for other kinds).
+    pub fn heartbeats(&self) -> Option<Vec<workload::Heartbeat>> {
+        match self.spec.kind {
+            GuestKind::Workload(_) => workload::heartbeats(&self.memory, self.spec.vcpus).ok(),
+            _ => None,
+        }
+    }
+}
+
+fn set_boot_state(fd: &kvm_ioctls::VcpuFd, boot: &BootVcpu) -> Result<(), VmError> {
+    match *boot {
+        BootVcpu::LongModeUser { rip, rsp, rdi, rsi } => {
+            let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            fd.set_sregs(&x86::long_mode_user_sregs(sregs))
+                .map_err(kvm_err("KVM_SET_SREGS"))?;
+            fd.set_regs(&x86::user_regs(rip, rsp, rdi, rsi))
+                .map_err(kvm_err("KVM_SET_REGS"))?;
+            // Application processors would otherwise wait for INIT/SIPI.
+            fd.set_mp_state(kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        }
+        BootVcpu::RealMode { cs, ip, sp } => {
+            let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            fd.set_sregs(&x86::real_mode_sregs(sregs, cs))
+                .map_err(kvm_err("KVM_SET_SREGS"))?;
+            fd.set_regs(&kvm_bindings::kvm_regs {
+                rip: u64::from(ip),
+                rsp: u64::from(sp),
+                rflags: 0x2,
+                ..Default::default()
+            })
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        }
+        BootVcpu::Waiting => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,560 @@
+//! vCPU threads: one OS thread per vCPU runs `KVM_RUN` and handles exits; the control plane
+//! pauses, resumes, captures and restores it through a small mailbox.
+//!
+//! Pausing must not wait for the guest's next exit: the control plane sets the wanted state and
+//! sends the thread a signal ([`kick_signal`]). The handler sets `immediate_exit` in the vCPU's
+//! `kvm_run` page, so `KVM_RUN` returns `EINTR` whether the signal lands inside the ioctl or just
+//! before it. A thread sleeping on a guest yield is woken through its condition variable.
+//!
+//! State capture and restore run on the vCPU's own thread while it is parked.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_run, Msrs, CpuId};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use super::devices::{Devices, PortAction};
+use super::state::VcpuState;
+
+/// What the control plane wants a vCPU to do.
+const WANT_RUN: u8 = 0;
+const WANT_PAUSE: u8 = 1;
+const WANT_STOP: u8 = 2;
+
+/// Errors of a vCPU operation.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {id}: {what} failed: {source}")]
+    Kvm {
+        id: u32,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {id}: KVM accepted only {done} of {total} MSRs (first refused: {index:#x})")]
+    Msrs {
+        id: u32,
+        done: usize,
+        total: usize,
+        index: u32,
+    },
+    #[error("vCPU {0} did not respond within {1:?}; the guest may be stuck in the host kernel")]
+    Timeout(u32, Duration),
+    #[error("vCPU {0} thread is gone")]
+    Gone(u32),
+    #[error("vCPU {0} is running; pause the VM first")]
+    NotParked(u32),
+    #[error("could not start the vCPU {0} thread: {1}")]
+    Spawn(u32, std::io::Error),
+}
+
+thread_local! {
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN() + 4
+}
+
+extern "C" fn on_kick(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // Only async-signal-safe work: a volatile store into this thread's kvm_run page.
+    let p = KVM_RUN_PTR.with(Cell::get);
+    if !p.is_null() {
+        // SAFETY: `p` was set by this very thread from its live VcpuFd's kvm_run mapping and is
+        // cleared before that VcpuFd is dropped; the mapping is valid while the thread runs.
+        unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid starting value; we set a handler that only does
+        // async-signal-safe work, and no SA_RESTART, so KVM_RUN returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
+                tracing::error!(
+                    error = %std::io::Error::last_os_error(),
+                    "could not install the vCPU kick signal handler; pausing will be slow"
+                );
+            }
+        }
+    });
+}
+
+enum Request {
+    Capture,
+    Restore(Box<VcpuState>),
+}
+
+enum Response {
+    Captured(Result<Box<VcpuState>, VcpuError>),
+    Restored(Result<(), VcpuError>),
+}
+
+#[derive(Default)]
+struct Ctl {
+    parked: bool,
+    exited: bool,
+    request: Option<Request>,
+    response: Option<Response>,
+}
+
+/// Why a guest stopped on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub vcpu: u32,
+    pub reason: String,
+}
+
+/// Shared between the VM (control plane) and its vCPU threads.
+pub struct VmShared {
+    pub devices: Arc<Devices>,
+    pub tsc_khz: u32,
+    /// The first fault of any vCPU; the VM is `crashed` once set.
+    pub fault: Mutex<Option<Fault>>,
+    /// All vCPU handles, for the crash path to pause the siblings.
+    pub vcpus: OnceLock<Vec<Arc<VcpuShared>>>,
+}
+
+/// Control block of one vCPU.
+pub struct VcpuShared {
+    pub id: u32,
+    want: AtomicU8,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+    thread: OnceLock<libc::pthread_t>,
+}
+
+impl VcpuShared {
+    fn set_want(&self, w: u8) {
+        if let Ok(_g) = self.ctl.lock() {
+            self.want.store(w, Ordering::SeqCst);
+            self.cv.notify_all();
+        }
+        self.kick();
+    }
+
+    fn kick(&self) {
+        if let Some(t) = self.thread.get() {
+            // SAFETY: the pthread_t belongs to a thread we spawned and have not joined (the
+            // JoinHandle is held by `Vcpu` until after the last kick); signalling it is harmless.
+            unsafe {
+                libc::pthread_kill(*t, kick_signal());
+            }
+        }
+    }
+
+    /// Ask the vCPU to pause; returns once it is parked (or has exited), within `timeout`.
+    pub fn pause(&self, timeout: Duration) -> Result<(), VcpuError> {
+        self.set_want(WANT_PAUSE);
+        let deadline = Instant::now() + timeout;
+        let mut g = self.ctl.lock().map_err(|_| VcpuError::Gone(self.id))?;
+        while !g.parked && !g.exited {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VcpuError::Timeout(self.id, timeout));
+            }
+            // Re-kick now and then: a signal can race with the thread's own state changes.
+            let wait = (deadline - now).min(Duration::from_millis(20));
+            g = self
+                .cv
+                .wait_timeout(g, wait)
+                .map_err(|_| VcpuError::Gone(self.id))?
+                .0;
+            if !g.parked && !g.exited {
+                self.kick();
+            }
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) {
+        self.set_want(WANT_RUN);
+    }
+
+    pub fn stop(&self) {
+        self.set_want(WANT_STOP);
+    }
+
+    pub fn is_parked(&self) -> bool {
+        self.ctl.lock().map(|g| g.parked || g.exited).unwrap_or(true)
+    }
+
+    fn call(&self, req: Request, timeout: Duration) -> Result<Response, VcpuError> {
+        let mut g = self.ctl.lock().map_err(|_| VcpuError::Gone(self.id))?;
+        if g.exited {
+            return Err(VcpuError::Gone(self.id));
+        }
+        if !g.parked {
+            return Err(VcpuError::NotParked(self.id));
+        }
+        g.request = Some(req);
+        g.response = None;
+        self.cv.notify_all();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = g.response.take() {
+                return Ok(r);
+            }
+            if g.exited {
+                return Err(VcpuError::Gone(self.id));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VcpuError::Timeout(self.id, timeout));
+            }
+            g = self
+                .cv
+                .wait_timeout(g, deadline - now)
+                .map_err(|_| VcpuError::Gone(self.id))?
+                .0;
+        }
+    }
+
+    /// Capture the full state of a parked vCPU.
+    pub fn capture(&self) -> Result<Box<VcpuState>, VcpuError> {
+        match self.call(Request::Capture, Duration::from_secs(5))? {
+            Response::Captured(r) => r,
+            Response::Restored(_) => Err(VcpuError::Gone(self.id)),
+        }
+    }
+
+    /// Load a full state into a parked vCPU.
+    pub fn restore(&self, st: Box<VcpuState>) -> Result<(), VcpuError> {
+        match self.call(Request::Restore(st), Duration::from_secs(5))? {
+            Response::Restored(r) => r,
+            Response::Captured(_) => Err(VcpuError::Gone(self.id)),
+        }
+    }
+}
+
+/// A running vCPU thread.
+pub struct Vcpu {
+    pub shared: Arc<VcpuShared>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Vcpu {
+    /// Start the thread for `fd`, parked (it runs once resumed).
+    pub fn spawn(
+        id: u32,
+        fd: VcpuFd,
+        msr_list: Arc<Vec<u32>>,
+        vm: Arc<VmShared>,
+    ) -> Result<Vcpu, VcpuError> {
+        install_kick_handler();
+        let shared = Arc::new(VcpuShared {
+            id,
+            want: AtomicU8::new(WANT_PAUSE),
+            ctl: Mutex::new(Ctl::default()),
+            cv: Condvar::new(),
+            thread: OnceLock::new(),
+        });
+        let s2 = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || run_thread(fd, s2, msr_list, vm))
+            .map_err(|e| VcpuError::Spawn(id, e))?;
+        {
+            use std::os::unix::thread::JoinHandleExt;
+            let _ = shared.thread.set(handle.as_pthread_t());
+        }
+        Ok(Vcpu {
+            shared,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        self.shared.stop();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn run_thread(mut fd: VcpuFd, me: Arc<VcpuShared>, msr_list: Arc<Vec<u32>>, vm: Arc<VmShared>) {
+    let run_ptr: *mut kvm_run = fd.get_kvm_run();
+    KVM_RUN_PTR.with(|p| p.set(run_ptr));
+    let span = tracing::debug_span!("vcpu", vm = %vm.devices.vm_name, id = me.id);
+    let _e = span.enter();
+    loop {
+        match me.want.load(Ordering::SeqCst) {
+            WANT_RUN => {}
+            WANT_STOP => break,
+            _ => {
+                if !park(&mut fd, &me, &msr_list) {
+                    break;
+                }
+                continue;
+            }
+        }
+        match fd.run() {
+            Ok(exit) => {
+                if let Err(reason) = handle_exit(exit, &me, &vm) {
+                    fault(&me, &vm, reason);
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+                vm.devices
+                    .counters
+                    .interrupted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => fault(&me, &vm, format!("KVM_RUN failed: {e}")),
+        }
+    }
+    KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    if let Ok(mut g) = me.ctl.lock() {
+        g.exited = true;
+        g.parked = false;
+        me.cv.notify_all();
+    }
+}
+
+fn fault(me: &VcpuShared, vm: &VmShared, reason: String) {
+    if let Ok(mut f) = vm.fault.lock() {
+        if f.is_none() {
+            tracing::warn!(vm = %vm.devices.vm_name, vcpu = me.id, %reason, "guest crashed; its vCPUs are stopped");
+            *f = Some(Fault {
+                vcpu: me.id,
+                reason,
+            });
+        }
+    }
+    // Stop every vCPU of the VM where it is (this one included): a crashed guest does not run.
+    if let Some(all) = vm.vcpus.get() {
+        for v in all {
+            if v.id != me.id {
+                v.want.store(WANT_PAUSE, Ordering::SeqCst);
+                v.kick();
+                if let Ok(_g) = v.ctl.lock() {
+                    v.cv.notify_all();
+                }
+            }
+        }
+    }
+    me.want.store(WANT_PAUSE, Ordering::SeqCst);
+}
+
+/// Wait while paused, serving capture/restore requests. Returns false when told to stop.
+fn park(fd: &mut VcpuFd, me: &VcpuShared, msr_list: &[u32]) -> bool {
+    let Ok(mut g) = me.ctl.lock() else {
+        return false;
+    };
+    g.parked = true;
+    me.cv.notify_all();
+    loop {
+        if let Some(req) = g.request.take() {
+            let resp = match req {
+                Request::Capture => Response::Captured(capture(fd, me.id, msr_list).map(Box::new)),
+                Request::Restore(st) => Response::Restored(restore(fd, me.id, &st)),
+            };
+            g.response = Some(resp);
+            me.cv.notify_all();
+            continue;
+        }
+        match me.want.load(Ordering::SeqCst) {
+            WANT_RUN => {
+                g.parked = false;
+                // A kick that arrived while parked must not cut the next run short.
+                fd.set_kvm_immediate_exit(0);
+                return true;
+            }
+            WANT_STOP => return false,
+            _ => {}
+        }
+        g = match me.cv.wait(g) {
+            Ok(g) => g,
+            Err(_) => return false,
+        };
+    }
+}
+
+fn handle_exit(exit: VcpuExit<'_>, me: &VcpuShared, vm: &VmShared) -> Result<(), String> {
+    let dev = &vm.devices;
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            if let PortAction::Yield(cycles) = dev.io_out(port, data) {
+                guest_yield(me, cycles, vm.tsc_khz);
+            }
+            Ok(())
+        }
+        VcpuExit::IoIn(port, data) => {
+            dev.io_in(port, data);
+            Ok(())
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            dev.mmio_read(addr, data);
+            Ok(())
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            dev.mmio_write(addr, data);
+            Ok(())
+        }
+        VcpuExit::Shutdown => Err("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+        VcpuExit::Hlt => Err("halted with no way to wake (KVM_EXIT_HLT)".into()),
+        VcpuExit::FailEntry(reason, cpu) => Err(format!(
+            "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+        )),
+        VcpuExit::InternalError => Err("KVM internal error (emulation failure)".into()),
+        VcpuExit::SystemEvent(kind, _) => Err(format!("guest system event {kind}")),
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => {
+            dev.counters.other.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        other => {
+            dev.counters.other.fetch_add(1, Ordering::Relaxed);
+            Err(format!("unexpected exit {other:?}"))
+        }
+    }
+}
+
+/// The guest asked to wait `cycles` TSC cycles: sleep, but wake at once for a pause or stop.
+fn guest_yield(me: &VcpuShared, cycles: u32, tsc_khz: u32) {
+    let us = u64::from(cycles) * 1000 / u64::from(tsc_khz.max(1));
+    let d = Duration::from_micros(us.clamp(1, 10_000));
+    let deadline = Instant::now() + d;
+    let Ok(mut g) = me.ctl.lock() else { return };
+    while me.want.load(Ordering::SeqCst) == WANT_RUN {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        g = match me.cv.wait_timeout(g, deadline - now) {
+            Ok((g, _)) => g,
+            Err(_) => return,
+        };
+    }
+}
+
+fn kvm_err(id: u32, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm { id, what, source }
+}
+
+/// Read everything KVM knows about a vCPU.
+pub fn capture(fd: &VcpuFd, id: u32, msr_list: &[u32]) -> Result<VcpuState, VcpuError> {
+    let cpuid = fd
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err(id, "KVM_GET_CPUID2"))?
+        .as_slice()
+        .to_vec();
+    let regs = fd.get_regs().map_err(kvm_err(id, "KVM_GET_REGS"))?;
+    let sregs = fd.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
+    let fpu = fd.get_fpu().map_err(kvm_err(id, "KVM_GET_FPU"))?;
+    let xsave = fd.get_xsave().ok().map(super::state::Xsave);
+    let xcrs = fd.get_xcrs().ok();
+    let lapic = fd.get_lapic().map_err(kvm_err(id, "KVM_GET_LAPIC"))?;
+    let entries: Vec<kvm_bindings::kvm_msr_entry> = msr_list
+        .iter()
+        .map(|&index| kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {
+        id,
+        done: 0,
+        total: entries.len(),
+        index: 0,
+    })?;
+    let n = fd.get_msrs(&mut msrs).map_err(kvm_err(id, "KVM_GET_MSRS"))?;
+    if n != entries.len() {
+        return Err(VcpuError::Msrs {
+            id,
+            done: n,
+            total: entries.len(),
+            index: entries.get(n).map_or(0, |e| e.index),
+        });
+    }
+    let msrs = msrs.as_slice().to_vec();
+    let events = fd
+        .get_vcpu_events()
+        .map_err(kvm_err(id, "KVM_GET_VCPU_EVENTS"))?;
+    let mp_state = fd.get_mp_state().map_err(kvm_err(id, "KVM_GET_MP_STATE"))?;
+    let debugregs = fd
+        .get_debug_regs()
+        .map_err(kvm_err(id, "KVM_GET_DEBUGREGS"))?;
+    let tsc_khz = fd.get_tsc_khz().ok();
+    Ok(VcpuState {
+        id,
+        cpuid,
+        regs,
+        sregs,
+        fpu: (&fpu).into(),
+        xsave,
+        xcrs,
+        lapic,
+        msrs,
+        events,
+        mp_state,
+        debugregs,
+        tsc_khz,
+    })
+}
+
+/// Load a captured state into a vCPU. The order follows what KVM needs: CPUID first, XCRs
+/// before XSAVE, special registers before MSRs, LAPIC before events.
+pub fn restore(fd: &VcpuFd, id: u32, st: &VcpuState) -> Result<(), VcpuError> {
+    let cpuid = CpuId::from_entries(&st.cpuid).map_err(|_| VcpuError::Msrs {
+        id,
+        done: 0,
+        total: st.cpuid.len(),
+        index: 0,
+    })?;
+    fd.set_cpuid2(&cpuid).map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+    if let Some(khz) = st.tsc_khz {
+        if fd.get_tsc_khz().ok() != Some(khz) {
+            if let Err(e) = fd.set_tsc_khz(khz) {
+                tracing::warn!(vcpu = id, saved_khz = khz, error = %e, "cannot set the guest's TSC frequency here; its clock runs at this host's rate");
+            }
+        }
+    }
+    fd.set_sregs(&st.sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+    fd.set_regs(&st.regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
+    fd.set_fpu(&(&st.fpu).into())
+        .map_err(kvm_err(id, "KVM_SET_FPU"))?;
+    if let Some(x) = &st.xcrs {
+        fd.set_xcrs(x).map_err(kvm_err(id, "KVM_SET_XCRS"))?;
+    }
+    if let Some(x) = &st.xsave {
+        // SAFETY: `x` is a complete kvm_xsave (4 KiB legacy area) captured by KVM_GET_XSAVE,
+        // which is exactly what KVM_SET_XSAVE reads.
+        unsafe { fd.set_xsave(&x.0) }.map_err(kvm_err(id, "KVM_SET_XSAVE"))?;
+    }
+    fd.set_lapic(&st.lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+    let msrs = Msrs::from_entries(&st.msrs).map_err(|_| VcpuError::Msrs {
+        id,
+        done: 0,
+        total: st.msrs.len(),
+        index: 0,
+    })?;
+    let n = fd.set_msrs(&msrs).map_err(kvm_err(id, "KVM_SET_MSRS"))?;
+    if n != st.msrs.len() {
+        return Err(VcpuError::Msrs {
+            id,
+            done: n,
+            total: st.msrs.len(),
+            index: st.msrs.get(n).map_or(0, |e| e.index),
+        });
+    }
+    fd.set_vcpu_events(&st.events)
+        .map_err(kvm_err(id, "KVM_SET_VCPU_EVENTS"))?;
+    fd.set_mp_state(st.mp_state)
+        .map_err(kvm_err(id, "KVM_SET_MP_STATE"))?;
+    fd.set_debug_regs(&st.debugregs)
+        .map_err(kvm_err(id, "KVM_SET_DEBUGREGS"))?;
+    Ok(())
+}
