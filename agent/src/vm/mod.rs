@@ -37,7 +37,7 @@ use memory::{GuestMemory, MemoryError, RegionLayout};
 use state::{VcpuState, VmState};
 use vcpu::{Fault, Vcpu, VcpuError, VmShared};
 
-pub use raw::RawParams;
+pub use raw::{RawMode, RawParams};
 pub use workload::{Profile, WorkloadParams};
 
 /// How long a pause may take before it is reported as stuck.
@@ -150,6 +150,9 @@ pub struct Hypervisor {
     cpuid: CpuId,
     /// TSC frequency a fresh vCPU gets.
     pub tsc_khz: u32,
+    /// Whether KVM honours a written IA32_TSC (false on backends where the guest reads the
+    /// host's TSC directly; then a restored guest's TSC continues at host time instead).
+    pub tsc_settable: bool,
 }
 
 impl std::fmt::Debug for Hypervisor {
@@ -204,12 +207,14 @@ impl Hypervisor {
             }
             usable.push(index);
         }
-        tracing::debug!(msrs = usable.len(), tsc_khz, "KVM probed");
+        let tsc_settable = probe_tsc_write(&vcpu);
+        tracing::debug!(msrs = usable.len(), tsc_khz, tsc_settable, "KVM probed");
         Ok(Arc::new(Hypervisor {
             kvm,
             msr_list: Arc::new(usable),
             cpuid,
             tsc_khz,
+            tsc_settable,
         }))
     }
 
@@ -229,6 +234,29 @@ impl Hypervisor {
         }
         c
     }
+}
+
+/// Write a small IA32_TSC and see whether it reads back small.
+fn probe_tsc_write(vcpu: &kvm_ioctls::VcpuFd) -> bool {
+    const IA32_TSC: u32 = 0x10;
+    let e = kvm_bindings::kvm_msr_entry {
+        index: IA32_TSC,
+        data: 1000,
+        ..Default::default()
+    };
+    let Ok(m) = kvm_bindings::Msrs::from_entries(&[e]) else {
+        return false;
+    };
+    if vcpu.set_msrs(&m) != Ok(1) {
+        return false;
+    }
+    let Ok(mut r) = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: IA32_TSC,
+        ..Default::default()
+    }]) else {
+        return false;
+    };
+    vcpu.get_msrs(&mut r) == Ok(1) && r.as_slice()[0].data < 1 << 40
 }
 
 /// How one vCPU begins.

@@ -1,6 +1,11 @@
 //! The `raw` guest kind: a flat binary image loaded at a guest-physical address and started in
 //! 16-bit real mode at `cs:ip` (a boot sector at 0x7c00 by default). The serial port at 0x3f8 is
 //! its console. Only the first vCPU starts; others wait for INIT/SIPI as on real hardware.
+//!
+//! With `mode = "long-user"` the image instead starts at its load address (default 4 MiB) in
+//! 64-bit long mode at CPL3, on the same scaffolding as the workload guest (identity-mapped
+//! memory, every I/O port allowed, no IDT): the way to run custom code at native speed on a
+//! paravirtual KVM where real mode is emulated.
 
 use std::path::PathBuf;
 
@@ -9,15 +14,28 @@ use serde::{Deserialize, Serialize};
 use super::memory::{GuestMemory, MemoryError};
 use super::BootVcpu;
 
+/// How a raw image starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RawMode {
+    /// 16-bit real mode at `cs:ip`.
+    #[default]
+    Real,
+    /// 64-bit long mode at CPL3, entered at the load address.
+    LongUser,
+}
+
 /// Parameters of a raw image guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawParams {
     /// Path of the image on the agent's host.
     pub image: PathBuf,
-    /// Guest-physical load address.
-    #[serde(default = "default_load")]
-    pub load_addr: u64,
+    #[serde(default)]
+    pub mode: RawMode,
+    /// Guest-physical load address (default 0x7c00 in real mode, 4 MiB in long-user mode).
+    #[serde(default)]
+    pub load_addr: Option<u64>,
     /// Real-mode code segment at entry.
     #[serde(default)]
     pub cs: u16,
@@ -26,9 +44,6 @@ pub struct RawParams {
     pub ip: u16,
 }
 
-fn default_load() -> u64 {
-    0x7c00
-}
 fn default_ip() -> u16 {
     0x7c00
 }
@@ -37,10 +52,19 @@ impl RawParams {
     pub fn new(image: PathBuf) -> Self {
         RawParams {
             image,
-            load_addr: default_load(),
+            mode: RawMode::Real,
+            load_addr: None,
             cs: 0,
             ip: default_ip(),
         }
+    }
+
+    /// Where the image goes.
+    pub fn load_addr(&self) -> u64 {
+        self.load_addr.unwrap_or(match self.mode {
+            RawMode::Real => 0x7c00,
+            RawMode::LongUser => LONG_USER_LOAD,
+        })
     }
 }
 
@@ -60,10 +84,23 @@ pub enum RawError {
         room: u64,
         load: u64,
     },
+    #[error("a long-user image must load at or above {min:#x} (above the page tables), not at {load:#x}")]
+    LoadTooLow { load: u64, min: u64 },
     #[error("image {0} is empty")]
     Empty(PathBuf),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+}
+
+/// Default load address in long-user mode: above the scaffolding for up to 496 GiB.
+pub const LONG_USER_LOAD: u64 = 0x40_0000;
+const LONG_USER_STACK: u64 = 0x8000;
+
+fn room(p: &RawParams, memory_bytes: u64) -> u64 {
+    // The image must sit in the first region (below 3 GiB).
+    memory_bytes
+        .min(super::memory::LOW_MEMORY_END)
+        .saturating_sub(p.load_addr())
 }
 
 /// Check that an image file fits, without loading it.
@@ -77,14 +114,20 @@ pub fn check(p: &RawParams, memory_bytes: u64) -> Result<u64, RawError> {
     if size == 0 {
         return Err(RawError::Empty(p.image.clone()));
     }
-    let low_end = memory_bytes.min(super::memory::LOW_MEMORY_END);
-    let room = low_end.saturating_sub(p.load_addr);
+    let load = p.load_addr();
+    if p.mode == RawMode::LongUser && load < LONG_USER_LOAD {
+        return Err(RawError::LoadTooLow {
+            load,
+            min: LONG_USER_LOAD,
+        });
+    }
+    let room = room(p, memory_bytes);
     if size > room {
         return Err(RawError::TooLarge {
             path: p.image.clone(),
             size,
             room,
-            load: p.load_addr,
+            load,
         });
     }
     Ok(size)
@@ -98,24 +141,33 @@ pub fn load(mem: &GuestMemory, vcpus: u32, p: &RawParams) -> Result<Vec<BootVcpu
         source,
     })?;
     // `check` ran on the metadata; the file may have changed since, so check the bytes too.
-    let room = mem
-        .size()
-        .min(super::memory::LOW_MEMORY_END)
-        .saturating_sub(p.load_addr);
+    let room = room(p, mem.size());
     if bytes.len() as u64 > room {
         return Err(RawError::TooLarge {
             path: p.image.clone(),
             size: bytes.len() as u64,
             room,
-            load: p.load_addr,
+            load: p.load_addr(),
         });
     }
-    mem.write(p.load_addr, &bytes)?;
-    let mut boots = vec![BootVcpu::RealMode {
-        cs: p.cs,
-        ip: p.ip,
-        sp: 0x7c00,
-    }];
+    mem.write(p.load_addr(), &bytes)?;
+    let first = match p.mode {
+        RawMode::Real => BootVcpu::RealMode {
+            cs: p.cs,
+            ip: p.ip,
+            sp: 0x7c00,
+        },
+        RawMode::LongUser => {
+            super::x86::write_scaffolding(mem, super::x86::max_gpa(&mem.layout()))?;
+            BootVcpu::LongModeUser {
+                rip: p.load_addr(),
+                rsp: LONG_USER_STACK,
+                rdi: 0,
+                rsi: 0,
+            }
+        }
+    };
+    let mut boots = vec![first];
     boots.extend((1..vcpus).map(|_| BootVcpu::Waiting));
     Ok(boots)
 }

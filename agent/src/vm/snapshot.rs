@@ -346,3 +346,35 @@ pub fn memory_digest(vm: &Vm) -> Result<String, VmError> {
     }
     Ok(format!("crc32c:{crc:08x}"))
 }
+
+/// Capture a paused VM and rebuild it in-process as a new, paused VM named `name`: state and
+/// memory (non-zero pages only, so the copy stays sparse).
+pub fn clone_paused(hv: &Hypervisor, vm: &Vm, name: &str) -> Result<Vm, VmError> {
+    let mut state = vm.capture_state()?;
+    state.spec.name = name.to_string();
+    let copy = Vm::create_for_restore(hv, &state)?;
+    copy_memory(vm.memory(), copy.memory())?;
+    copy.restore_state(&state)?;
+    if let Ok(mut s) = copy.status.lock() {
+        *s = VmStatus::Paused;
+    }
+    Ok(copy)
+}
+
+/// Copy every non-zero page of `from` into `to` (same layout; both guests not running).
+pub fn copy_memory(from: &GuestMemory, to: &GuestMemory) -> Result<(), VmError> {
+    if from.layout() != to.layout() {
+        return Err(VmError::Mismatch("memory layouts differ".into()));
+    }
+    for (i, l) in from.layout().iter().enumerate() {
+        // SAFETY: the source guest is paused (callers' contract) and the agent does not write
+        // it while copying.
+        let src = unsafe { from.region_slice(i) }?;
+        for (p, page) in src.chunks_exact(PAGE_SIZE as usize).enumerate() {
+            if !is_zero(page) {
+                to.write(l.gpa + p as u64 * PAGE_SIZE, page)?;
+            }
+        }
+    }
+    Ok(())
+}
