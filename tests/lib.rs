@@ -35,7 +35,11 @@ fn missing(need: Need) -> Option<String> {
             }
         }
         Need::Netns if !root => Some("network namespaces need root".into()),
-        Need::Netns if !Path::new("/usr/sbin/ip").exists() && !Path::new("/sbin/ip").exists() && !Path::new("/usr/bin/ip").exists() => {
+        Need::Netns
+            if !Path::new("/usr/sbin/ip").exists()
+                && !Path::new("/sbin/ip").exists()
+                && !Path::new("/usr/bin/ip").exists() =>
+        {
             Some("iproute2 (`ip`) is not installed; `cargo xtask deps` installs it".into())
         }
         _ => None,

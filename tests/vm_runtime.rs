@@ -34,14 +34,19 @@ fn wait_filled(vm: &Vm) {
 
 #[test]
 fn workload_runs_and_its_memory_verifies() {
-    let Some(hv) = hypervisor("workload_runs_and_its_memory_verifies") else { return };
+    let Some(hv) = hypervisor("workload_runs_and_its_memory_verifies") else {
+        return;
+    };
     let vm = Vm::create(&hv, workload_spec("w1", 64, 2, Profile::Mixed, 64)).unwrap();
     vm.start().unwrap();
     wait_filled(&vm);
     let before = vm.heartbeats().unwrap();
     wait_for("progress", 10, || {
         let hb = vm.heartbeats()?;
-        hb.iter().zip(&before).all(|(a, b)| a.progress > b.progress + 10).then_some(())
+        hb.iter()
+            .zip(&before)
+            .all(|(a, b)| a.progress > b.progress + 10)
+            .then_some(())
     });
     vm.pause().unwrap();
     assert_eq!(vm.status(), VmStatus::Paused);
@@ -91,7 +96,11 @@ fn tsc_msr(st: &ferry::vm::state::VmState, vcpu: usize) -> u64 {
 
 fn round_trip(name: &str, memory_mib: u64, vcpus: u32) {
     let Some(hv) = hypervisor(name) else { return };
-    let vm = Vm::create(&hv, workload_spec(name, memory_mib, vcpus, Profile::Mixed, 64)).unwrap();
+    let vm = Vm::create(
+        &hv,
+        workload_spec(name, memory_mib, vcpus, Profile::Mixed, 64),
+    )
+    .unwrap();
     vm.start().unwrap();
     wait_filled(&vm);
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -101,7 +110,11 @@ fn round_trip(name: &str, memory_mib: u64, vcpus: u32) {
     let captured_at = std::time::Instant::now();
 
     let copy = ferry::vm::snapshot::clone_paused(&hv, &vm, &format!("{name}-copy")).unwrap();
-    assert_eq!(first_difference(&vm, &copy), None, "memory differs after restore");
+    assert_eq!(
+        first_difference(&vm, &copy),
+        None,
+        "memory differs after restore"
+    );
     assert_eq!(copy.heartbeats().unwrap(), at_pause);
     let restored = copy.capture_state().unwrap();
     let gap = captured_at.elapsed();
@@ -109,7 +122,10 @@ fn round_trip(name: &str, memory_mib: u64, vcpus: u32) {
         let (a, b) = (&saved.vcpus[v], &restored.vcpus[v]);
         assert_eq!(a.regs, b.regs, "vCPU {v} registers");
         assert_eq!(a.sregs, b.sregs, "vCPU {v} special registers");
-        assert_eq!(a.xsave.as_ref().map(|x| x.0.region), b.xsave.as_ref().map(|x| x.0.region));
+        assert_eq!(
+            a.xsave.as_ref().map(|x| x.0.region),
+            b.xsave.as_ref().map(|x| x.0.region)
+        );
         assert_eq!(a.events.exception.nr, b.events.exception.nr);
         assert_eq!(a.mp_state, b.mp_state);
         // The TSC continues from the saved value: never backwards, and not further than the
@@ -117,7 +133,10 @@ fn round_trip(name: &str, memory_mib: u64, vcpus: u32) {
         // shows the host's TSC, which advanced by exactly that).
         let (t0, t1) = (tsc_msr(&saved, v), tsc_msr(&restored, v));
         let budget = u64::from(hv.tsc_khz) * (gap.as_millis() as u64 + 1000);
-        assert!(t1 >= t0 && t1 - t0 < budget, "TSC jumped: {t0} -> {t1} over {gap:?}");
+        assert!(
+            t1 >= t0 && t1 - t0 < budget,
+            "TSC jumped: {t0} -> {t1} over {gap:?}"
+        );
     }
     // The source is gone for good; the copy carries on exactly where it stopped.
     drop(vm);
@@ -164,7 +183,9 @@ fn round_trip_2g_2vcpu() {
 /// hold every one of them and no other data page.
 #[test]
 fn dirty_log_matches_what_the_guest_wrote() {
-    let Some(hv) = hypervisor("dirty_log_matches_what_the_guest_wrote") else { return };
+    let Some(hv) = hypervisor("dirty_log_matches_what_the_guest_wrote") else {
+        return;
+    };
     let spec = VmSpec {
         name: "dirty".into(),
         memory_mib: 128,
@@ -207,7 +228,10 @@ fn dirty_log_matches_what_the_guest_wrote() {
         }
         let data_start = data.r0_base;
         for &g in &expected {
-            assert!(bm.contains(g), "round {round}: page {g:#x} was written but is not dirty");
+            assert!(
+                bm.contains(g),
+                "round {round}: page {g:#x} was written but is not dirty"
+            );
         }
         for g in bm.iter_gpa().filter(|&g| g >= data_start) {
             assert!(
@@ -220,7 +244,10 @@ fn dirty_log_matches_what_the_guest_wrote() {
         assert!(rep.ok(), "round {round}: {rep:?}");
         prev = now;
     }
-    assert!(total_checked > 1000, "the guest wrote too little to prove anything: {total_checked}");
+    assert!(
+        total_checked > 1000,
+        "the guest wrote too little to prove anything: {total_checked}"
+    );
 
     // Pages the agent writes are dirty too, and dirty state handed back is not lost.
     let g = data.gpa(data.total_pages - 1);
@@ -253,7 +280,9 @@ pub fn hello_image() -> Vec<u8> {
 
 #[test]
 fn raw_image_prints_on_the_serial_console() {
-    let Some(hv) = hypervisor("raw_image_prints_on_the_serial_console") else { return };
+    let Some(hv) = hypervisor("raw_image_prints_on_the_serial_console") else {
+        return;
+    };
     let dir = std::env::temp_dir().join(format!("ferry-raw-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let img = dir.join("hello.img");
@@ -272,7 +301,9 @@ fn raw_image_prints_on_the_serial_console() {
     let text = wait_for("console output", 30, || {
         let c = vm.devices().console.lock().unwrap();
         let (_, bytes) = c.read_from(0, 4096);
-        bytes.ends_with(b"\n").then(|| String::from_utf8_lossy(&bytes).into_owned())
+        bytes
+            .ends_with(b"\n")
+            .then(|| String::from_utf8_lossy(&bytes).into_owned())
     });
     assert_eq!(text, "hello from a raw guest\n");
     // Halted with interrupts off, it still pauses promptly.
@@ -283,7 +314,9 @@ fn raw_image_prints_on_the_serial_console() {
 
 #[test]
 fn triple_fault_is_reported_as_crashed() {
-    let Some(hv) = hypervisor("triple_fault_is_reported_as_crashed") else { return };
+    let Some(hv) = hypervisor("triple_fault_is_reported_as_crashed") else {
+        return;
+    };
     let dir = std::env::temp_dir().join(format!("ferry-crash-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let img = dir.join("crash.img");
@@ -302,10 +335,15 @@ fn triple_fault_is_reported_as_crashed() {
     )
     .unwrap();
     vm.start().unwrap();
-    wait_for("crash", 30, || (vm.status() == VmStatus::Crashed).then_some(()));
+    wait_for("crash", 30, || {
+        (vm.status() == VmStatus::Crashed).then_some(())
+    });
     let f = vm.fault().unwrap();
     assert!(f.reason.contains("triple fault"), "{f:?}");
-    assert_eq!(vm.devices().console.lock().unwrap().read_from(0, 10).1, b"x");
+    assert_eq!(
+        vm.devices().console.lock().unwrap().read_from(0, 10).1,
+        b"x"
+    );
     assert!(vm.resume().is_err());
     assert!(vm.pause().is_err());
     let _ = std::fs::remove_dir_all(&dir);
@@ -313,7 +351,9 @@ fn triple_fault_is_reported_as_crashed() {
 
 #[test]
 fn bad_shapes_are_refused() {
-    let Some(hv) = hypervisor("bad_shapes_are_refused") else { return };
+    let Some(hv) = hypervisor("bad_shapes_are_refused") else {
+        return;
+    };
     let e = Vm::create(&hv, workload_spec("z", 64, 0, Profile::Zero, 0)).unwrap_err();
     assert!(e.to_string().contains("vCPUs"), "{e}");
     let e = Vm::create(&hv, workload_spec("z", 63, 1, Profile::Zero, 0)).unwrap_err();

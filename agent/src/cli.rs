@@ -1,1 +1,718 @@
+//! The `ferry` command line. `ferry agent` runs the daemon; every other command is a client of
+//! a running agent's API.
+//!
+//! Which agent: `--socket PATH` (or `FERRY_SOCKET`), else `--host NAME` (or `FERRY_HOST`) for a
+//! host of the two-host lab (`cargo xtask lab up`), whose socket is
+//! `$FERRY_LAB_ROOT/NAME/agent.sock` (default root `/run/ferry/lab`), else
+//! `/run/ferry/agent.sock`.
+//!
+//! Exit codes: 0 success; 1 the agent refused or the operation failed (the message says why);
+//! 2 bad command line; 3 the agent cannot be reached.
 
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::control::agent::{
+    ConsoleChunk, HostInfo, SaveOutcome, VerifyOutcome, VmInfo, VmSummary,
+};
+use crate::control::api::{CreateRequest, RestoreRequest, SaveRequest};
+use crate::control::client::{Client, ClientError};
+use crate::control::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
+use crate::vm::{GuestKind, Profile, RawMode, RawParams, WorkloadParams};
+
+/// Default root of the lab made by `cargo xtask lab up`.
+pub const DEFAULT_LAB_ROOT: &str = "/run/ferry/lab";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: run KVM guests on this host and live-migrate them between hosts",
+    long_about = "Ferry runs KVM guests on this host and live-migrates them between hosts.\n\n\
+`ferry agent` runs the host agent (normally as the systemd service `ferry`); every other \
+command talks to a running agent over its unix socket.\n\n\
+Exit codes: 0 success, 1 the request was refused or failed, 2 bad command line, 3 the agent \
+cannot be reached."
+)]
+pub struct Cli {
+    /// Agent API socket [default: /run/ferry/agent.sock]
+    #[arg(long, global = true, env = "FERRY_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Talk to the agent of lab host NAME (see `cargo xtask lab up`)
+    #[arg(long, global = true, env = "FERRY_HOST", value_name = "NAME")]
+    pub host: Option<String>,
+    /// Print machine-readable JSON instead of tables
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the host agent (the daemon)
+    Agent(AgentArgs),
+    /// Show the agent's host: KVM facts, memory, VMs
+    Host,
+    /// Create, run, inspect, save and restore VMs
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines
+    Text,
+    /// One JSON object per line
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Configuration file [default: /etc/ferry/agent.toml; missing = all defaults]
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format (logs go to stderr; filter with FERRY_LOG or RUST_LOG, default "info")
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Only check the configuration and exit
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM (and start it with --start)
+    Create(CreateArgs),
+    /// List VMs
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show a VM: state, heartbeats, dirty rate, exits
+    Inspect { name: String },
+    /// Start a VM (a stopped or crashed VM boots afresh)
+    Start { name: String },
+    /// Pause a running VM
+    Pause { name: String },
+    /// Resume a paused VM
+    Resume { name: String },
+    /// Power a VM off (it stays defined)
+    Stop { name: String },
+    /// Stop a VM and forget it
+    #[command(visible_alias = "rm")]
+    Destroy { name: String },
+    /// Print a VM's serial console
+    Console {
+        name: String,
+        /// Keep printing new output (until Ctrl-C or the VM goes away)
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Save a VM to a directory (memory as raw files + state); a running VM pauses briefly
+    Save {
+        name: String,
+        /// Directory to write (created; must not hold a save already)
+        dir: PathBuf,
+    },
+    /// Restore a VM from a directory written by `vm save`
+    Restore {
+        dir: PathBuf,
+        /// Name of the restored VM [default: the saved name]
+        #[arg(long)]
+        name: Option<String>,
+        /// Leave it paused instead of resuming it
+        #[arg(long)]
+        paused: bool,
+    },
+    /// CRC-32C of a paused VM's whole memory
+    Digest { name: String },
+    /// Check a paused workload VM's memory page by page against its heartbeats
+    Verify { name: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum KindArg {
+    /// The built-in CPL3 workload guest
+    Workload,
+    /// A flat binary image
+    Raw,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ProfileArg {
+    Zero,
+    Random,
+    Text,
+    Mixed,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum RawModeArg {
+    /// 16-bit real mode at --entry CS:IP
+    Real,
+    /// 64-bit long mode at CPL3, entered at the load address
+    LongUser,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// VM name (letters, digits, '.', '_', '-')
+    pub name: String,
+    /// Memory, e.g. 1G, 512M (plain numbers are MiB)
+    #[arg(long, short, default_value = "1G", value_parser = parse_size_mib)]
+    pub memory: u64,
+    /// Number of vCPUs
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// What the guest runs
+    #[arg(long, value_enum, default_value = "workload")]
+    pub kind: KindArg,
+    /// Workload: content profile of its memory
+    #[arg(long, value_enum, default_value = "mixed")]
+    pub profile: ProfileArg,
+    /// Workload: MiB/s of memory re-written after the initial fill (0 = idle)
+    #[arg(long, default_value_t = 0, value_name = "MIB_PER_S")]
+    pub dirty_rate: u64,
+    /// Workload: size of the re-written working set, e.g. 256M [default: all memory]
+    #[arg(long, value_parser = parse_size_mib, value_name = "SIZE")]
+    pub working_set: Option<u64>,
+    /// Raw: the image file
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// Raw: how the image starts
+    #[arg(long, value_enum, default_value = "real")]
+    pub mode: RawModeArg,
+    /// Raw: guest-physical load address (default 0x7c00, or 0x400000 in long-user mode)
+    #[arg(long, value_parser = parse_u64, value_name = "ADDR")]
+    pub load_addr: Option<u64>,
+    /// Raw, real mode: entry point CS:IP in hex
+    #[arg(long, default_value = "0000:7c00", value_parser = parse_entry, value_name = "CS:IP")]
+    pub entry: (u16, u16),
+    /// Start it right away
+    #[arg(long)]
+    pub start: bool,
+}
+
+/// Parse "1G", "512M", "2GiB", "1024" (MiB) into MiB.
+pub fn parse_size_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower
+        .strip_suffix("gib")
+        .or_else(|| lower.strip_suffix("gb"))
+        .or_else(|| lower.strip_suffix('g'))
+    {
+        (n, 1024)
+    } else if let Some(n) = lower
+        .strip_suffix("mib")
+        .or_else(|| lower.strip_suffix("mb"))
+        .or_else(|| lower.strip_suffix('m'))
+    {
+        (n, 1)
+    } else if let Some(n) = lower
+        .strip_suffix("tib")
+        .or_else(|| lower.strip_suffix("tb"))
+        .or_else(|| lower.strip_suffix('t'))
+    {
+        (n, 1024 * 1024)
+    } else {
+        (lower.as_str(), 1)
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{t:?} is not a size; write e.g. 1G, 512M or 1024 (MiB)"))
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => t.parse(),
+    };
+    r.map_err(|_| format!("{t:?} is not a number (decimal or 0x-hex)"))
+}
+
+fn parse_entry(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?} is not CS:IP in hex, e.g. 0000:7c00");
+    let (cs, ip) = s.split_once(':').ok_or_else(bad)?;
+    Ok((
+        u16::from_str_radix(cs, 16).map_err(|_| bad())?,
+        u16::from_str_radix(ip, 16).map_err(|_| bad())?,
+    ))
+}
+
+/// A failed command: message and exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let code = match e {
+            ClientError::Connect { .. } => 3,
+            _ => 1,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 1,
+        message: message.into(),
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(2),
+            };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("ferry: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn socket_path(cli: &Cli) -> PathBuf {
+    if let Some(s) = &cli.socket {
+        return s.clone();
+    }
+    if let Some(h) = &cli.host {
+        let root = std::env::var_os("FERRY_LAB_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_LAB_ROOT));
+        return root.join(h).join("agent.sock");
+    }
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Agent(a) => run_agent(a),
+        Command::Host => {
+            let c = Client::new(socket_path(&cli));
+            let h: HostInfo = c.get("/v1/host")?;
+            out(&cli, &h, |h| {
+                format!(
+                    "host:       {}\nversion:    {}\nTSC:        {} kHz ({})\nMSRs saved: {}\nmemory:     {} MiB total, {} MiB available, {} MiB promised to VMs, {} MiB reserved for the host\nVMs:        {}\n",
+                    h.name,
+                    h.version,
+                    h.tsc_khz,
+                    if h.tsc_settable { "guest TSC restorable" } else { "guest TSC follows the host" },
+                    h.msrs,
+                    h.memory_total_mib,
+                    h.memory_available_mib,
+                    h.memory_committed_mib,
+                    h.memory_reserve_mib,
+                    h.vms
+                )
+            });
+            Ok(())
+        }
+        Command::Vm(v) => run_vm(&cli, v),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FERRY_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+fn run_agent(a: &AgentArgs) -> Result<(), Failure> {
+    let (path, explicit) = match &a.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    let config = Config::load(&path, explicit).map_err(|e| Failure {
+        code: 2,
+        message: e.to_string(),
+    })?;
+    if a.check_config {
+        println!("{}: configuration is valid", path.display());
+        return Ok(());
+    }
+    init_logging(a.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("cannot start the runtime: {e}")))?;
+    rt.block_on(crate::control::daemon::run(config))
+        .map_err(|e| fail(error_chain(&e)))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        let t = x.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = x.source();
+    }
+    s
+}
+
+fn out<T: Serialize>(cli: &Cli, v: &T, human: impl FnOnce(&T) -> String) {
+    let text = if cli.json {
+        serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
+    } else {
+        human(v)
+    };
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes());
+    let _ = o.flush();
+}
+
+fn vm_path(name: &str, tail: &str) -> String {
+    // Names are validated by the agent; escape anything that would break the path anyway.
+    let enc: String = name
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!("/v1/vms/{enc}{tail}")
+}
+
+fn run_vm(cli: &Cli, cmd: &VmCommand) -> Result<(), Failure> {
+    let c = Client::new(socket_path(cli));
+    match cmd {
+        VmCommand::Create(a) => {
+            let req = create_request(a)?;
+            let info: VmInfo = c.post("/v1/vms", &req)?;
+            out(cli, &info, |i| {
+                format!(
+                    "created {} ({} MiB, {} vCPU{}, {}): {}\n",
+                    i.name,
+                    i.spec.memory_mib,
+                    i.spec.vcpus,
+                    if i.spec.vcpus == 1 { "" } else { "s" },
+                    i.spec.kind.name(),
+                    i.state
+                )
+            });
+        }
+        VmCommand::List => {
+            let l: Vec<VmSummary> = c.get("/v1/vms")?;
+            out(cli, &l, |l| {
+                let mut s = format!(
+                    "{:<24} {:<9} {:<9} {:>10} {:>6}\n",
+                    "NAME", "STATE", "KIND", "MEMORY", "VCPUS"
+                );
+                for v in l {
+                    s += &format!(
+                        "{:<24} {:<9} {:<9} {:>6} MiB {:>6}\n",
+                        v.name,
+                        v.state.to_string(),
+                        v.kind,
+                        v.memory_mib,
+                        v.vcpus
+                    );
+                }
+                s
+            });
+        }
+        VmCommand::Inspect { name } => {
+            let i: VmInfo = c.get(&vm_path(name, ""))?;
+            out(cli, &i, human_info);
+        }
+        VmCommand::Start { name } => action(cli, &c, name, "start", "started")?,
+        VmCommand::Pause { name } => action(cli, &c, name, "pause", "paused")?,
+        VmCommand::Resume { name } => action(cli, &c, name, "resume", "resumed")?,
+        VmCommand::Stop { name } => action(cli, &c, name, "stop", "stopped")?,
+        VmCommand::Destroy { name } => {
+            c.delete(&vm_path(name, ""))?;
+            out(cli, &serde_json::json!({ "destroyed": name }), |_| {
+                format!("destroyed {name}\n")
+            });
+        }
+        VmCommand::Console { name, follow } => console(cli, &c, name, *follow)?,
+        VmCommand::Save { name, dir } => {
+            let dir = absolute(dir)?;
+            let r: SaveOutcome = c.post(&vm_path(name, "/save"), &SaveRequest { dir })?;
+            out(cli, &r, |r| {
+                format!(
+                    "saved {name} to {} ({} MiB of memory, {} non-zero pages, state {} bytes; paused {} ms)\n",
+                    r.report.dir.display(),
+                    r.report.memory_bytes >> 20,
+                    r.report.nonzero_pages,
+                    r.report.state_bytes,
+                    r.paused_ms
+                )
+            });
+        }
+        VmCommand::Restore { dir, name, paused } => {
+            let dir = absolute(dir)?;
+            let i: VmInfo = c.post(
+                "/v1/restore",
+                &RestoreRequest {
+                    dir,
+                    name: name.clone(),
+                    paused: *paused,
+                },
+            )?;
+            out(cli, &i, |i| format!("restored {}: {}\n", i.name, i.state));
+        }
+        VmCommand::Digest { name } => {
+            let d: serde_json::Value = c.get(&vm_path(name, "/digest"))?;
+            out(cli, &d, |d| {
+                format!("{}\n", d["digest"].as_str().unwrap_or_default())
+            });
+        }
+        VmCommand::Verify { name } => {
+            let v: VerifyOutcome = c.post_empty(&vm_path(name, "/verify"))?;
+            out(cli, &v, |v| {
+                if v.ok {
+                    format!(
+                        "{name}: memory verified ({} pages, {} in flight at the pause)\n",
+                        v.pages_checked, v.in_flight
+                    )
+                } else {
+                    format!(
+                        "{name}: {} of {} pages are wrong (first: {:?})\n",
+                        v.bad_count, v.pages_checked, v.bad_pages
+                    )
+                }
+            });
+            if !v.ok {
+                return Err(fail(format!("{name}: memory does not verify")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn absolute(p: &std::path::Path) -> Result<PathBuf, Failure> {
+    std::path::absolute(p).map_err(|e| fail(format!("{}: {e}", p.display())))
+}
+
+fn create_request(a: &CreateArgs) -> Result<CreateRequest, Failure> {
+    let kind = match a.kind {
+        KindArg::Workload => {
+            if a.image.is_some() {
+                return Err(Failure {
+                    code: 2,
+                    message: "--image is for --kind raw".into(),
+                });
+            }
+            GuestKind::Workload(WorkloadParams {
+                profile: match a.profile {
+                    ProfileArg::Zero => Profile::Zero,
+                    ProfileArg::Random => Profile::Random,
+                    ProfileArg::Text => Profile::Text,
+                    ProfileArg::Mixed => Profile::Mixed,
+                },
+                dirty_rate_mib: a.dirty_rate,
+                working_set_mib: a.working_set,
+            })
+        }
+        KindArg::Raw => {
+            let image = a.image.as_ref().ok_or_else(|| Failure {
+                code: 2,
+                message: "--kind raw needs --image FILE".into(),
+            })?;
+            GuestKind::Raw(RawParams {
+                image: absolute(image)?,
+                mode: match a.mode {
+                    RawModeArg::Real => RawMode::Real,
+                    RawModeArg::LongUser => RawMode::LongUser,
+                },
+                load_addr: a.load_addr,
+                cs: a.entry.0,
+                ip: a.entry.1,
+            })
+        }
+    };
+    Ok(CreateRequest {
+        name: a.name.clone(),
+        memory_mib: a.memory,
+        vcpus: a.vcpus,
+        kind,
+        start: a.start,
+    })
+}
+
+fn action(cli: &Cli, c: &Client, name: &str, verb: &str, done: &str) -> Result<(), Failure> {
+    let i: VmInfo = c.post_empty(&vm_path(name, &format!("/{verb}")))?;
+    out(cli, &i, |i| format!("{done} {}: {}\n", i.name, i.state));
+    Ok(())
+}
+
+fn console(cli: &Cli, c: &Client, name: &str, follow: bool) -> Result<(), Failure> {
+    let mut offset = 0u64;
+    loop {
+        let chunk: ConsoleChunk = match c.get(&vm_path(
+            name,
+            &format!("/console?offset={offset}&max=65536"),
+        )) {
+            Ok(ch) => ch,
+            Err(ClientError::Api { status: 404, .. }) if follow && offset > 0 => {
+                eprintln!("ferry: {name} is gone");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let more = chunk.next_offset > chunk.offset;
+        if cli.json {
+            out(cli, &chunk, |_| String::new());
+        } else {
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(chunk.data.as_bytes());
+            let _ = o.flush();
+        }
+        offset = chunk.next_offset;
+        if !more {
+            if !follow {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn human_info(i: &VmInfo) -> String {
+    let mut s = format!(
+        "name:        {}\nstate:       {}\nkind:        {}\nmemory:      {} MiB\nvCPUs:       {}\n",
+        i.name,
+        i.state,
+        i.spec.kind.name(),
+        i.spec.memory_mib,
+        i.spec.vcpus
+    );
+    match &i.spec.kind {
+        GuestKind::Workload(p) => {
+            s += &format!(
+                "profile:     {:?}\nworking set: {}\n",
+                p.profile,
+                p.working_set_mib
+                    .map_or("all memory".to_string(), |m| format!("{m} MiB"))
+            );
+        }
+        GuestKind::Raw(p) => {
+            s += &format!(
+                "image:       {}\nmode:        {:?}\n",
+                p.image.display(),
+                p.mode
+            );
+        }
+    }
+    if let Some(f) = &i.fault {
+        s += &format!("fault:       {f}\n");
+    }
+    if let Some(d) = &i.dirty_rate {
+        s += &format!(
+            "dirty rate:  {:.1} MiB/s measured, {} MiB/s requested\n",
+            d.measured_mib_per_sec, d.requested_mib_per_sec
+        );
+    }
+    if i.last_pause_us > 0 {
+        s += &format!("last pause:  {} us\n", i.last_pause_us);
+    }
+    let e = &i.exits;
+    s += &format!(
+        "exits:       {} out, {} in, {} mmio, {} yields, {} unknown port, {} interrupted\n",
+        e.io_out,
+        e.io_in,
+        e.mmio_read + e.mmio_write,
+        e.yields,
+        e.unknown_port,
+        e.interrupted
+    );
+    if !i.heartbeats.is_empty() {
+        s += &format!(
+            "\n{:<5} {:<5} {:>14} {:>14} {:>6} {:>12} {:>10} {:>10}\n",
+            "VCPU", "PHASE", "BEATS", "BEATS/S", "PASS", "PAGES", "DIRTY MiB/s", "YIELDS/S"
+        );
+        for h in &i.heartbeats {
+            s += &format!(
+                "{:<5} {:<5} {:>14} {:>14.0} {:>6} {:>12} {:>10.1} {:>10.0}\n",
+                h.id,
+                h.phase,
+                h.beats,
+                h.beats_per_sec,
+                h.pass,
+                h.pages_written,
+                h.dirty_mib_per_sec,
+                h.yields_per_sec
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size_mib("1G"), Ok(1024));
+        assert_eq!(parse_size_mib("2GiB"), Ok(2048));
+        assert_eq!(parse_size_mib("512m"), Ok(512));
+        assert_eq!(parse_size_mib("300"), Ok(300));
+        assert!(parse_size_mib("lots").is_err());
+        assert!(parse_size_mib("99999999999999999999T").is_err());
+        assert_eq!(parse_entry("0000:7c00"), Ok((0, 0x7c00)));
+        assert!(parse_entry("7c00").is_err());
+        assert_eq!(parse_u64("0x400000"), Ok(0x400000));
+    }
+
+    #[test]
+    fn raw_without_image_is_a_usage_error() {
+        let cli = Cli::try_parse_from(["ferry", "vm", "create", "x", "--kind", "raw"]).unwrap();
+        let Command::Vm(VmCommand::Create(a)) = cli.command else {
+            panic!()
+        };
+        let e = create_request(&a).unwrap_err();
+        assert_eq!(e.code, 2);
+        assert!(e.message.contains("--image"));
+    }
+}

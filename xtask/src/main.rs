@@ -1,1 +1,199 @@
-fn main(){}
+//! `cargo xtask`: Ferry's development tasks. A thin command line over the `xtask` library.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use xtask::lab::{self, Lab, LabOptions};
+
+/// Prints a line to stdout, ignoring a closed pipe (`cargo xtask lab status | head`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// Ferry's development tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The two-host lab: network namespaces `ferry-NAME-{a,b,sw}`, datastores and agents.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
+    // other commands (demo, test, deps) go here
+}
+
+#[derive(Debug, Subcommand)]
+enum LabAction {
+    /// Build the lab and start one agent per host; it keeps running after this command.
+    Up(UpArgs),
+    /// Stop the agents, delete the namespaces and remove the lab root.
+    Down(LabTarget),
+    /// Show namespaces, agents, sockets and addresses.
+    Status {
+        #[command(flatten)]
+        target: LabTarget,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which lab.
+#[derive(Debug, Args)]
+struct LabTarget {
+    /// Lab name (namespaces are ferry-NAME-a, -b, -sw); default: the one recorded at --root,
+    /// else "lab".
+    #[arg(long)]
+    name: Option<String>,
+    /// Lab root directory (datastores, configs, sockets, logs, lab.json).
+    #[arg(long, default_value = lab::DEFAULT_ROOT)]
+    root: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    #[command(flatten)]
+    target: LabTarget,
+    /// The ferry binary for the agents; default: $FERRY_BIN, else `ferry` next to this xtask.
+    #[arg(long, conflicts_with = "no_agents")]
+    ferry_bin: Option<PathBuf>,
+    /// Build the network and directories only; start no agents.
+    #[arg(long)]
+    no_agents: bool,
+    /// Remove an existing lab of this name/root first.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let mut stderr = std::io::stderr().lock();
+            let _ = writeln!(stderr, "error: {err}");
+            for cause in err.chain().skip(1) {
+                let _ = writeln!(stderr, "  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Lab { action } => match action {
+            LabAction::Up(args) => lab_up(args),
+            LabAction::Down(target) => lab_down(&target),
+            LabAction::Status { target, json } => lab_status(&target, json),
+        },
+    }
+}
+
+fn lab_up(args: UpArgs) -> Result<()> {
+    let root = absolute(&args.target.root)?;
+    let name = args
+        .target
+        .name
+        .clone()
+        .unwrap_or_else(|| lab::DEFAULT_NAME.to_owned());
+    let existing = lab::status(Some(&name), &root)?;
+    if existing.exists() {
+        if !args.force {
+            bail!(
+                "lab `{name}` already exists at {}:\n{existing}run `cargo xtask lab down` first, \
+                 or `cargo xtask lab up --force` to recreate it",
+                root.display()
+            );
+        }
+        let report = lab::down_recorded(Some(&name), &root)
+            .context("cannot remove the existing lab (--force)")?;
+        say!(
+            "removed the existing lab `{name}` ({} namespaces, {} agents)",
+            report.deleted_namespaces.len(),
+            report.stopped_agents.len()
+        );
+    }
+    let ferry_bin = if args.no_agents {
+        None
+    } else {
+        Some(match args.ferry_bin {
+            Some(bin) => bin,
+            None => lab::ferry_bin()
+                .context("no agents can be started; pass --no-agents to build the network only")?,
+        })
+    };
+    let lab = Lab::up(LabOptions {
+        name: name.clone(),
+        root: root.clone(),
+        ferry_bin,
+    })?;
+    let state = lab.detach();
+    state.save()?;
+    say!("lab `{name}` is up at {}", root.display());
+    say!(
+        "{}",
+        lab::status(Some(&name), &root)?.to_string().trim_end()
+    );
+    say!("remove it with `cargo xtask lab down`");
+    Ok(())
+}
+
+fn lab_down(target: &LabTarget) -> Result<()> {
+    let root = absolute(&target.root)?;
+    let report = lab::down_recorded(target.name.as_deref(), &root)?;
+    for note in &report.notes {
+        say!("note: {note}");
+    }
+    if report.nothing_found() {
+        say!(
+            "no lab `{}` at {}: nothing to remove",
+            report.name,
+            root.display()
+        );
+        return Ok(());
+    }
+    for (host, pid) in &report.stopped_agents {
+        say!("stopped the agent of host {host} (pid {pid})");
+    }
+    if !report.deleted_namespaces.is_empty() {
+        say!(
+            "deleted namespaces {}",
+            report.deleted_namespaces.join(", ")
+        );
+    }
+    if report.removed_root {
+        say!("removed {}", root.display());
+    }
+    Ok(())
+}
+
+fn lab_status(target: &LabTarget, json: bool) -> Result<()> {
+    let root = absolute(&target.root)?;
+    let status = lab::status(target.name.as_deref(), &root)?;
+    if json {
+        say!(
+            "{}",
+            serde_json::to_string_pretty(&status).context("cannot serialize the status")?
+        );
+    } else {
+        say!("{}", status.to_string().trim_end());
+    }
+    Ok(())
+}
+
+/// `path` made absolute against the current directory.
+fn absolute(path: &std::path::Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
+}

@@ -58,7 +58,10 @@ impl Console {
     pub fn read_from(&self, from: u64, max: usize) -> (u64, Vec<u8>) {
         let from = from.clamp(self.start, self.end());
         let skip = (from - self.start) as usize;
-        (from, self.buf.iter().skip(skip).take(max).copied().collect())
+        (
+            from,
+            self.buf.iter().skip(skip).take(max).copied().collect(),
+        )
     }
 }
 
@@ -123,7 +126,12 @@ impl ExitCounters {
             }
             *m.entry(port).or_insert(0) += 1;
             if first {
-                tracing::debug!(vm, port = format_args!("{port:#x}"), write, "guest touched an unemulated port (further accesses only counted)");
+                tracing::debug!(
+                    vm,
+                    port = format_args!("{port:#x}"),
+                    write,
+                    "guest touched an unemulated port (further accesses only counted)"
+                );
             }
         }
     }

@@ -275,13 +275,11 @@ impl GuestMemory {
         // SAFETY: the host range is a live mapping owned by `self` of exactly `memory_size`
         // bytes, and it outlives the VM's use of it (the slot is dropped with the VM fd, which
         // `Vm` drops before this memory).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(|source| {
-            MemoryError::SetRegion {
-                slot: r.slot,
-                gpa: r.layout.gpa,
-                size: r.layout.size,
-                source,
-            }
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|source| MemoryError::SetRegion {
+            slot: r.slot,
+            gpa: r.layout.gpa,
+            size: r.layout.size,
+            source,
         })
     }
 

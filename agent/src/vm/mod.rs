@@ -263,7 +263,12 @@ fn probe_tsc_write(vcpu: &kvm_ioctls::VcpuFd) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub enum BootVcpu {
     /// 64-bit long mode at CPL3 with the scaffolding of [`x86`].
-    LongModeUser { rip: u64, rsp: u64, rdi: u64, rsi: u64 },
+    LongModeUser {
+        rip: u64,
+        rsp: u64,
+        rdi: u64,
+        rsi: u64,
+    },
     /// 16-bit real mode at `cs:ip`.
     RealMode { cs: u16, ip: u16, sp: u16 },
     /// Not started (application processors of a guest that starts them itself).
@@ -281,7 +286,8 @@ pub struct VcpuReport {
 pub struct Vm {
     pub spec: VmSpec,
     // Field order matters for Drop: vCPU threads end before memory and the VM fd go.
-    vcpus: Vec<Vcpu>,
+    threads: Mutex<Vec<Vcpu>>,
+    vcpus: Vec<Arc<vcpu::VcpuShared>>,
     shared: Arc<VmShared>,
     memory: Arc<GuestMemory>,
     vm_fd: Arc<VmFd>,
@@ -314,7 +320,8 @@ impl Vm {
             .create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let memory = Arc::new(GuestMemory::new(vm_fd.clone(), regions)?);
-        let yield_port = matches!(spec.kind, GuestKind::Workload(_)).then_some(workload::YIELD_PORT);
+        let yield_port =
+            matches!(spec.kind, GuestKind::Workload(_)).then_some(workload::YIELD_PORT);
         let shared = Arc::new(VmShared {
             devices: Arc::new(Devices::new(&spec.name, yield_port)),
             tsc_khz: hv.tsc_khz,
@@ -333,6 +340,7 @@ impl Vm {
         Ok((
             Vm {
                 spec,
+                threads: Mutex::new(Vec::new()),
                 vcpus: Vec::new(),
                 shared,
                 memory,
@@ -345,18 +353,20 @@ impl Vm {
     }
 
     fn spawn(&mut self, hv: &Hypervisor, fds: Vec<kvm_ioctls::VcpuFd>) -> Result<(), VmError> {
+        let mut threads = Vec::new();
         for (id, fd) in fds.into_iter().enumerate() {
-            self.vcpus.push(Vcpu::spawn(
+            threads.push(Vcpu::spawn(
                 id as u32,
                 fd,
                 hv.msr_list.clone(),
                 self.shared.clone(),
             )?);
         }
-        let _ = self
-            .shared
-            .vcpus
-            .set(self.vcpus.iter().map(|v| v.shared.clone()).collect());
+        self.vcpus = threads.iter().map(|v| v.shared.clone()).collect();
+        let _ = self.shared.vcpus.set(self.vcpus.clone());
+        if let Ok(mut t) = self.threads.lock() {
+            *t = threads;
+        }
         Ok(())
     }
 
@@ -421,7 +431,7 @@ impl Vm {
             }
         }
         for (v, s) in self.vcpus.iter().zip(&state.vcpus) {
-            v.shared.restore(Box::new(s.clone()))?;
+            v.restore(Box::new(s.clone()))?;
         }
         self.shared.devices.restore(&state.devices);
         Ok(())
@@ -435,7 +445,7 @@ impl Vm {
         }
         let mut vcpus: Vec<VcpuState> = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
-            vcpus.push(*v.shared.capture()?);
+            vcpus.push(*v.capture()?);
         }
         let mut irqchips = Vec::new();
         for chip_id in 0..3 {
@@ -485,7 +495,7 @@ impl Vm {
         }
         self.set_status(VmStatus::Running);
         for v in &self.vcpus {
-            v.shared.resume();
+            v.resume();
         }
         Ok(())
     }
@@ -500,7 +510,7 @@ impl Vm {
         }
         let t = Instant::now();
         for v in &self.vcpus {
-            v.shared.pause(PAUSE_TIMEOUT)?;
+            v.pause(PAUSE_TIMEOUT)?;
         }
         let took = t.elapsed();
         self.last_pause_ns
@@ -522,14 +532,17 @@ impl Vm {
     }
 
     /// Power off: vCPU threads end. The memory stays until the Vm is dropped.
-    pub fn stop(&mut self) {
+    pub fn stop(&self) {
         for v in &self.vcpus {
-            v.shared.stop();
+            v.stop();
         }
-        self.vcpus.clear();
+        if let Ok(mut t) = self.threads.lock() {
+            t.clear();
+        }
         if self.fault().is_none() {
             self.set_status(VmStatus::Stopped);
         }
+        tracing::info!(vm = %self.spec.name, "vm stopped");
     }
 
     pub fn memory(&self) -> &Arc<GuestMemory> {

@@ -176,7 +176,8 @@ fn save_region(
     let mut nonzero = 0u64;
     let mut run_start: Option<usize> = None;
     let flush = |from: usize, to: usize| -> Result<(), SnapshotError> {
-        f.write_all_at(&bytes[from..to], from as u64).map_err(io(path))
+        f.write_all_at(&bytes[from..to], from as u64)
+            .map_err(io(path))
     };
     for (p, page) in bytes.chunks_exact(ps).enumerate() {
         let off = p * ps;
@@ -247,11 +248,7 @@ pub fn read(dir: &Path) -> Result<(Manifest, VmState), SnapshotError> {
 }
 
 /// Rebuild a VM from `dir`, paused; `rename` gives it another name.
-pub fn restore(
-    hv: &Hypervisor,
-    dir: &Path,
-    rename: Option<&str>,
-) -> Result<Vm, SnapshotError> {
+pub fn restore(hv: &Hypervisor, dir: &Path, rename: Option<&str>) -> Result<Vm, SnapshotError> {
     let (manifest, mut state) = read(dir)?;
     if let Some(n) = rename {
         state.spec.name = n.to_string();

@@ -263,17 +263,26 @@ mod tests {
     #[test]
     fn rejects_damage_without_panicking() {
         let b = sample().encode().unwrap();
-        assert!(matches!(VmState::decode(&b[..10]), Err(StateError::Truncated(_))));
+        assert!(matches!(
+            VmState::decode(&b[..10]),
+            Err(StateError::Truncated(_))
+        ));
         let mut c = b.clone();
         c[0] = b'X';
         assert!(matches!(VmState::decode(&c), Err(StateError::Magic)));
         let mut c = b.clone();
         c[8] = 99;
-        assert!(matches!(VmState::decode(&c), Err(StateError::Version { .. })));
+        assert!(matches!(
+            VmState::decode(&c),
+            Err(StateError::Version { .. })
+        ));
         let mut c = b.clone();
         let n = c.len();
         c[n - 10] ^= 0xff;
-        assert!(matches!(VmState::decode(&c), Err(StateError::Checksum { .. })));
+        assert!(matches!(
+            VmState::decode(&c),
+            Err(StateError::Checksum { .. })
+        ));
         // Every truncation and a sweep of single-byte flips decode to errors, not panics.
         for cut in 0..b.len() {
             let _ = VmState::decode(&b[..cut]);

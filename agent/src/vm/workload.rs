@@ -75,9 +75,22 @@ const K_PASS: u64 = 0xC2B2_AE3D_27D4_EB4F;
 
 /// Sixteen 8-byte words that text-like pages are made of (compresses about 2-4x with LZ4).
 pub const TEXT_WORDS: [[u8; 8]; 16] = [
-    *b"ferry   ", *b"migrate ", *b"kvm vm  ", *b"memory  ", *b"page    ", *b"guest   ",
-    *b"host    ", *b"dirty   ", *b"round   ", *b"switch  ", *b"network ", *b"stream  ",
-    *b"commit  ", *b"resume  ", *b"pause   ", *b"vcpu    ",
+    *b"ferry   ",
+    *b"migrate ",
+    *b"kvm vm  ",
+    *b"memory  ",
+    *b"page    ",
+    *b"guest   ",
+    *b"host    ",
+    *b"dirty   ",
+    *b"round   ",
+    *b"switch  ",
+    *b"network ",
+    *b"stream  ",
+    *b"commit  ",
+    *b"resume  ",
+    *b"pause   ",
+    *b"vcpu    ",
 ];
 
 /// What the guest's memory looks like.
@@ -244,8 +257,9 @@ impl Pacing {
         let cpp = (tsc_hz * u128::from(PAGE_SIZE) / per_vcpu_bytes.max(1)) as u64;
         Pacing {
             cycles_per_page: cpp,
-            // Forgive debt beyond 2 ms (or 16 pages), so a paused guest does not burst after.
-            burst_cycles: (tsc_hz as u64 / 500).max(cpp * 16),
+            // Forgive debt beyond 5 ms (or 16 pages), so a paused guest does not burst after;
+            // this must exceed the host's minimum yield (vcpu::YIELD_QUANTUM_US).
+            burst_cycles: (tsc_hz as u64 / 200).max(cpp * 16),
             // Spin below 10 us of lead; yield above.
             spin_cycles: tsc_hz as u64 / 100_000,
             idle: false,
@@ -276,9 +290,8 @@ pub fn page_content(profile: Profile, i: u64, pass: u64, out: &mut [u8; PAGE_SIZ
     }
     let header = (pass << 32) | (i & 0xffff_ffff);
     out[0..8].copy_from_slice(&header.to_le_bytes());
-    let mut s = (i.wrapping_add(1).wrapping_mul(K_CLASS))
-        ^ (pass.wrapping_add(1).wrapping_mul(K_PASS))
-        | 1;
+    let mut s =
+        (i.wrapping_add(1).wrapping_mul(K_CLASS)) ^ (pass.wrapping_add(1).wrapping_mul(K_PASS)) | 1;
     for w in out[8..].chunks_exact_mut(8) {
         s ^= s << 13;
         s ^= s >> 7;

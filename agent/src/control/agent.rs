@@ -1,0 +1,734 @@
+//! The agent's guests and what can be done to them, independent of HTTP: create, start, pause,
+//! resume, stop, destroy, inspect, console, save, restore. Every operation validates its input
+//! and answers with an [`AgentError`] that maps to an HTTP status.
+//!
+//! Operations on one VM are serialized by its operation lock; reads (list, inspect, console)
+//! never wait for a long operation such as a save.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::vm::devices::ExitStats;
+use crate::vm::snapshot::{self, SaveReport, SnapshotError};
+use crate::vm::workload::{self, Heartbeat};
+use crate::vm::{GuestKind, Hypervisor, Vm, VmError, VmSpec, VmStatus};
+
+use super::config::{valid_name, Config};
+
+/// Errors of agent operations; each knows its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("no VM named {0:?} on this host; `ferry vm list` shows the VMs")]
+    NotFound(String),
+    #[error(
+        "a VM named {0:?} already exists on this host; choose another name or destroy it first"
+    )]
+    Exists(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("not enough memory: {0}")]
+    NoRoom(String),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    /// HTTP status for the API.
+    pub fn status(&self) -> u16 {
+        match self {
+            AgentError::NotFound(_) => 404,
+            AgentError::Exists(_) | AgentError::Conflict(_) => 409,
+            AgentError::Invalid(_) | AgentError::NoRoom(_) => 400,
+            AgentError::Vm(e) => vm_status(e),
+            AgentError::Snapshot(SnapshotError::Vm(e)) => vm_status(e),
+            AgentError::Snapshot(
+                SnapshotError::NotEmpty(_)
+                | SnapshotError::Manifest { .. }
+                | SnapshotError::State { .. }
+                | SnapshotError::MemorySize { .. },
+            ) => 400,
+            AgentError::Snapshot(SnapshotError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                400
+            }
+            AgentError::Snapshot(_) | AgentError::Internal(_) => 500,
+        }
+    }
+
+    /// Short machine-readable code for the API.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AgentError::NotFound(_) => "not_found",
+            AgentError::Exists(_) => "exists",
+            AgentError::Invalid(_) => "invalid",
+            AgentError::Conflict(_) => "conflict",
+            AgentError::NoRoom(_) => "no_room",
+            AgentError::Vm(VmError::State(..)) => "wrong_state",
+            AgentError::Vm(_) => "vm",
+            AgentError::Snapshot(_) => "snapshot",
+            AgentError::Internal(_) => "internal",
+        }
+    }
+}
+
+fn vm_status(e: &VmError) -> u16 {
+    match e {
+        VmError::Vcpus(_)
+        | VmError::MemorySize(_)
+        | VmError::Raw(_)
+        | VmError::Workload(_)
+        | VmError::Mismatch(_) => 400,
+        VmError::State(..) => 409,
+        _ => 500,
+    }
+}
+
+/// Rates derived from two heartbeat samples.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VcpuRates {
+    pub id: u32,
+    pub beats: u64,
+    pub beats_per_sec: f64,
+    /// "fill" or "work".
+    pub phase: String,
+    pub pass: u64,
+    pub pages_written: u64,
+    pub dirty_mib_per_sec: f64,
+    pub yields_per_sec: f64,
+    /// Guest TSC at its last heartbeat.
+    pub tsc: u64,
+}
+
+struct Sample {
+    at: Instant,
+    beats: Vec<Heartbeat>,
+}
+
+/// One VM under the agent.
+pub struct VmEntry {
+    name: String,
+    vm: Mutex<Arc<Vm>>,
+    op: tokio::sync::Mutex<()>,
+    created: SystemTime,
+    samples: Mutex<(Option<Sample>, Option<Sample>)>,
+}
+
+impl VmEntry {
+    fn vm(&self) -> Arc<Vm> {
+        match self.vm.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn replace(&self, vm: Vm) {
+        match self.vm.lock() {
+            Ok(mut g) => *g = Arc::new(vm),
+            Err(p) => *p.into_inner() = Arc::new(vm),
+        }
+    }
+
+    /// Take a heartbeat sample (called periodically by the daemon).
+    pub fn sample(&self) {
+        let vm = self.vm();
+        let Some(beats) = vm.heartbeats() else { return };
+        if let Ok(mut s) = self.samples.lock() {
+            let prev = s.1.take();
+            *s = (
+                prev,
+                Some(Sample {
+                    at: Instant::now(),
+                    beats,
+                }),
+            );
+        }
+    }
+
+    fn rates(&self, ws_pages: &[u64]) -> Vec<VcpuRates> {
+        let Ok(s) = self.samples.lock() else {
+            return vec![];
+        };
+        let Some(new) = &s.1 else { return vec![] };
+        let old = s.0.as_ref();
+        new.beats
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let (dt, ob) = match old {
+                    Some(o) => (
+                        new.at.duration_since(o.at).as_secs_f64(),
+                        o.beats.get(i).copied().unwrap_or_default(),
+                    ),
+                    None => (0.0, *b),
+                };
+                let per = |a: u64, b: u64| {
+                    if dt > 0.0 {
+                        a.saturating_sub(b) as f64 / dt
+                    } else {
+                        0.0
+                    }
+                };
+                let ws = ws_pages.get(i).copied().unwrap_or(0).max(1);
+                VcpuRates {
+                    id: i as u32,
+                    beats: b.beats,
+                    beats_per_sec: per(b.beats, ob.beats),
+                    phase: if b.phase == 0 { "fill" } else { "work" }.into(),
+                    pass: if b.phase == 0 { 0 } else { 1 + b.progress / ws },
+                    pages_written: b.filled + b.progress,
+                    dirty_mib_per_sec: per(b.progress, ob.progress) * 4096.0 / (1 << 20) as f64,
+                    yields_per_sec: per(b.yields, ob.yields),
+                    tsc: b.tsc,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Summary of a VM for `list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmSummary {
+    pub name: String,
+    pub state: VmStatus,
+    pub kind: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+}
+
+/// Everything `inspect` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: VmStatus,
+    pub spec: VmSpec,
+    /// Seconds since the Unix epoch when the VM was created on this host.
+    pub created_unix: u64,
+    pub fault: Option<String>,
+    pub last_pause_us: u64,
+    pub tsc_khz: u32,
+    pub exits: ExitStats,
+    /// Workload guests only: per-vCPU heartbeat and rates over the last sampling interval.
+    pub heartbeats: Vec<VcpuRates>,
+    /// Workload guests only: requested and measured dirty rate (MiB/s, all vCPUs).
+    pub dirty_rate: Option<DirtyRate>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DirtyRate {
+    pub requested_mib_per_sec: u64,
+    pub measured_mib_per_sec: f64,
+}
+
+/// A slice of console output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsoleChunk {
+    /// Absolute offset of `data`'s first byte.
+    pub offset: u64,
+    /// Offset to ask for next time.
+    pub next_offset: u64,
+    /// Output (UTF-8, invalid bytes replaced).
+    pub data: String,
+}
+
+/// Host facts for `ferry host`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub name: String,
+    pub version: String,
+    pub tsc_khz: u32,
+    pub tsc_settable: bool,
+    pub msrs: usize,
+    pub memory_total_mib: u64,
+    pub memory_available_mib: u64,
+    pub memory_reserve_mib: u64,
+    pub memory_committed_mib: u64,
+    pub vms: usize,
+}
+
+/// The agent: its host's hypervisor, configuration, and guests.
+pub struct Agent {
+    pub config: Config,
+    hv: Arc<Hypervisor>,
+    vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
+    /// Memory promised to VMs being created (counted before they appear in `vms`).
+    reserving: Mutex<u64>,
+}
+
+/// /proc/meminfo values in MiB: (total, available).
+pub fn host_memory() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kib| kib / 1024)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+impl Agent {
+    pub fn new(config: Config, hv: Arc<Hypervisor>) -> Arc<Agent> {
+        Arc::new(Agent {
+            config,
+            hv,
+            vms: Mutex::new(BTreeMap::new()),
+            reserving: Mutex::new(0),
+        })
+    }
+
+    fn entry(&self, name: &str) -> Result<Arc<VmEntry>, AgentError> {
+        self.vms
+            .lock()
+            .map_err(|_| AgentError::Internal("VM table lock poisoned".into()))?
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(name.to_string()))
+    }
+
+    fn entries(&self) -> Vec<Arc<VmEntry>> {
+        self.vms
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn committed_mib(&self) -> u64 {
+        let vms: u64 = self
+            .entries()
+            .iter()
+            .map(|e| e.vm())
+            .filter(|v| !matches!(v.status(), VmStatus::Stopped))
+            .map(|v| v.spec.memory_mib)
+            .sum();
+        vms + self.reserving.lock().map(|r| *r).unwrap_or(0)
+    }
+
+    pub fn host_info(&self) -> HostInfo {
+        let (total, avail) = host_memory();
+        HostInfo {
+            name: self.config.agent.name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            tsc_khz: self.hv.tsc_khz,
+            tsc_settable: self.hv.tsc_settable,
+            msrs: self.hv.msr_list().len(),
+            memory_total_mib: total,
+            memory_available_mib: avail,
+            memory_reserve_mib: self.config.limits.memory_reserve_mib,
+            memory_committed_mib: self.committed_mib(),
+            vms: self.entries().len(),
+        }
+    }
+
+    /// Refuse memory the host cannot give; on success the amount is reserved until released.
+    fn reserve(&self, mib: u64) -> Result<Reservation<'_>, AgentError> {
+        let (total, avail) = host_memory();
+        let reserve = self.config.limits.memory_reserve_mib;
+        let committed = self.committed_mib();
+        let can_total = total.saturating_sub(reserve).saturating_sub(committed);
+        let can_now = avail.saturating_sub(reserve);
+        let can = can_total.min(can_now);
+        if mib > can {
+            return Err(AgentError::NoRoom(format!(
+                "the VM wants {mib} MiB but this host can give {can} MiB (total {total} MiB, available {avail} MiB, {committed} MiB promised to other VMs, {reserve} MiB kept for the host); use less memory or free some"
+            )));
+        }
+        if let Ok(mut r) = self.reserving.lock() {
+            *r += mib;
+        }
+        Ok(Reservation { agent: self, mib })
+    }
+
+    fn check_new_name(&self, name: &str) -> Result<(), AgentError> {
+        if !valid_name(name) {
+            return Err(AgentError::Invalid(format!(
+                "VM name {name:?} is not valid: use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+            )));
+        }
+        if self.entry(name).is_ok() {
+            return Err(AgentError::Exists(name.to_string()));
+        }
+        Ok(())
+    }
+
+    fn insert(&self, vm: Vm) -> Result<Arc<VmEntry>, AgentError> {
+        let name = vm.spec.name.clone();
+        let entry = Arc::new(VmEntry {
+            name: name.clone(),
+            vm: Mutex::new(Arc::new(vm)),
+            op: tokio::sync::Mutex::new(()),
+            created: SystemTime::now(),
+            samples: Mutex::new((None, None)),
+        });
+        let mut m = self
+            .vms
+            .lock()
+            .map_err(|_| AgentError::Internal("VM table lock poisoned".into()))?;
+        if m.contains_key(&name) {
+            return Err(AgentError::Exists(name));
+        }
+        m.insert(name, entry.clone());
+        Ok(entry)
+    }
+
+    /// Create a VM; with `start` it runs at once.
+    pub fn create(&self, spec: VmSpec, start: bool) -> Result<VmInfo, AgentError> {
+        self.check_new_name(&spec.name)?;
+        spec.validate()?;
+        if let GuestKind::Raw(p) = &spec.kind {
+            if !p.image.is_absolute() {
+                return Err(AgentError::Invalid(format!(
+                    "image path {:?} must be absolute (the agent does not share your working directory)",
+                    p.image.display()
+                )));
+            }
+            crate::vm::raw::check(p, spec.memory_mib << 20).map_err(VmError::from)?;
+        }
+        let _r = self.reserve(spec.memory_mib)?;
+        let vm = Vm::create(&self.hv, spec)?;
+        if start {
+            vm.start()?;
+        }
+        let e = self.insert(vm)?;
+        Ok(self.info(&e))
+    }
+
+    pub fn list(&self) -> Vec<VmSummary> {
+        self.entries()
+            .iter()
+            .map(|e| {
+                let vm = e.vm();
+                VmSummary {
+                    name: e.name.clone(),
+                    state: vm.status(),
+                    kind: vm.spec.kind.name().into(),
+                    memory_mib: vm.spec.memory_mib,
+                    vcpus: vm.spec.vcpus,
+                }
+            })
+            .collect()
+    }
+
+    fn info(&self, e: &VmEntry) -> VmInfo {
+        let vm = e.vm();
+        let (heartbeats, dirty_rate) = match &vm.spec.kind {
+            GuestKind::Workload(p) => {
+                let data = workload::DataLayout::new(
+                    &vm.memory().layout(),
+                    vm.spec.vcpus,
+                    p.working_set_mib.map(|m| m << 20),
+                );
+                let ws: Vec<u64> = data.slices.iter().map(|s| s.2).collect();
+                let mut rates = e.rates(&ws);
+                if rates.is_empty() {
+                    // Not sampled yet: show the raw heartbeat.
+                    if let Some(h) = vm.heartbeats() {
+                        rates = h
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| VcpuRates {
+                                id: i as u32,
+                                beats: b.beats,
+                                phase: if b.phase == 0 { "fill" } else { "work" }.into(),
+                                pages_written: b.filled + b.progress,
+                                tsc: b.tsc,
+                                ..Default::default()
+                            })
+                            .collect();
+                    }
+                }
+                let measured = if vm.status() == VmStatus::Running {
+                    rates.iter().map(|r| r.dirty_mib_per_sec).sum()
+                } else {
+                    0.0
+                };
+                (
+                    rates,
+                    Some(DirtyRate {
+                        requested_mib_per_sec: p.dirty_rate_mib,
+                        measured_mib_per_sec: measured,
+                    }),
+                )
+            }
+            GuestKind::Raw(_) => (vec![], None),
+        };
+        VmInfo {
+            name: e.name.clone(),
+            state: vm.status(),
+            spec: vm.spec.clone(),
+            created_unix: e
+                .created
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            fault: vm.fault().map(|f| format!("vCPU {}: {}", f.vcpu, f.reason)),
+            last_pause_us: vm.last_pause().as_micros() as u64,
+            tsc_khz: vm.tsc_khz(),
+            exits: vm.devices().counters.stats(),
+            heartbeats,
+            dirty_rate,
+        }
+    }
+
+    pub fn inspect(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let e = self.entry(name)?;
+        Ok(self.info(&e))
+    }
+
+    /// Start a created or paused VM; a stopped or crashed one boots afresh from its spec.
+    pub async fn start(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let e = self.entry(name)?;
+        let _op = e.op.lock().await;
+        let vm = e.vm();
+        match vm.status() {
+            VmStatus::Stopped | VmStatus::Crashed => {
+                let spec = vm.spec.clone();
+                vm.stop();
+                drop(vm);
+                let hv = self.hv.clone();
+                let fresh =
+                    blocking(move || Vm::create(&hv, spec).map_err(AgentError::from)).await?;
+                fresh.start()?;
+                e.replace(fresh);
+            }
+            _ => vm.start()?,
+        }
+        Ok(self.info(&e))
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let e = self.entry(name)?;
+        let _op = e.op.lock().await;
+        let vm = e.vm();
+        blocking(move || vm.pause().map(|_| ()).map_err(AgentError::from)).await?;
+        Ok(self.info(&e))
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let e = self.entry(name)?;
+        let _op = e.op.lock().await;
+        e.vm().resume()?;
+        Ok(self.info(&e))
+    }
+
+    pub async fn stop(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let e = self.entry(name)?;
+        let _op = e.op.lock().await;
+        let vm = e.vm();
+        blocking(move || {
+            vm.stop();
+            Ok(())
+        })
+        .await?;
+        Ok(self.info(&e))
+    }
+
+    pub async fn destroy(&self, name: &str) -> Result<(), AgentError> {
+        let e = self.entry(name)?;
+        let _op = e.op.lock().await;
+        if let Ok(mut m) = self.vms.lock() {
+            m.remove(name);
+        }
+        let vm = e.vm();
+        blocking(move || {
+            vm.stop();
+            Ok(())
+        })
+        .await?;
+        tracing::info!(vm = name, "vm destroyed");
+        Ok(())
+    }
+
+    pub fn console(&self, name: &str, offset: u64, max: usize) -> Result<ConsoleChunk, AgentError> {
+        let e = self.entry(name)?;
+        let vm = e.vm();
+        let c = vm
+            .devices()
+            .console
+            .lock()
+            .map_err(|_| AgentError::Internal("console lock poisoned".into()))?;
+        let (from, bytes) = c.read_from(offset, max.clamp(1, 1 << 20));
+        Ok(ConsoleChunk {
+            offset: from,
+            next_offset: from + bytes.len() as u64,
+            data: String::from_utf8_lossy(&bytes).into_owned(),
+        })
+    }
+
+    /// Save to `dir`: a running VM is paused for the save and resumed afterwards.
+    pub async fn save(&self, name: &str, dir: PathBuf) -> Result<SaveOutcome, AgentError> {
+        if !dir.is_absolute() {
+            return Err(AgentError::Invalid(format!(
+                "save directory {:?} must be an absolute path",
+                dir.display()
+            )));
+        }
+        let e = self.entry(name)?;
+        let _op = e.op.lock().await;
+        let vm = e.vm();
+        blocking(move || {
+            let was_running = vm.status() == VmStatus::Running;
+            let t = Instant::now();
+            vm.pause()?;
+            let result = snapshot::save(&vm, &dir);
+            if was_running {
+                vm.resume()?;
+            }
+            let report = result?;
+            Ok(SaveOutcome {
+                report,
+                paused_ms: if was_running {
+                    t.elapsed().as_millis() as u64
+                } else {
+                    0
+                },
+            })
+        })
+        .await
+    }
+
+    /// Restore a saved VM (as `name` if given); it runs unless `paused`.
+    pub async fn restore(
+        &self,
+        dir: PathBuf,
+        name: Option<String>,
+        paused: bool,
+    ) -> Result<VmInfo, AgentError> {
+        if !dir.is_absolute() {
+            return Err(AgentError::Invalid(format!(
+                "save directory {:?} must be an absolute path",
+                dir.display()
+            )));
+        }
+        let (manifest, _) = snapshot::read(&dir)?;
+        let name = name.unwrap_or(manifest.name);
+        self.check_new_name(&name)?;
+        let _r = self.reserve(manifest.spec.memory_mib)?;
+        let hv = self.hv.clone();
+        let vm =
+            blocking(move || snapshot::restore(&hv, &dir, Some(&name)).map_err(AgentError::from))
+                .await?;
+        if !paused {
+            vm.resume()?;
+        }
+        let e = self.insert(vm)?;
+        Ok(self.info(&e))
+    }
+
+    /// Memory digest of a paused VM.
+    pub async fn digest(&self, name: &str) -> Result<String, AgentError> {
+        let e = self.entry(name)?;
+        let _op = e.op.lock().await;
+        let vm = e.vm();
+        blocking(move || snapshot::memory_digest(&vm).map_err(AgentError::from)).await
+    }
+
+    /// Verify a paused workload guest's memory against its heartbeats.
+    pub async fn verify(&self, name: &str) -> Result<VerifyOutcome, AgentError> {
+        let e = self.entry(name)?;
+        let _op = e.op.lock().await;
+        let vm = e.vm();
+        let GuestKind::Workload(p) = vm.spec.kind.clone() else {
+            return Err(AgentError::Invalid(format!(
+                "{name} is not a workload guest; only workload memory can be verified"
+            )));
+        };
+        if vm.status() == VmStatus::Running {
+            return Err(VmError::State(VmStatus::Running, "pause it to verify its memory").into());
+        }
+        blocking(move || {
+            let r = workload::verify(vm.memory(), vm.spec.vcpus, &p)
+                .map_err(|e| AgentError::Vm(e.into()))?;
+            Ok(VerifyOutcome {
+                ok: r.ok(),
+                pages_checked: r.pages_checked,
+                in_flight: r.in_flight,
+                bad_count: r.bad_count,
+                bad_pages: r.bad_pages,
+            })
+        })
+        .await
+    }
+
+    /// Sample heartbeats of every VM (called every second by the daemon).
+    pub fn sample_all(&self) {
+        for e in self.entries() {
+            e.sample();
+        }
+    }
+
+    /// Stop every VM (agent shutdown).
+    pub fn shutdown(&self) {
+        let entries = self.entries();
+        if !entries.is_empty() {
+            tracing::warn!(
+                vms = entries.len(),
+                "agent stopping: its guests stop with it"
+            );
+        }
+        for e in entries {
+            e.vm().stop();
+        }
+        if let Ok(mut m) = self.vms.lock() {
+            m.clear();
+        }
+    }
+
+    /// Path helper for messages.
+    pub fn socket(&self) -> &Path {
+        &self.config.agent.socket
+    }
+}
+
+/// Result of a save.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SaveOutcome {
+    #[serde(flatten)]
+    pub report: SaveReport,
+    /// How long a running guest was paused for the save.
+    pub paused_ms: u64,
+}
+
+/// Result of a memory verification.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyOutcome {
+    pub ok: bool,
+    pub pages_checked: u64,
+    pub in_flight: u64,
+    pub bad_count: u64,
+    pub bad_pages: Vec<u64>,
+}
+
+struct Reservation<'a> {
+    agent: &'a Agent,
+    mib: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.agent.reserving.lock() {
+            *r = r.saturating_sub(self.mib);
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Internal(format!("worker failed: {e}")))?
+}
+
+/// How long to wait between heartbeat samples.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);

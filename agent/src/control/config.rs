@@ -1,0 +1,347 @@
+//! The agent's configuration file (`/etc/ferry/agent.toml` by default).
+//!
+//! ```toml
+//! [agent]
+//! name = "a"                              # this host's name among its peers (default: hostname)
+//! socket = "/run/ferry/agent.sock"        # local API (mode 0660, root only)
+//! state_dir = "/var/lib/ferry"
+//!
+//! [limits]
+//! memory_reserve_mib = 1024               # host memory never promised to guests
+//!
+//! [management]                            # control traffic between agents
+//! address = "198.18.0.1"
+//! port = 7720
+//!
+//! [migration]                             # the dedicated migration NIC
+//! interface = "mig0"
+//! address = "198.18.1.1"
+//! enabled = true
+//!
+//! [datastores]                            # name -> directory
+//! shared = "/srv/ferry/shared"
+//! local = "/srv/ferry/local"
+//!
+//! [port_groups]                           # name -> bridge or interface
+//! vm-net = "vmbr0"
+//!
+//! [peers]                                 # name -> management address
+//! b = "198.18.0.2"
+//! ```
+//!
+//! Unknown keys are refused (a typo must not silently fall back to a default), and every error
+//! names the file, line and column.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the agent looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/ferry/agent.toml";
+pub const DEFAULT_SOCKET: &str = "/run/ferry/agent.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
+pub const DEFAULT_MANAGEMENT_PORT: u16 = 7720;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    #[serde(default = "default_name")]
+    pub name: String,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            name: default_name(),
+            socket: default_socket(),
+            state_dir: default_state_dir(),
+        }
+    }
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+fn default_socket() -> PathBuf {
+    DEFAULT_SOCKET.into()
+}
+fn default_state_dir() -> PathBuf {
+    DEFAULT_STATE_DIR.into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Host memory (MiB) that is never promised to guests.
+    #[serde(default = "default_reserve")]
+    pub memory_reserve_mib: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            memory_reserve_mib: default_reserve(),
+        }
+    }
+}
+
+fn default_reserve() -> u64 {
+    512
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagementSection {
+    pub address: IpAddr,
+    #[serde(default = "default_port")]
+    pub port: u16,
+}
+
+fn default_port() -> u16 {
+    DEFAULT_MANAGEMENT_PORT
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationSection {
+    /// The dedicated migration NIC.
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// This host's address on the migration network.
+    pub address: IpAddr,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub management: Option<ManagementSection>,
+    #[serde(default)]
+    pub migration: Option<MigrationSection>,
+    #[serde(default)]
+    pub datastores: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    pub port_groups: BTreeMap<String, String>,
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+}
+
+/// 1-based line and column of byte offset `pos` in `text`.
+fn line_col(text: &str, pos: usize) -> (usize, usize) {
+    let before = &text[..pos.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+impl Config {
+    /// Parse configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Load from a file. With `explicit == false` a missing file means "all defaults".
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        if !valid_name(&self.agent.name) {
+            return Err(bad(format!(
+                "[agent] name {:?} is not a valid host name (letters, digits, '.', '_', '-'; at most 64)",
+                self.agent.name
+            )));
+        }
+        if self.agent.socket.as_os_str().is_empty() {
+            return Err(bad("[agent] socket must not be empty".into()));
+        }
+        for (name, dir) in &self.datastores {
+            if !valid_name(name) {
+                return Err(bad(format!("[datastores] {name:?} is not a valid name")));
+            }
+            if !dir.is_absolute() {
+                return Err(bad(format!(
+                    "[datastores] {name} = {:?} must be an absolute path",
+                    dir.display()
+                )));
+            }
+        }
+        for (name, iface) in &self.port_groups {
+            if !valid_name(name) || iface.is_empty() || iface.len() > 15 {
+                return Err(bad(format!(
+                    "[port_groups] {name} = {iface:?}: needs a name and an interface name of at most 15 characters"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names of VMs, hosts, datastores: 1-64 of `[A-Za-z0-9._-]`, not starting with '.' or '-'.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && !s.starts_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_example_parses() {
+        let text = r#"
+[agent]
+name = "a"
+socket = "/tmp/a.sock"
+state_dir = "/tmp/a"
+
+[limits]
+memory_reserve_mib = 1024
+
+[management]
+address = "198.18.0.1"
+
+[migration]
+interface = "mig0"
+address = "198.18.1.1"
+
+[datastores]
+shared = "/srv/shared"
+
+[port_groups]
+vm-net = "vmbr0"
+
+[peers]
+b = "198.18.0.2"
+"#;
+        let c = Config::parse(text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.agent.name, "a");
+        assert_eq!(c.management.unwrap().port, DEFAULT_MANAGEMENT_PORT);
+        assert!(c.migration.unwrap().enabled);
+        assert_eq!(c.limits.memory_reserve_mib, 1024);
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let e = Config::parse(
+            "[agent]\nname = \"a\"\nsokcet = \"/x\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err();
+        let ConfigError::Parse { line, column, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!((*line, *column), (3, 1));
+        assert!(
+            e.to_string()
+                .starts_with("a.toml:3:1: unknown field `sokcet`"),
+            "{e}"
+        );
+
+        let e = Config::parse("[agent\nname = 1", Path::new("b.toml")).unwrap_err();
+        assert!(e.to_string().starts_with("b.toml:1:"), "{e}");
+
+        let e = Config::parse(
+            "[management]\naddress = \"not-an-ip\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("c.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_are_explained() {
+        let e = Config::parse(
+            "[datastores]\nshared = \"relative/dir\"\n",
+            Path::new("d.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("absolute path"), "{e}");
+        let e = Config::parse("[agent]\nname = \"bad name\"\n", Path::new("e.toml")).unwrap_err();
+        assert!(e.to_string().contains("not a valid host name"), "{e}");
+    }
+
+    #[test]
+    fn missing_default_file_means_defaults() {
+        let c = Config::load(Path::new("/nonexistent/ferry.toml"), false).unwrap();
+        assert_eq!(c.agent.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert!(Config::load(Path::new("/nonexistent/ferry.toml"), true).is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("vm-1.test_2"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(&"x".repeat(65)));
+    }
+}

@@ -1,0 +1,119 @@
+//! `ferry agent`: the daemon. Opens /dev/kvm, serves the local API on its unix socket, samples
+//! guest heartbeats, and on SIGTERM/SIGINT stops cleanly (its guests stop with it) and removes
+//! the socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::agent::{Agent, SAMPLE_INTERVAL};
+use super::api;
+use super::config::Config;
+use crate::vm::{Hypervisor, VmError};
+
+/// Errors starting or running the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Kvm(#[from] VmError),
+    #[error("another agent is already serving {0}; stop it first (or use another [agent] socket)")]
+    AlreadyRunning(PathBuf),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("API server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
+    move |source| DaemonError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Bind the API socket: refuse if a live agent answers on it, replace a stale one, mode 0660.
+fn bind(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err("cannot create socket directory", dir))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io_err("cannot remove stale socket", path))?;
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(io_err("cannot listen on", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(io_err("cannot set permissions of", path))?;
+    Ok(l)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+    }
+}
+
+/// Run the agent until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let hv = Hypervisor::open()?;
+    std::fs::create_dir_all(&config.agent.state_dir).map_err(io_err(
+        "cannot create state directory",
+        &config.agent.state_dir,
+    ))?;
+    let socket = config.agent.socket.clone();
+    let listener = bind(&socket)?;
+    let agent = Agent::new(config, hv.clone());
+    tracing::info!(
+        name = %agent.config.agent.name,
+        socket = %socket.display(),
+        tsc_khz = hv.tsc_khz,
+        version = env!("CARGO_PKG_VERSION"),
+        "agent ready"
+    );
+
+    let sampler = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(SAMPLE_INTERVAL);
+            loop {
+                t.tick().await;
+                let a = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || a.sample_all()).await;
+            }
+        })
+    };
+
+    let app = api::router(agent.clone());
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    sampler.abort();
+    let a = agent.clone();
+    let _ = tokio::task::spawn_blocking(move || a.shutdown()).await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("agent stopped");
+    served.map_err(DaemonError::Serve)
+}
+
+/// Keep `Arc` in the public signature stable for callers holding the agent.
+pub type SharedAgent = Arc<Agent>;
