@@ -81,3 +81,150 @@ pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// The `ferry` binary under test: `$FERRY_BIN`, else `target/<profile>/ferry` next to this test
+/// executable (`target/<profile>/deps/<test>`). `cargo xtask test` builds it first.
+pub fn ferry_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("FERRY_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("ferry");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p ferry` first (`cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `ferry agent` process of its own, with a config and socket in a fresh temporary directory.
+/// Dropping it stops the agent (by PID) and removes the directory.
+pub struct TestAgent {
+    pub dir: std::path::PathBuf,
+    pub socket: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl TestAgent {
+    pub fn start(test: &str) -> TestAgent {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-test-{}-{}-{n}",
+            test.chars().take(24).collect::<String>(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        let socket = dir.join("agent.sock");
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\nname = \"{test_name}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n",
+                socket.display(),
+                dir.join("state").display(),
+                test_name = "test"
+            ),
+        )
+        .expect("write config");
+        let log = std::fs::File::create(dir.join("agent.log")).expect("log file");
+        let child = std::process::Command::new(ferry_bin())
+            .args(["agent", "--config"])
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry agent");
+        let mut a = TestAgent {
+            dir,
+            socket,
+            child: Some(child),
+        };
+        let sock = a.socket.clone();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+                break;
+            }
+            if let Some(c) = a.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("agent exited ({st}) before listening:\n{}", a.log());
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("agent did not listen within 15 s:\n{}", a.log());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        a
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Run `ferry --socket <this agent> args...`.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(ferry_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run ferry")
+    }
+
+    /// Run the CLI with `--json`, expect success, parse stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let o = self.cli(&a);
+        assert!(
+            o.status.success(),
+            "ferry {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!("ferry {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout))
+        })
+    }
+
+    /// The agent's API client.
+    pub fn client(&self) -> ferry::control::client::Client {
+        ferry::control::client::Client::new(&self.socket)
+    }
+
+    /// Stop the agent: SIGTERM, then SIGKILL after 10 s. Returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -582,6 +582,32 @@ fn action(cli: &Cli, c: &Client, name: &str, verb: &str, done: &str) -> Result<(
 
 fn console(cli: &Cli, c: &Client, name: &str, follow: bool) -> Result<(), Failure> {
     let mut offset = 0u64;
+    if cli.json && !follow {
+        // One JSON object with everything kept so far.
+        let mut all: Option<ConsoleChunk> = None;
+        loop {
+            let chunk: ConsoleChunk = c.get(&vm_path(
+                name,
+                &format!("/console?offset={offset}&max=65536"),
+            ))?;
+            let done = chunk.next_offset == chunk.offset;
+            offset = chunk.next_offset;
+            match &mut all {
+                None => all = Some(chunk),
+                Some(a) => {
+                    a.data.push_str(&chunk.data);
+                    a.next_offset = chunk.next_offset;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        if let Some(a) = all {
+            out(cli, &a, |_| String::new());
+        }
+        return Ok(());
+    }
     loop {
         let chunk: ConsoleChunk = match c.get(&vm_path(
             name,
@@ -596,7 +622,10 @@ fn console(cli: &Cli, c: &Client, name: &str, follow: bool) -> Result<(), Failur
         };
         let more = chunk.next_offset > chunk.offset;
         if cli.json {
-            out(cli, &chunk, |_| String::new());
+            // --follow --json: one compact object per line.
+            if more {
+                println!("{}", serde_json::to_string(&chunk).unwrap_or_default());
+            }
         } else {
             let mut o = std::io::stdout().lock();
             let _ = o.write_all(chunk.data.as_bytes());

@@ -30,7 +30,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -126,15 +126,6 @@ pub struct LabOptions {
 static TEST_LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl LabOptions {
-    /// Options for the lab `cargo xtask lab` manages: [`DEFAULT_NAME`] at [`DEFAULT_ROOT`].
-    pub fn cli_default() -> LabOptions {
-        LabOptions {
-            name: DEFAULT_NAME.to_owned(),
-            root: PathBuf::from(DEFAULT_ROOT),
-            ferry_bin: None,
-        }
-    }
-
     /// A unique name and root (under [`std::env::temp_dir`]) for a test's lab, without agents.
     ///
     /// The name is up to four letters of the last `::` segment of `test`, the process id and a
@@ -321,7 +312,8 @@ pub struct LabHost {
     pub mgmt_addr: Ipv4Addr,
     /// Address on [`MIGRATION_IFACE`].
     pub migration_addr: Ipv4Addr,
-    /// The running agent's pid, if one runs.
+    /// The pid of the agent the lab started, until it is stopped (it may have exited on its
+    /// own since: see [`Lab::agent_alive`]).
     pub agent_pid: Option<u32>,
 }
 
@@ -391,12 +383,12 @@ impl Lab {
             .collect();
         if !ours.is_empty() {
             bail!(
-                "lab `{}` already exists (namespaces {}): remove it with \
-                 `cargo xtask lab down --name {} --root {}` or pick another name",
+                "lab `{}` already exists (namespaces {}): it is running or was left behind by a \
+                 killed process; remove it with `cargo xtask lab down --name {}` (plus `--root` \
+                 of that lab to remove its directory too) or pick another name",
                 opts.name,
                 join_names(ours.iter().map(|s| s.as_str())),
                 opts.name,
-                opts.root.display()
             );
         }
         if dir_has_entries(&opts.root)? {
@@ -521,6 +513,26 @@ impl Lab {
         result
     }
 
+    /// Whether host `host`'s agent is running: `false` if none was started, it was stopped,
+    /// or it exited on its own.
+    pub fn agent_alive(&mut self, host: &str) -> Result<bool> {
+        let idx = self.index_of(host)?;
+        Ok(self.agents[idx].is_some() && self.agent_exit_status(host)?.is_none())
+    }
+
+    /// The exit status of host `host`'s agent if it exited on its own; `None` while it runs,
+    /// or if none was started or it was stopped.
+    pub fn agent_exit_status(&mut self, host: &str) -> Result<Option<ExitStatus>> {
+        let idx = self.index_of(host)?;
+        let Some(agent) = self.agents[idx].as_mut() else {
+            return Ok(None);
+        };
+        agent
+            .child
+            .try_wait()
+            .with_context(|| format!("cannot check whether the agent of host {host} runs"))
+    }
+
     /// Starts host `host`'s agent from the lab's `ferry` binary and waits (up to 15 s) until
     /// its socket accepts connections. Fails if one already runs there or the lab has no binary.
     pub fn start_agent(&mut self, host: &str) -> Result<()> {
@@ -546,8 +558,9 @@ impl Lab {
         self.save_state()
     }
 
-    /// Stops the agents, deletes the namespaces and removes the root directory, reporting
-    /// every step that failed (it carries on past failures).
+    /// Stops the agents (and any other process still inside the lab's namespaces, such as a
+    /// daemon started through [`Lab::exec`]), deletes the namespaces and removes the root
+    /// directory, reporting every step that failed (it carries on past failures).
     pub fn down(mut self) -> Result<()> {
         self.teardown()
     }
@@ -942,6 +955,9 @@ impl Lab {
         if let Err(e) = self.stop_agents(&all) {
             errors.push(e);
         }
+        if let Err(e) = stop_processes_in(&self.created_netns) {
+            errors.push(e);
+        }
         while let Some(ns) = self.created_netns.pop() {
             if let Err(e) = self.ip.delete_netns(&ns) {
                 errors.push(e);
@@ -1215,13 +1231,8 @@ impl LabState {
                 return Err(e).with_context(|| format!("cannot read lab record {}", path.display()))
             }
         };
-        let state = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "lab record {} is not valid: delete it and remove the lab by name with \
-                 `cargo xtask lab down --name NAME`",
-                path.display()
-            )
-        })?;
+        let state = serde_json::from_str(&text)
+            .with_context(|| format!("lab record {} is not valid", path.display()))?;
         Ok(Some(state))
     }
 
@@ -1244,6 +1255,8 @@ pub struct DownReport {
     pub root: PathBuf,
     /// `(host, pid)` of each agent stopped.
     pub stopped_agents: Vec<(String, u32)>,
+    /// `(namespace, pid)` of other processes that were still running inside the lab.
+    pub stopped_processes: Vec<(String, u32)>,
     pub deleted_namespaces: Vec<String>,
     pub removed_root: bool,
     /// Things worth knowing that were not errors (a recycled pid, a root left alone).
@@ -1253,22 +1266,31 @@ pub struct DownReport {
 impl DownReport {
     /// Whether there was nothing to remove.
     pub fn nothing_found(&self) -> bool {
-        self.stopped_agents.is_empty() && self.deleted_namespaces.is_empty() && !self.removed_root
+        self.stopped_agents.is_empty()
+            && self.stopped_processes.is_empty()
+            && self.deleted_namespaces.is_empty()
+            && !self.removed_root
     }
 }
 
 /// Removes the lab recorded at `root` (or, without a record, the lab named `name`, default
 /// [`DEFAULT_NAME`]): stops its agents by recorded pid (checking the pid's start time first),
-/// deletes its namespaces (recorded ones and any `ferry-NAME-X` still listed by
-/// `ip netns list`) and removes `root` if it holds a record or looks like a lab directory.
+/// stops any other process still inside its namespaces, deletes the namespaces (recorded ones
+/// and any `ferry-NAME-X` still listed by `ip netns list`) and removes `root` if it holds a
+/// record or looks like a lab directory.
 /// Carries on past failures and reports them all at the end.
 pub fn down_recorded(name: Option<&str>, root: &Path) -> Result<DownReport> {
     require_root()?;
     let ip = Ip::find()?;
-    let (record, state) = resolve_state(name, root)?;
+    let Resolved {
+        recorded,
+        state,
+        warning,
+    } = resolve_state(name, root)?;
     let mut report = DownReport {
         name: state.name.clone(),
         root: root.to_path_buf(),
+        notes: warning.into_iter().collect(),
         ..DownReport::default()
     };
     let mut errors = Vec::new();
@@ -1303,10 +1325,17 @@ pub fn down_recorded(name: Option<&str>, root: &Path) -> Result<DownReport> {
     match ip.netns_list() {
         Ok(existing) => {
             let wanted: BTreeSet<&str> = state.namespaces.iter().map(String::as_str).collect();
-            for ns in existing
-                .iter()
+            let ours: Vec<String> = existing
+                .into_iter()
                 .filter(|ns| wanted.contains(ns.as_str()) || belongs_to_lab(ns, &state.name))
-            {
+                .collect();
+            match stop_processes_in(&ours) {
+                Ok(strays) => report
+                    .stopped_processes
+                    .extend(strays.into_iter().map(|p| (p.netns, p.pid))),
+                Err(e) => errors.push(e),
+            }
+            for ns in &ours {
                 match ip.delete_netns(ns) {
                     Ok(()) => report.deleted_namespaces.push(ns.clone()),
                     Err(e) => errors.push(e),
@@ -1317,7 +1346,7 @@ pub fn down_recorded(name: Option<&str>, root: &Path) -> Result<DownReport> {
     }
 
     if root.exists() {
-        if record.is_some() || looks_like_lab_root(root) {
+        if recorded || looks_like_lab_root(root) {
             match fs::remove_dir_all(root) {
                 Ok(()) => report.removed_root = true,
                 Err(e) => errors
@@ -1334,22 +1363,47 @@ pub fn down_recorded(name: Option<&str>, root: &Path) -> Result<DownReport> {
 }
 
 /// The record at `root` (if any) and the state to act on: the record, or the expected layout.
-fn resolve_state(name: Option<&str>, root: &Path) -> Result<(Option<LabState>, LabState)> {
+/// The lab to act on at `root`: its record if there is a readable one, else the expected
+/// layout of lab `name` (default [`DEFAULT_NAME`]).
+struct Resolved {
+    /// Whether a valid `lab.json` was found.
+    recorded: bool,
+    state: LabState,
+    /// Why an existing record was not used.
+    warning: Option<String>,
+}
+
+fn resolve_state(name: Option<&str>, root: &Path) -> Result<Resolved> {
     if let Some(name) = name {
         validate_name(name)?;
     }
-    let record = LabState::load(root)?;
-    let state = match (&record, name) {
-        (Some(rec), Some(name)) if rec.name != name => bail!(
-            "{} records lab `{}`, not `{name}`: pass --name {} or another --root",
-            LabState::path(root).display(),
-            rec.name,
-            rec.name
-        ),
-        (Some(rec), _) => rec.clone(),
-        (None, name) => LabState::expected(name.unwrap_or(DEFAULT_NAME), root),
-    };
-    Ok((record, state))
+    let expected = || LabState::expected(name.unwrap_or(DEFAULT_NAME), root);
+    match LabState::load(root) {
+        Ok(Some(rec)) => match name {
+            Some(name) if rec.name != name => bail!(
+                "{} records lab `{}`, not `{name}`: pass --name {} or another --root",
+                LabState::path(root).display(),
+                rec.name,
+                rec.name
+            ),
+            _ => Ok(Resolved {
+                recorded: true,
+                state: rec,
+                warning: None,
+            }),
+        },
+        Ok(None) => Ok(Resolved {
+            recorded: false,
+            state: expected(),
+            warning: None,
+        }),
+        // A damaged record must not block cleanup: fall back to the names.
+        Err(e) => Ok(Resolved {
+            recorded: false,
+            state: expected(),
+            warning: Some(format!("{e:#}; using the lab's expected layout instead")),
+        }),
+    }
 }
 
 /// Whether `root` only holds entries a lab creates.
@@ -1370,8 +1424,10 @@ fn looks_like_lab_root(root: &Path) -> bool {
 pub struct LabStatus {
     pub name: String,
     pub root: PathBuf,
-    /// Whether `ROOT/lab.json` exists.
+    /// Whether `ROOT/lab.json` exists and is valid.
     pub recorded: bool,
+    /// Why an existing `lab.json` could not be used.
+    pub warning: Option<String>,
     /// Whether the root directory exists and has entries.
     pub root_in_use: bool,
     pub switch_netns: NetnsStatus,
@@ -1428,6 +1484,9 @@ impl fmt::Display for LabStatus {
                 "not running"
             }
         )?;
+        if let Some(warning) = &self.warning {
+            writeln!(f, "  warning: {warning}")?;
+        }
         for h in &self.hosts {
             writeln!(
                 f,
@@ -1441,7 +1500,8 @@ impl fmt::Display for LabStatus {
             let agent = match h.agent_pid {
                 Some(pid) if h.agent_alive => format!("pid {pid} alive"),
                 Some(pid) => format!("pid {pid} not running"),
-                None => "not started".to_owned(),
+                None if self.recorded => "not started".to_owned(),
+                None => "unknown (no lab.json record)".to_owned(),
             };
             writeln!(
                 f,
@@ -1475,7 +1535,11 @@ impl fmt::Display for LabStatus {
 /// Inspects the lab recorded at `root` (or named `name` without a record). Needs `ip`, not root.
 pub fn status(name: Option<&str>, root: &Path) -> Result<LabStatus> {
     let ip = Ip::find()?;
-    let (record, state) = resolve_state(name, root)?;
+    let Resolved {
+        recorded,
+        state,
+        warning,
+    } = resolve_state(name, root)?;
     let existing: BTreeSet<String> = ip.netns_list()?.into_iter().collect();
     let ns_status = |ns: &str| NetnsStatus {
         name: ns.to_owned(),
@@ -1506,7 +1570,8 @@ pub fn status(name: Option<&str>, root: &Path) -> Result<LabStatus> {
     Ok(LabStatus {
         name: state.name.clone(),
         root: root.to_path_buf(),
-        recorded: record.is_some(),
+        recorded,
+        warning,
         root_in_use: dir_has_entries(root).unwrap_or(true),
         switch_netns: ns_status(&state.switch_netns),
         hosts,
@@ -1602,7 +1667,8 @@ fn parse_operstates(json: &str) -> Result<Vec<(String, String)>> {
 
 /// Serializes `ip netns add`: the first one after boot turns /run/netns into a shared mount,
 /// and several doing that at once (parallel test processes) stack bind mounts. A process-wide
-/// mutex plus an `flock` on a file in /run (bounded at 10 s) covers threads and processes.
+/// mutex plus an `flock` on `/run/lock/ferry-lab-netns.lock` (bounded at 10 s) covers threads
+/// and processes.
 struct NetnsAddLock {
     _thread: std::sync::MutexGuard<'static, ()>,
     _file: File,
@@ -1615,13 +1681,18 @@ impl NetnsAddLock {
         let guard = NETNS_ADD
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let path = Path::new("/run/ferry-lab-netns.lock");
+        let dir = if Path::new("/run/lock").is_dir() {
+            "/run/lock"
+        } else {
+            "/run"
+        };
+        let path = Path::new(dir).join("ferry-lab-netns.lock");
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
-            .open(path)
+            .open(&path)
             .with_context(|| format!("cannot open lock file {}", path.display()))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -1822,22 +1893,84 @@ fn ignore_esrch(e: io::Error) -> io::Result<()> {
 /// Whether `pid` is alive (not a zombie) and is the recorded agent: same start time if one was
 /// recorded, else a command line that mentions `config`.
 fn same_process_alive(pid: u32, start_time: Option<u64>, config: &Path) -> bool {
+    process_alive(pid, start_time)
+        && (start_time.is_some()
+            || fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                let config = config.as_os_str().as_encoded_bytes();
+                cmdline.split(|b| *b == 0).any(|arg| arg == config)
+            }))
+}
+
+/// Whether `pid` is alive (not a zombie) and, if `start_time` is given, started then.
+fn process_alive(pid: u32, start_time: Option<u64>) -> bool {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
     let Some(fields) = parse_stat(&stat) else {
         return false;
     };
-    if fields.state == 'Z' || fields.state == 'X' {
-        return false;
+    fields.state != 'Z' && fields.state != 'X' && start_time.is_none_or(|t| t == fields.start_time)
+}
+
+/// A process found inside one of a lab's namespaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StrayProcess {
+    pid: u32,
+    start_time: Option<u64>,
+    netns: String,
+}
+
+/// Processes other than this one whose network namespace is one of `namespaces` (compared by
+/// the nsfs device and inode of `/run/netns/NAME` and `/proc/PID/ns/net`).
+fn processes_in(namespaces: &[String]) -> Vec<StrayProcess> {
+    let ids: Vec<((u64, u64), &String)> = namespaces
+        .iter()
+        .filter_map(|ns| {
+            let meta = fs::metadata(Path::new("/run/netns").join(ns)).ok()?;
+            Some(((meta.dev(), meta.ino()), ns))
+        })
+        .collect();
+    if ids.is_empty() {
+        return Vec::new();
     }
-    match start_time {
-        Some(t) => fields.start_time == t,
-        None => fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-            let config = config.as_os_str().as_encoded_bytes();
-            cmdline.split(|b| *b == 0).any(|arg| arg == config)
-        }),
+    let me = std::process::id();
+    let Ok(proc_dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    proc_dir
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            if pid == me {
+                return None;
+            }
+            let meta = fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+            let (_, ns) = ids.iter().find(|(id, _)| *id == (meta.dev(), meta.ino()))?;
+            Some(StrayProcess {
+                pid,
+                start_time: proc_start_time(pid),
+                netns: (*ns).clone(),
+            })
+        })
+        .collect()
+}
+
+/// Stops every process still running inside `namespaces` (things tests started with
+/// [`Lab::exec`] that daemonized, agents without a record), so that deleting the namespaces
+/// really frees them. Returns the processes stopped.
+fn stop_processes_in(namespaces: &[String]) -> Result<Vec<StrayProcess>> {
+    let strays = processes_in(namespaces);
+    let pids: Vec<u32> = strays.iter().map(|p| p.pid).collect();
+    let results = stop_processes(&pids, |i| !process_alive(pids[i], strays[i].start_time));
+    let mut errors = Vec::new();
+    for (p, result) in strays.iter().zip(results) {
+        if let Err(e) = result {
+            errors.push(e.context(format!(
+                "cannot stop pid {} in namespace {}",
+                p.pid, p.netns
+            )));
+        }
     }
+    combine_errors(errors).map(|()| strays)
 }
 
 struct StatFields {
@@ -2024,7 +2157,11 @@ mod tests {
 
     #[test]
     fn option_validation() {
-        let mut o = LabOptions::cli_default();
+        let mut o = LabOptions {
+            name: DEFAULT_NAME.to_owned(),
+            root: PathBuf::from(DEFAULT_ROOT),
+            ferry_bin: None,
+        };
         o.validate().unwrap();
         o.root = PathBuf::from("relative/root");
         assert!(o.validate().is_err());
@@ -2206,6 +2343,20 @@ b = "198.18.0.2"
         assert_eq!(out.status.code(), Some(3));
         assert_eq!(out.stdout, b"out\n");
         assert_eq!(out.stderr, b"err\n");
+    }
+
+    #[test]
+    fn lab_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Lab>();
+        send_sync::<LabState>();
+    }
+
+    #[test]
+    fn no_processes_in_namespaces_that_do_not_exist() {
+        assert!(processes_in(&["ferry-no-such-lab-a".to_owned()]).is_empty());
+        assert!(process_alive(std::process::id(), None));
+        assert!(!process_alive(std::process::id(), Some(0)));
     }
 
     #[test]

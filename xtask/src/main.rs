@@ -52,8 +52,8 @@ enum LabAction {
 /// Which lab.
 #[derive(Debug, Args)]
 struct LabTarget {
-    /// Lab name (namespaces are ferry-NAME-a, -b, -sw); default: the one recorded at --root,
-    /// else "lab".
+    /// Lab name (namespaces ferry-NAME-a, -b, -sw); default "lab" (for down and status: the
+    /// name recorded at --root, if any).
     #[arg(long)]
     name: Option<String>,
     /// Lab root directory (datastores, configs, sockets, logs, lab.json).
@@ -166,6 +166,9 @@ fn lab_down(target: &LabTarget) -> Result<()> {
     }
     for (host, pid) in &report.stopped_agents {
         say!("stopped the agent of host {host} (pid {pid})");
+    }
+    for (netns, pid) in &report.stopped_processes {
+        say!("stopped pid {pid}, still running in {netns}");
     }
     if !report.deleted_namespaces.is_empty() {
         say!(

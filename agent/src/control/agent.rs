@@ -86,6 +86,7 @@ fn vm_status(e: &VmError) -> u16 {
     match e {
         VmError::Vcpus(_)
         | VmError::MemorySize(_)
+        | VmError::MemoryTooLarge(_)
         | VmError::Raw(_)
         | VmError::Workload(_)
         | VmError::Mismatch(_) => 400,
@@ -430,24 +431,29 @@ impl Agent {
                     p.working_set_mib.map(|m| m << 20),
                 );
                 let ws: Vec<u64> = data.slices.iter().map(|s| s.2).collect();
-                let mut rates = e.rates(&ws);
-                if rates.is_empty() {
-                    // Not sampled yet: show the raw heartbeat.
-                    if let Some(h) = vm.heartbeats() {
-                        rates = h
-                            .iter()
-                            .enumerate()
-                            .map(|(i, b)| VcpuRates {
-                                id: i as u32,
-                                beats: b.beats,
-                                phase: if b.phase == 0 { "fill" } else { "work" }.into(),
-                                pages_written: b.filled + b.progress,
-                                tsc: b.tsc,
-                                ..Default::default()
-                            })
-                            .collect();
-                    }
-                }
+                // Counters as of now; rates over the last sampling interval.
+                let rates_by_id = e.rates(&ws);
+                let rates: Vec<VcpuRates> = vm
+                    .heartbeats()
+                    .unwrap_or_default()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| {
+                        let r = rates_by_id.get(i);
+                        let w = ws.get(i).copied().unwrap_or(0).max(1);
+                        VcpuRates {
+                            id: i as u32,
+                            beats: b.beats,
+                            beats_per_sec: r.map_or(0.0, |r| r.beats_per_sec),
+                            phase: if b.phase == 0 { "fill" } else { "work" }.into(),
+                            pass: if b.phase == 0 { 0 } else { 1 + b.progress / w },
+                            pages_written: b.filled + b.progress,
+                            dirty_mib_per_sec: r.map_or(0.0, |r| r.dirty_mib_per_sec),
+                            yields_per_sec: r.map_or(0.0, |r| r.yields_per_sec),
+                            tsc: b.tsc,
+                        }
+                    })
+                    .collect();
                 let measured = if vm.status() == VmStatus::Running {
                     rates.iter().map(|r| r.dirty_mib_per_sec).sum()
                 } else {

@@ -42,6 +42,8 @@ pub use workload::{Profile, WorkloadParams};
 
 /// How long a pause may take before it is reported as stuck.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most memory a VM may have: what the identity page tables map, less the hole below 4 GiB.
+pub const MAX_MEMORY_MIB: u64 = (x86::MAX_MAPPED >> 20) - 1024;
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = workload::MAX_VCPUS;
 
@@ -60,6 +62,8 @@ pub enum VmError {
     Vcpus(u32),
     #[error("memory must be a positive multiple of 2 MiB, not {0} MiB")]
     MemorySize(u64),
+    #[error("memory of {0} MiB is more than a VM can have here (at most {MAX_MEMORY_MIB} MiB)")]
+    MemoryTooLarge(u64),
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -109,8 +113,11 @@ impl VmSpec {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(VmError::Vcpus(self.vcpus));
         }
-        if self.memory_mib == 0 || self.memory_mib % 2 != 0 || self.memory_mib > (512 << 10) {
+        if self.memory_mib == 0 || self.memory_mib % 2 != 0 {
             return Err(VmError::MemorySize(self.memory_mib));
+        }
+        if self.memory_mib > MAX_MEMORY_MIB {
+            return Err(VmError::MemoryTooLarge(self.memory_mib));
         }
         Ok(())
     }

@@ -1,0 +1,247 @@
+//! The agent as a process: its API over the unix socket and the `ferry` CLI, with real guests.
+
+use ferry_tests::{require, wait_for, Need, TestAgent};
+
+fn can_run(test: &str) -> bool {
+    require(test, &[Need::Root, Need::Kvm])
+}
+
+fn err_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A raw real-mode image printing a line on COM1, then halting.
+fn hello_image() -> Vec<u8> {
+    let mut code = vec![
+        0xbe, 0x10, 0x7c, 0xba, 0xf8, 0x03, 0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8, 0xfa,
+        0xf4,
+    ];
+    code.extend_from_slice(b"hello from a raw guest\n\0");
+    code
+}
+
+#[test]
+fn raw_image_line_shows_in_vm_console() {
+    if !can_run("raw_image_line_shows_in_vm_console") {
+        return;
+    }
+    let a = TestAgent::start("console");
+    let img = a.dir.join("hello.img");
+    std::fs::write(&img, hello_image()).unwrap();
+    let img = img.to_str().unwrap().to_string();
+    a.json(&["vm", "create", "hello", "--kind", "raw", "--image", &img, "--memory", "16M", "--start"]);
+    let text = wait_for("console line", 30, || {
+        let o = a.cli(&["vm", "console", "hello"]);
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        s.contains('\n').then_some(s)
+    });
+    assert_eq!(text, "hello from a raw guest\n");
+    let j = a.json(&["vm", "console", "hello"]);
+    assert_eq!(j["next_offset"], 23);
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_agent_survives() {
+    if !can_run("bad_requests_get_clear_errors_and_the_agent_survives") {
+        return;
+    }
+    let a = TestAgent::start("errors");
+    let c = a.client();
+
+    // Unknown VM: 404 and exit code 1.
+    let o = a.cli(&["vm", "inspect", "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err_of(&o).contains("no VM named \"nope\""), "{}", err_of(&o));
+
+    // 0 vCPUs.
+    let o = a.cli(&["vm", "create", "z", "--vcpus", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err_of(&o).contains("1 to 32 vCPUs, not 0"), "{}", err_of(&o));
+
+    // More memory than the host can give.
+    let o = a.cli(&["vm", "create", "huge", "--memory", "400G"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err_of(&o).contains("this host can give"), "{}", err_of(&o));
+
+    // Duplicate name.
+    a.json(&["vm", "create", "dup", "--memory", "64M"]);
+    let o = a.cli(&["vm", "create", "dup", "--memory", "64M"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err_of(&o).contains("already exists"), "{}", err_of(&o));
+
+    // A raw image larger than memory.
+    let big = a.dir.join("big.img");
+    std::fs::write(&big, vec![0x90u8; 5 << 20]).unwrap();
+    let o = a.cli(&[
+        "vm", "create", "big", "--kind", "raw", "--memory", "4M", "--image", big.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err_of(&o).contains("only") && err_of(&o).contains("fit"), "{}", err_of(&o));
+
+    // Bad names and bad sizes.
+    let o = a.cli(&["vm", "create", "bad/name"]);
+    assert!(err_of(&o).contains("not valid"), "{}", err_of(&o));
+    let o = a.cli(&["vm", "create", "odd", "--memory", "3M"]);
+    assert!(err_of(&o).contains("multiple of 2 MiB"), "{}", err_of(&o));
+
+    // Malformed and unexpected JSON straight at the API: 4xx with the reason.
+    let (st, body) = c.raw("POST", "/v1/vms", Some(b"{\"name\": \"x\",\n \"memory_mib\": }")).unwrap();
+    assert_eq!(st, 400);
+    let b: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(b["error"]["message"].as_str().unwrap().contains("line 2"), "{b}");
+    let (st, body) = c
+        .raw("POST", "/v1/vms", Some(br#"{"name":"x","memory_mib":64,"vcpus":1,"kind":{"workload":{}},"colour":"red"}"#))
+        .unwrap();
+    assert_eq!(st, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("colour"));
+    let (st, _) = c.raw("POST", "/v1/vms", None).unwrap();
+    assert_eq!(st, 400);
+    let (st, _) = c.raw("GET", "/v1/nothing/here", None).unwrap();
+    assert_eq!(st, 404);
+    let (st, _) = c.raw("PUT", "/v1/vms", None).unwrap();
+    assert_eq!(st, 405);
+    let (st, _) = c.raw("GET", "/v1/vms/dup/console?offset=notanumber", None).unwrap();
+    assert_eq!(st, 400);
+    // Wrong state: verify needs a paused workload guest.
+    a.json(&["vm", "start", "dup"]);
+    let o = a.cli(&["vm", "verify", "dup"]);
+    assert!(err_of(&o).contains("pause it"), "{}", err_of(&o));
+    let (st, _) = c.raw("GET", "/v1/vms/dup/digest", None).unwrap();
+    assert_eq!(st, 409);
+
+    // Still alive and well after all that.
+    let l = a.json(&["vm", "list"]);
+    assert_eq!(l.as_array().unwrap().len(), 1);
+    let h = a.json(&["host"]);
+    assert!(h["tsc_khz"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn unreachable_agent_exits_3_and_bad_usage_exits_2() {
+    let bin = ferry_tests::ferry_bin();
+    let o = std::process::Command::new(&bin)
+        .args(["--socket", "/nonexistent/ferry.sock", "vm", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    assert!(err_of(&o).contains("cannot reach the agent"));
+    let o = std::process::Command::new(&bin).args(["vm", "frobnicate"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn malformed_config_is_refused_with_line_and_column() {
+    let dir = std::env::temp_dir().join(format!("ferry-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("agent.toml");
+    std::fs::write(&cfg, "[agent]\nname = \"a\"\nsocket = 5\n").unwrap();
+    let o = std::process::Command::new(ferry_tests::ferry_bin())
+        .args(["agent", "--check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = err_of(&o);
+    assert!(e.contains("agent.toml:3:10"), "{e}");
+    std::fs::write(&cfg, "[agent]\nname = \"a\"\n").unwrap();
+    let o = std::process::Command::new(ferry_tests::ferry_bin())
+        .args(["agent", "--check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", err_of(&o));
+    let o = std::process::Command::new(ferry_tests::ferry_bin())
+        .args(["agent", "--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err_of(&o).contains("cannot read config"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `vm save` / `vm restore` through files: memory identical at the pause (digest), the guest's
+/// counters continue, and the memory verifies page by page afterwards.
+#[test]
+fn save_and_restore_through_files() {
+    if !can_run("save_and_restore_through_files") {
+        return;
+    }
+    let a = TestAgent::start("saverestore");
+    for (name, mem, vcpus) in [("s1", "256M", "1"), ("s2", "2G", "2")] {
+        a.json(&["vm", "create", name, "--memory", mem, "--vcpus", vcpus, "--dirty-rate", "64", "--start"]);
+        wait_for("fill", 60, || {
+            let i = a.json(&["vm", "inspect", name]);
+            i["heartbeats"]
+                .as_array()?
+                .iter()
+                .all(|h| h["phase"] == "work")
+                .then_some(())
+        });
+        a.json(&["vm", "pause", name]);
+        let before = a.json(&["vm", "inspect", name]);
+        let digest = a.json(&["vm", "digest", name])["digest"].clone();
+        // Saves of GiBs go to tmpfs where there is one: this test is about the format, not the disk.
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            std::path::PathBuf::from("/dev/shm")
+        } else {
+            a.dir.clone()
+        };
+        let dir = base.join(format!("ferry-save-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let r = a.json(&["vm", "save", name, dir.to_str().unwrap()]);
+        assert!(r["nonzero_pages"].as_u64().unwrap() > 0);
+        // The memory files are plain: right size, sparse.
+        let mem_file = dir.join("mem-0.raw");
+        let md = std::fs::metadata(&mem_file).unwrap();
+        assert!(md.len() >= 256 << 20);
+        a.json(&["vm", "destroy", name]);
+        let copy = format!("{name}-restored");
+        a.json(&["vm", "restore", dir.to_str().unwrap(), "--name", &copy, "--paused"]);
+        assert_eq!(a.json(&["vm", "digest", &copy])["digest"], digest);
+        let after = a.json(&["vm", "inspect", &copy]);
+        for (x, y) in before["heartbeats"].as_array().unwrap().iter().zip(after["heartbeats"].as_array().unwrap()) {
+            assert_eq!(x["beats"], y["beats"]);
+            assert_eq!(x["pages_written"], y["pages_written"]);
+        }
+        a.json(&["vm", "resume", &copy]);
+        let b0 = before["heartbeats"][0]["beats"].as_u64().unwrap();
+        wait_for("restored guest runs on", 20, || {
+            let i = a.json(&["vm", "inspect", &copy]);
+            (i["heartbeats"][0]["beats"].as_u64()? > b0 + 100).then_some(())
+        });
+        a.json(&["vm", "pause", &copy]);
+        let v = a.json(&["vm", "verify", &copy]);
+        assert_eq!(v["ok"], true, "{v}");
+        a.json(&["vm", "destroy", &copy]);
+        let _ = std::fs::remove_dir_all(&dir);
+        // Restoring onto an existing name or from a non-save is refused.
+        let o = a.cli(&["vm", "restore", a.dir.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(err_of(&o).contains("vm.json"), "{}", err_of(&o));
+    }
+}
+
+#[test]
+fn lifecycle_stop_start_destroy() {
+    if !can_run("lifecycle_stop_start_destroy") {
+        return;
+    }
+    let mut a = TestAgent::start("lifecycle");
+    a.json(&["vm", "create", "l", "--memory", "64M", "--vcpus", "2"]);
+    assert_eq!(a.json(&["vm", "inspect", "l"])["state"], "created");
+    assert_eq!(a.json(&["vm", "start", "l"])["state"], "running");
+    assert_eq!(a.json(&["vm", "pause", "l"])["state"], "paused");
+    assert_eq!(a.json(&["vm", "resume", "l"])["state"], "running");
+    assert_eq!(a.json(&["vm", "stop", "l"])["state"], "stopped");
+    // A stopped VM boots afresh.
+    assert_eq!(a.json(&["vm", "start", "l"])["state"], "running");
+    let o = a.cli(&["vm", "resume", "l"]);
+    assert!(o.status.success());
+    a.json(&["vm", "destroy", "l"]);
+    assert_eq!(a.json(&["vm", "list"]).as_array().unwrap().len(), 0);
+    // SIGTERM: the agent stops its guests, removes its socket and exits 0.
+    a.json(&["vm", "create", "m", "--memory", "64M", "--start"]);
+    let st = a.stop().unwrap();
+    assert!(st.success(), "{st}");
+    assert!(!a.socket.exists());
+}
