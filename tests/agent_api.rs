@@ -10,14 +10,8 @@ fn err_of(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A raw real-mode image printing a line on COM1, then halting.
 fn hello_image() -> Vec<u8> {
-    let mut code = vec![
-        0xbe, 0x10, 0x7c, 0xba, 0xf8, 0x03, 0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8, 0xfa,
-        0xf4,
-    ];
-    code.extend_from_slice(b"hello from a raw guest\n\0");
-    code
+    ferry::vm::raw::hello_image("hello from a raw guest\n")
 }
 
 #[test]
@@ -29,7 +23,9 @@ fn raw_image_line_shows_in_vm_console() {
     let img = a.dir.join("hello.img");
     std::fs::write(&img, hello_image()).unwrap();
     let img = img.to_str().unwrap().to_string();
-    a.json(&["vm", "create", "hello", "--kind", "raw", "--image", &img, "--memory", "16M", "--start"]);
+    a.json(&[
+        "vm", "create", "hello", "--kind", "raw", "--image", &img, "--memory", "16M", "--start",
+    ]);
     let text = wait_for("console line", 30, || {
         let o = a.cli(&["vm", "console", "hello"]);
         let s = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -51,12 +47,20 @@ fn bad_requests_get_clear_errors_and_the_agent_survives() {
     // Unknown VM: 404 and exit code 1.
     let o = a.cli(&["vm", "inspect", "nope"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(err_of(&o).contains("no VM named \"nope\""), "{}", err_of(&o));
+    assert!(
+        err_of(&o).contains("no VM named \"nope\""),
+        "{}",
+        err_of(&o)
+    );
 
     // 0 vCPUs.
     let o = a.cli(&["vm", "create", "z", "--vcpus", "0"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(err_of(&o).contains("1 to 32 vCPUs, not 0"), "{}", err_of(&o));
+    assert!(
+        err_of(&o).contains("1 to 32 vCPUs, not 0"),
+        "{}",
+        err_of(&o)
+    );
 
     // More memory than the host can give.
     let o = a.cli(&["vm", "create", "huge", "--memory", "400G"]);
@@ -73,10 +77,22 @@ fn bad_requests_get_clear_errors_and_the_agent_survives() {
     let big = a.dir.join("big.img");
     std::fs::write(&big, vec![0x90u8; 5 << 20]).unwrap();
     let o = a.cli(&[
-        "vm", "create", "big", "--kind", "raw", "--memory", "4M", "--image", big.to_str().unwrap(),
+        "vm",
+        "create",
+        "big",
+        "--kind",
+        "raw",
+        "--memory",
+        "4M",
+        "--image",
+        big.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(err_of(&o).contains("only") && err_of(&o).contains("fit"), "{}", err_of(&o));
+    assert!(
+        err_of(&o).contains("only") && err_of(&o).contains("fit"),
+        "{}",
+        err_of(&o)
+    );
 
     // Bad names and bad sizes.
     let o = a.cli(&["vm", "create", "bad/name"]);
@@ -85,12 +101,27 @@ fn bad_requests_get_clear_errors_and_the_agent_survives() {
     assert!(err_of(&o).contains("multiple of 2 MiB"), "{}", err_of(&o));
 
     // Malformed and unexpected JSON straight at the API: 4xx with the reason.
-    let (st, body) = c.raw("POST", "/v1/vms", Some(b"{\"name\": \"x\",\n \"memory_mib\": }")).unwrap();
+    let (st, body) = c
+        .raw(
+            "POST",
+            "/v1/vms",
+            Some(b"{\"name\": \"x\",\n \"memory_mib\": }"),
+        )
+        .unwrap();
     assert_eq!(st, 400);
     let b: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert!(b["error"]["message"].as_str().unwrap().contains("line 2"), "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("line 2"),
+        "{b}"
+    );
     let (st, body) = c
-        .raw("POST", "/v1/vms", Some(br#"{"name":"x","memory_mib":64,"vcpus":1,"kind":{"workload":{}},"colour":"red"}"#))
+        .raw(
+            "POST",
+            "/v1/vms",
+            Some(
+                br#"{"name":"x","memory_mib":64,"vcpus":1,"kind":{"workload":{}},"colour":"red"}"#,
+            ),
+        )
         .unwrap();
     assert_eq!(st, 400, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("colour"));
@@ -100,7 +131,9 @@ fn bad_requests_get_clear_errors_and_the_agent_survives() {
     assert_eq!(st, 404);
     let (st, _) = c.raw("PUT", "/v1/vms", None).unwrap();
     assert_eq!(st, 405);
-    let (st, _) = c.raw("GET", "/v1/vms/dup/console?offset=notanumber", None).unwrap();
+    let (st, _) = c
+        .raw("GET", "/v1/vms/dup/console?offset=notanumber", None)
+        .unwrap();
     assert_eq!(st, 400);
     // Wrong state: verify needs a paused workload guest.
     a.json(&["vm", "start", "dup"]);
@@ -125,7 +158,10 @@ fn unreachable_agent_exits_3_and_bad_usage_exits_2() {
         .unwrap();
     assert_eq!(o.status.code(), Some(3));
     assert!(err_of(&o).contains("cannot reach the agent"));
-    let o = std::process::Command::new(&bin).args(["vm", "frobnicate"]).output().unwrap();
+    let o = std::process::Command::new(&bin)
+        .args(["vm", "frobnicate"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
 }
 
@@ -168,7 +204,18 @@ fn save_and_restore_through_files() {
     }
     let a = TestAgent::start("saverestore");
     for (name, mem, vcpus) in [("s1", "256M", "1"), ("s2", "2G", "2")] {
-        a.json(&["vm", "create", name, "--memory", mem, "--vcpus", vcpus, "--dirty-rate", "64", "--start"]);
+        a.json(&[
+            "vm",
+            "create",
+            name,
+            "--memory",
+            mem,
+            "--vcpus",
+            vcpus,
+            "--dirty-rate",
+            "64",
+            "--start",
+        ]);
         wait_for("fill", 60, || {
             let i = a.json(&["vm", "inspect", name]);
             i["heartbeats"]
@@ -196,10 +243,22 @@ fn save_and_restore_through_files() {
         assert!(md.len() >= 256 << 20);
         a.json(&["vm", "destroy", name]);
         let copy = format!("{name}-restored");
-        a.json(&["vm", "restore", dir.to_str().unwrap(), "--name", &copy, "--paused"]);
+        a.json(&[
+            "vm",
+            "restore",
+            dir.to_str().unwrap(),
+            "--name",
+            &copy,
+            "--paused",
+        ]);
         assert_eq!(a.json(&["vm", "digest", &copy])["digest"], digest);
         let after = a.json(&["vm", "inspect", &copy]);
-        for (x, y) in before["heartbeats"].as_array().unwrap().iter().zip(after["heartbeats"].as_array().unwrap()) {
+        for (x, y) in before["heartbeats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(after["heartbeats"].as_array().unwrap())
+        {
             assert_eq!(x["beats"], y["beats"]);
             assert_eq!(x["pages_written"], y["pages_written"]);
         }

@@ -82,24 +82,9 @@ pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
-/// The `ferry` binary under test: `$FERRY_BIN`, else `target/<profile>/ferry` next to this test
-/// executable (`target/<profile>/deps/<test>`). `cargo xtask test` builds it first.
+/// The `ferry` binary under test (see [`xtask::lab::ferry_bin`]); `cargo xtask test` builds it.
 pub fn ferry_bin() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("FERRY_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join("ferry");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p ferry` first (`cargo xtask test` does)",
-        bin.display()
-    );
-    bin
+    xtask::lab::ferry_bin().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A `ferry agent` process of its own, with a config and socket in a fresh temporary directory.
@@ -192,7 +177,10 @@ impl TestAgent {
             String::from_utf8_lossy(&o.stderr)
         );
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-            panic!("ferry {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout))
+            panic!(
+                "ferry {args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&o.stdout)
+            )
         })
     }
 

@@ -262,20 +262,8 @@ fn dirty_log_matches_what_the_guest_wrote() {
     assert_eq!(mem.take_dirty().unwrap().count(), mem.size() / 4096);
 }
 
-/// A raw real-mode image printing on COM1.
-pub fn hello_image() -> Vec<u8> {
-    let mut code = vec![
-        0xbe, 0x10, 0x7c, // mov si, msg
-        0xba, 0xf8, 0x03, // mov dx, 0x3f8
-        0xac, // lodsb
-        0x84, 0xc0, // test al, al
-        0x74, 0x03, // jz done
-        0xee, // out dx, al
-        0xeb, 0xf8, // jmp lodsb
-        0xfa, 0xf4, // done: cli; hlt
-    ];
-    code.extend_from_slice(b"hello from a raw guest\n\0");
-    code
+fn hello_image() -> Vec<u8> {
+    ferry::vm::raw::hello_image("hello from a raw guest\n")
 }
 
 #[test]

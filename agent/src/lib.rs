@@ -6,6 +6,8 @@
 //! - [`control`]: the agent daemon, its configuration and its local HTTP/JSON API.
 //! - [`cli`]: the `ferry` command line, a client of that API.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod cli;
 pub mod control;
 pub mod vm;

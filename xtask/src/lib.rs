@@ -1,5 +1,7 @@
 //! Ferry's development tasks, as a library so that integration tests can use them too.
 //!
 //! - [`lab`]: the two-host lab (network namespaces, datastores, agents).
+//! - [`dev`]: deps, test, demo, benchmarks.
 
+pub mod dev;
 pub mod lab;

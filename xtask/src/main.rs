@@ -30,7 +30,32 @@ enum Command {
         #[command(subcommand)]
         action: LabAction,
     },
-    // other commands (demo, test, deps) go here
+    /// Install the Debian packages the project needs (apt-get; root).
+    Deps,
+    /// Run everything CI runs: deps, fmt check, clippy, build, all tests (root, /dev/kvm).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. `-- --test-threads 1`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The demo: build the lab, run a 1 GiB workload guest and a raw guest on host `a`.
+    Demo,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchWhat {
+    /// Workload guest in the lab: requested vs measured dirty rate, heartbeat rate, agent CPU,
+    /// pause latency (table, and JSON lines in target/bench/guest.jsonl).
+    Guest {
+        /// Seconds to measure each dirty rate.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +122,12 @@ fn run(cli: Cli) -> Result<()> {
             LabAction::Up(args) => lab_up(args),
             LabAction::Down(target) => lab_down(&target),
             LabAction::Status { target, json } => lab_status(&target, json),
+        },
+        Command::Deps => xtask::dev::deps(),
+        Command::Test { args } => xtask::dev::test(&args),
+        Command::Demo => xtask::dev::demo(),
+        Command::Bench { what } => match what {
+            BenchWhat::Guest { secs } => xtask::dev::bench_guest(secs),
         },
     }
 }

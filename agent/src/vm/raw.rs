@@ -171,3 +171,21 @@ pub fn load(mem: &GuestMemory, vcpus: u32, p: &RawParams) -> Result<Vec<BootVcpu
     boots.extend((1..vcpus).map(|_| BootVcpu::Waiting));
     Ok(boots)
 }
+
+/// A tiny real-mode boot sector (load at 0x7c00) that prints `msg` on COM1 and halts: the
+/// smallest useful raw guest (demo and tests). `msg` must fit in the 512-byte sector.
+pub fn hello_image(msg: &str) -> Vec<u8> {
+    let mut code = vec![
+        0xbe, 0x10, 0x7c, // mov si, 0x7c10 (the message)
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xac, // next: lodsb
+        0x84, 0xc0, // test al, al
+        0x74, 0x03, // jz done
+        0xee, // out dx, al
+        0xeb, 0xf8, // jmp next
+        0xfa, 0xf4, // done: cli; hlt
+    ];
+    code.extend(msg.bytes().filter(|&b| b != 0).take(512 - 17));
+    code.push(0);
+    code
+}

@@ -1,0 +1,276 @@
+//! Development tasks: install what the project needs (`deps`), run every check and test (`test`),
+//! the demo (`demo`), and the guest benchmark (`bench guest`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry::control::agent::VmInfo;
+use ferry::control::api::CreateRequest;
+use ferry::control::client::Client;
+use ferry::vm::{GuestKind, Profile, RawParams, WorkloadParams};
+
+use crate::lab::{self, Lab, LabOptions};
+
+/// Debian packages the project needs, with a command that proves each is present.
+pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("procps", "ps")];
+
+/// The workspace root (the directory holding the top-level Cargo.toml).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn have(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(cmd).is_file()))
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| Path::new(d).join(cmd).is_file())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed ({st})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+/// Install missing Debian packages with apt-get (needs root and Debian's archive).
+pub fn deps() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, probe)| !have(probe))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        println!("deps: all Debian packages present");
+        return Ok(());
+    }
+    println!("deps: installing {}", missing.join(" "));
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("apt-get update failed: is Debian's archive reachable, and are you root?")?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("apt-get install failed")?;
+    Ok(())
+}
+
+/// Everything CI runs: deps, formatting, clippy, build, all tests.
+pub fn test(extra: &[String]) -> Result<()> {
+    let t = Instant::now();
+    deps()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("formatting differs: run `cargo fmt --all`")?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["build", "-p", "ferry"]))?;
+    run(cargo().args(["test", "--workspace"]).args(extra))?;
+    println!("all checks and tests passed in {:.0?}", t.elapsed());
+    Ok(())
+}
+
+fn build_ferry() -> Result<PathBuf> {
+    run(cargo().args(["build", "-p", "ferry"]))?;
+    let bin = workspace_root().join("target/debug/ferry");
+    if !bin.is_file() {
+        bail!("{} was not built", bin.display());
+    }
+    Ok(bin)
+}
+
+fn wait<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {secs} s waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn workload(name: &str, memory_mib: u64, vcpus: u32, profile: Profile, rate: u64) -> CreateRequest {
+    CreateRequest {
+        name: name.into(),
+        memory_mib,
+        vcpus,
+        kind: GuestKind::Workload(WorkloadParams {
+            profile,
+            dirty_rate_mib: rate,
+            working_set_mib: None,
+        }),
+        start: true,
+    }
+}
+
+fn filled(c: &Client, name: &str) -> Result<Option<VmInfo>> {
+    let i: VmInfo = c.get(&format!("/v1/vms/{name}"))?;
+    Ok((!i.heartbeats.is_empty() && i.heartbeats.iter().all(|h| h.phase == "work")).then_some(i))
+}
+
+/// The demo: the lab, a 1 GiB mixed workload guest on host `a` with its heartbeat, and a raw
+/// guest printing on its console. The lab stays up afterwards.
+pub fn demo() -> Result<()> {
+    let bin = build_ferry()?;
+    let root = PathBuf::from(lab::DEFAULT_ROOT);
+    if lab::status(Some(lab::DEFAULT_NAME), &root)?.exists() {
+        println!("demo: removing the previous lab");
+        lab::down_recorded(Some(lab::DEFAULT_NAME), &root)?;
+    }
+    println!("demo: building the two-host lab (namespaces ferry-lab-a, -b, -sw)");
+    let lab = Lab::up(LabOptions {
+        name: lab::DEFAULT_NAME.into(),
+        root: root.clone(),
+        ferry_bin: Some(bin.clone()),
+    })?;
+    let a = lab.host("a").context("lab host a")?;
+    let c = Client::new(&a.socket);
+    println!("demo: creating vm1 on host a: 1 GiB, 2 vCPUs, mixed memory, dirtying 64 MiB/s");
+    let _: VmInfo = c.post("/v1/vms", &workload("vm1", 1024, 2, Profile::Mixed, 64))?;
+    let img = lab.root().join("hello.img");
+    std::fs::write(
+        &img,
+        ferry::vm::raw::hello_image("hello from a raw guest on host a\n"),
+    )?;
+    let _: VmInfo = c.post(
+        "/v1/vms",
+        &CreateRequest {
+            name: "hello".into(),
+            memory_mib: 16,
+            vcpus: 1,
+            kind: GuestKind::Raw(RawParams::new(img)),
+            start: true,
+        },
+    )?;
+    let state = lab.detach();
+    state.save()?;
+    wait("vm1 to fill its memory", 120, || filled(&c, "vm1"))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let ferry = |args: &[&str]| -> Result<()> {
+        println!("\n$ ferry --host a {}", args.join(" "));
+        run(Command::new(&bin).args(["--host", "a"]).args(args))
+    };
+    ferry(&["vm", "list"])?;
+    ferry(&["vm", "inspect", "vm1"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    ferry(&["vm", "inspect", "vm1"])?;
+    ferry(&["vm", "console", "hello"])?;
+    println!(
+        "\nThe lab stays up. Try `ferry --host a vm inspect vm1` (target/debug/ferry), \
+         `cargo xtask lab status`; remove it with `cargo xtask lab down`."
+    );
+    Ok(())
+}
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// `bench guest`: in the lab, a 1 GiB mixed 2-vCPU workload guest at several dirty rates:
+/// requested vs measured dirty rate, heartbeat rate, agent CPU use, and pause latency.
+pub fn bench_guest(secs: u64) -> Result<()> {
+    let bin = build_ferry()?;
+    let lab = Lab::up(LabOptions::for_test("bench-guest").with_ferry_bin(bin))?;
+    let a = lab.host("a").context("lab host a")?;
+    let pid = a.agent_pid.context("agent pid")?;
+    let c = Client::new(&a.socket);
+    let out_dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut jsonl = String::new();
+    println!(
+        "{:>10} {:>10} {:>12} {:>14} {:>10} {:>12}",
+        "REQUESTED", "MEASURED", "PAGES/S", "BEATS/S", "AGENT CPU", "PAUSE p50"
+    );
+    // u64::MAX/2^20 would overflow the pacing math's purpose; 1 TiB/s means "unpaced".
+    for rate in [0u64, 64, 256, 1 << 20] {
+        let name = format!("g{rate}");
+        let _: VmInfo = c.post("/v1/vms", &workload(&name, 1024, 2, Profile::Mixed, rate))?;
+        wait("fill", 120, || filled(&c, &name))?;
+        std::thread::sleep(Duration::from_millis(1500));
+        let i0: VmInfo = c.get(&format!("/v1/vms/{name}"))?;
+        let (t0, cpu0) = (Instant::now(), cpu_seconds(pid).unwrap_or(0.0));
+        std::thread::sleep(Duration::from_secs(secs));
+        let i1: VmInfo = c.get(&format!("/v1/vms/{name}"))?;
+        let dt = t0.elapsed().as_secs_f64();
+        let cpu = (cpu_seconds(pid).unwrap_or(0.0) - cpu0) / dt;
+        let sum = |i: &VmInfo, f: fn(&ferry::control::agent::VcpuRates) -> u64| -> u64 {
+            i.heartbeats.iter().map(f).sum()
+        };
+        let pages = (sum(&i1, |h| h.pages_written) - sum(&i0, |h| h.pages_written)) as f64 / dt;
+        let beats = (sum(&i1, |h| h.beats) - sum(&i0, |h| h.beats)) as f64 / dt;
+        let measured = pages * 4096.0 / (1 << 20) as f64;
+        let mut pauses = Vec::new();
+        for _ in 0..20 {
+            let p: VmInfo = c.post_empty(&format!("/v1/vms/{name}/pause"))?;
+            pauses.push(p.last_pause_us);
+            let _: VmInfo = c.post_empty(&format!("/v1/vms/{name}/resume"))?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pauses.sort_unstable();
+        let p50 = pauses[pauses.len() / 2];
+        let requested = if rate >= 1 << 20 {
+            "unpaced".to_string()
+        } else {
+            rate.to_string()
+        };
+        println!(
+            "{:>10} {:>10.1} {:>12.0} {:>14.0} {:>9.0}% {:>9} us",
+            requested,
+            measured,
+            pages,
+            beats,
+            cpu * 100.0,
+            p50
+        );
+        jsonl += &serde_json::json!({
+            "bench": "guest",
+            "memory_mib": 1024, "vcpus": 2, "profile": "mixed",
+            "requested_mib_s": if rate >= 1 << 20 { None } else { Some(rate) },
+            "measured_mib_s": measured,
+            "pages_per_s": pages,
+            "beats_per_s": beats,
+            "agent_cpu_fraction": cpu,
+            "pause_p50_us": p50,
+            "pause_max_us": pauses.last().copied().unwrap_or(0),
+        })
+        .to_string();
+        jsonl.push('\n');
+        c.delete(&format!("/v1/vms/{name}"))?;
+    }
+    let path = out_dir.join("guest.jsonl");
+    std::fs::write(&path, jsonl)?;
+    println!("results: {}", path.display());
+    lab.down()
+}
