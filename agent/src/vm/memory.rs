@@ -79,7 +79,7 @@ impl RegionLayout {
 /// The standard layout for `size` bytes of guest memory: everything below 3 GiB in one region,
 /// the rest above 4 GiB (leaving the usual hole for MMIO).
 pub fn standard_layout(size: u64) -> Result<Vec<RegionLayout>, MemoryError> {
-    if size == 0 || size % (2 << 20) != 0 {
+    if size == 0 || !size.is_multiple_of(2 << 20) {
         return Err(MemoryError::BadSize(size));
     }
     if size <= LOW_MEMORY_END {

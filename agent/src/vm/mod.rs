@@ -113,7 +113,7 @@ impl VmSpec {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(VmError::Vcpus(self.vcpus));
         }
-        if self.memory_mib == 0 || self.memory_mib % 2 != 0 {
+        if self.memory_mib == 0 || !self.memory_mib.is_multiple_of(2) {
             return Err(VmError::MemorySize(self.memory_mib));
         }
         if self.memory_mib > MAX_MEMORY_MIB {
