@@ -373,21 +373,7 @@ fn run_agent(a: &AgentArgs) -> Result<(), Failure> {
         .build()
         .map_err(|e| fail(format!("cannot start the runtime: {e}")))?;
     rt.block_on(crate::control::daemon::run(config))
-        .map_err(|e| fail(error_chain(&e)))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        let t = x.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = x.source();
-    }
-    s
+        .map_err(|e| fail(crate::control::error_chain(&e)))
 }
 
 fn out<T: Serialize>(cli: &Cli, v: &T, human: impl FnOnce(&T) -> String) {

@@ -573,12 +573,7 @@ impl Agent {
 
     /// Save to `dir`: a running VM is paused for the save and resumed afterwards.
     pub async fn save(&self, name: &str, dir: PathBuf) -> Result<SaveOutcome, AgentError> {
-        if !dir.is_absolute() {
-            return Err(AgentError::Invalid(format!(
-                "save directory {:?} must be an absolute path",
-                dir.display()
-            )));
-        }
+        require_absolute(&dir)?;
         let e = self.entry(name)?;
         let _op = e.op.lock().await;
         let vm = e.vm();
@@ -610,12 +605,7 @@ impl Agent {
         name: Option<String>,
         paused: bool,
     ) -> Result<VmInfo, AgentError> {
-        if !dir.is_absolute() {
-            return Err(AgentError::Invalid(format!(
-                "save directory {:?} must be an absolute path",
-                dir.display()
-            )));
-        }
+        require_absolute(&dir)?;
         let (manifest, _) = snapshot::read(&dir)?;
         let name = name.unwrap_or(manifest.name);
         self.check_new_name(&name)?;
@@ -726,6 +716,16 @@ impl Drop for Reservation<'_> {
             *r = r.saturating_sub(self.mib);
         }
     }
+}
+
+fn require_absolute(dir: &Path) -> Result<(), AgentError> {
+    if dir.is_absolute() {
+        return Ok(());
+    }
+    Err(AgentError::Invalid(format!(
+        "save directory {:?} must be an absolute path",
+        dir.display()
+    )))
 }
 
 async fn blocking<T: Send + 'static>(

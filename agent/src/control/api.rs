@@ -81,17 +81,7 @@ pub struct ApiError(u16, &'static str, String);
 
 impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> Self {
-        // The whole cause chain, once.
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            let t = s.to_string();
-            if !msg.contains(&t) {
-                msg.push_str(": ");
-                msg.push_str(&t);
-            }
-            src = s.source();
-        }
+        let msg = super::error_chain(&e);
         if e.status() >= 500 {
             tracing::error!(error = %msg, "request failed");
         }
