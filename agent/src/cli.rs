@@ -18,11 +18,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::control::agent::{
-    ConsoleChunk, HostInfo, SaveOutcome, VerifyOutcome, VmInfo, VmSummary,
+    ConsoleChunk, HostInfo, MigrateRequest, SaveOutcome, VerifyOutcome, VmInfo, VmSummary,
 };
 use crate::control::api::{CreateRequest, RestoreRequest, SaveRequest};
 use crate::control::client::{Client, ClientError};
 use crate::control::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
+use crate::migrate::{MigrateOptions, MigrationRecord, Phase};
 use crate::vm::{GuestKind, Profile, RawMode, RawParams, WorkloadParams};
 
 /// Default root of the lab made by `cargo xtask lab up`.
@@ -62,6 +63,50 @@ pub enum Command {
     /// Create, run, inspect, save and restore VMs
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Live-migrate a running VM to a peer agent (or cancel a migration)
+    Migrate(MigrateArgs),
+    /// List running and past migrations, or show one
+    Migrations {
+        /// A migration id (m-...)
+        id: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The VM to move
+    #[arg(required_unless_present = "cancel")]
+    pub vm: Option<String>,
+    /// The peer: a name from the config's [peers] or a management address
+    #[arg(long, required_unless_present = "cancel", value_name = "PEER")]
+    pub to: Option<String>,
+    /// Cancel the running migration ID instead (the guest stays on the source)
+    #[arg(long, value_name = "ID", conflicts_with_all = ["vm", "to"])]
+    pub cancel: Option<String>,
+    /// Return at once with the migration id instead of showing progress
+    #[arg(long)]
+    pub detach: bool,
+    /// Compare a digest of all guest memory at the pause with the destination's before it resumes
+    #[arg(long)]
+    pub verify: bool,
+    /// Parallel data streams [default: one per core, at most 4]
+    #[arg(long, default_value_t = 0)]
+    pub streams: u32,
+    /// Downtime target in milliseconds [default: 5]
+    #[arg(long, value_name = "MS")]
+    pub downtime_ms: Option<f64>,
+    /// Give up after this many seconds [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub max_time: Option<f64>,
+    /// Give up after this many rounds [default: no limit]
+    #[arg(long, value_name = "N")]
+    pub max_rounds: Option<u32>,
+    /// Do not throttle a guest whose rounds stop shrinking
+    #[arg(long)]
+    pub no_auto_converge: bool,
+    /// Delta cache size in percent of guest memory [default: 5]
+    #[arg(long, value_name = "PERCENT")]
+    pub cache_percent: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -335,7 +380,272 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Vm(v) => run_vm(&cli, v),
+        Command::Migrate(m) => run_migrate(&cli, m),
+        Command::Migrations { id } => {
+            let c = Client::new(socket_path(&cli));
+            match id {
+                Some(id) => {
+                    let r: MigrationRecord = c.get(&format!("/v1/migrations/{}", enc(id)))?;
+                    out(&cli, &r, human_record);
+                }
+                None => {
+                    let l: Vec<MigrationRecord> = c.get("/v1/migrations")?;
+                    out(&cli, &l, |l| {
+                        let mut s = format!(
+                            "{:<12} {:<4} {:<16} {:<16} {:<10} {:>8} {:>10} {:>6}  {}\n",
+                            "ID",
+                            "DIR",
+                            "VM",
+                            "PEER",
+                            "PHASE",
+                            "TIME",
+                            "DOWNTIME",
+                            "ROUND",
+                            "RESULT"
+                        );
+                        for r in l {
+                            let down = r
+                                .summary
+                                .as_ref()
+                                .filter(|_| r.direction == "out")
+                                .map(|s| format!("{:.1} ms", s.downtime.total_ms))
+                                .unwrap_or_else(|| "-".into());
+                            s += &format!(
+                                "{:<12} {:<4} {:<16} {:<16} {:<10} {:>7.1}s {:>10} {:>6}  {}\n",
+                                r.id,
+                                r.direction,
+                                r.vm,
+                                r.peer.chars().take(16).collect::<String>(),
+                                format!("{:?}", r.phase).to_lowercase(),
+                                r.elapsed_s,
+                                down,
+                                r.round,
+                                r.error
+                                    .as_deref()
+                                    .unwrap_or(if r.phase == Phase::Completed {
+                                        "ok"
+                                    } else {
+                                        ""
+                                    })
+                            );
+                        }
+                        s
+                    });
+                }
+            }
+            Ok(())
+        }
     }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
+    let c = Client::new(socket_path(cli));
+    if let Some(id) = &m.cancel {
+        let r: MigrationRecord = c.post_empty(&format!("/v1/migrations/{}/cancel", enc(id)))?;
+        out(cli, &r, |r| format!("cancelling {} ({})\n", r.id, r.vm));
+        return Ok(());
+    }
+    let (Some(vm), Some(to)) = (&m.vm, &m.to) else {
+        return Err(Failure {
+            code: 2,
+            message: "give the VM and --to PEER (or --cancel ID)".into(),
+        });
+    };
+    let mut options = MigrateOptions {
+        streams: m.streams,
+        verify: m.verify,
+        ..MigrateOptions::default()
+    };
+    if let Some(p) = m.cache_percent {
+        options.cache_percent = p;
+    }
+    if let Some(d) = m.downtime_ms {
+        options.policy.downtime_target_ms = d;
+    }
+    if let Some(t) = m.max_time {
+        options.policy.max_time_s = t;
+    }
+    if let Some(r) = m.max_rounds {
+        options.policy.max_rounds = r;
+    }
+    options.policy.auto_converge = !m.no_auto_converge;
+    let started: MigrationRecord = c.post(
+        "/v1/migrations",
+        &MigrateRequest {
+            vm: vm.clone(),
+            to: to.clone(),
+            options,
+        },
+    )?;
+    if m.detach {
+        out(cli, &started, |r| {
+            format!(
+                "migrating {} to {} as {} (follow it with `ferry migrations {}`)\n",
+                r.vm, r.peer, r.id, r.id
+            )
+        });
+        return Ok(());
+    }
+    let path = format!("/v1/migrations/{}", enc(&started.id));
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_line = std::time::Instant::now() - Duration::from_secs(10);
+    let rec = loop {
+        let r: MigrationRecord = c.get(&path)?;
+        if r.phase.finished() {
+            break r;
+        }
+        if cli.json {
+            println!(
+                "{}",
+                serde_json::json!({ "event": "progress", "migration": r })
+            );
+        } else if tty || last_line.elapsed() >= Duration::from_secs(1) {
+            let line = format!(
+                "{} {:<10} round {:<3} {:>9} pages left {:>9.1} MiB/s  ETA {:>6}  throttle {:>2} %",
+                r.id,
+                format!("{:?}", r.phase).to_lowercase(),
+                r.round,
+                r.pages_left,
+                r.rate_mib_s,
+                r.eta_s.map_or("-".into(), |e| format!("{e:.1}s")),
+                r.throttle
+            );
+            if tty {
+                eprint!("\r\x1b[K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            last_line = std::time::Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if tty && !cli.json {
+        eprint!("\r\x1b[K");
+    }
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({ "event": "result", "migration": rec })
+        );
+    } else {
+        print!("{}", human_record(&rec));
+    }
+    if rec.phase == Phase::Completed {
+        Ok(())
+    } else {
+        Err(fail(format!(
+            "migration {} {}: {}",
+            rec.id,
+            format!("{:?}", rec.phase).to_lowercase(),
+            rec.error.as_deref().unwrap_or("no reason given")
+        )))
+    }
+}
+
+fn mib(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
+fn human_record(r: &MigrationRecord) -> String {
+    let mut s = String::new();
+    let phase = format!("{:?}", r.phase).to_lowercase();
+    match (&r.summary, r.phase) {
+        (Some(sm), Phase::Completed) if r.direction == "out" => {
+            let d = &sm.downtime;
+            s += &format!(
+                "migrated {} to {} in {:.2} s ({})\n",
+                r.vm, r.peer, sm.total_s, r.id
+            );
+            s += &format!(
+                "  downtime      {:.2} ms (final pages {:.2}, state {:.2}, prepare {:.2}, resume {:.2}{})\n",
+                d.total_ms,
+                d.final_pages_ms,
+                d.state_ms,
+                d.prepare_ms,
+                d.resume_ms,
+                if d.verify_ms > 0.0 {
+                    format!("; of which --verify digests {:.2}", d.verify_ms)
+                } else {
+                    String::new()
+                }
+            );
+            if let Some(p) = sm.guest_pause_ms {
+                s += &format!("  guest pause   {p:.2} ms (largest heartbeat gap the guest saw)\n");
+            }
+            let pages: Vec<String> = sm.rounds.iter().map(|x| x.pages.to_string()).collect();
+            s += &format!(
+                "  rounds        {} (pages: {})\n",
+                sm.rounds.len(),
+                pages.join(", ")
+            );
+            let ratio = if sm.wire_bytes > 0 {
+                sm.guest_bytes as f64 / sm.wire_bytes as f64
+            } else {
+                0.0
+            };
+            s += &format!(
+                "  memory        {} of guest pages, {} on the wire (ratio {:.1}x), {} pages never touched or zero skipped\n",
+                mib(sm.guest_bytes),
+                mib(sm.wire_bytes),
+                ratio,
+                sm.skipped_pages
+            );
+            let e = &sm.encodings;
+            s += &format!(
+                "  encodings     zero {} | lz4 {} ({}) | delta {} ({}) | raw {} ({})\n",
+                e.zero.pages,
+                e.lz4.pages,
+                mib(e.lz4.bytes),
+                e.delta.pages,
+                mib(e.delta.bytes),
+                e.raw.pages,
+                mib(e.raw.bytes)
+            );
+            s += &format!(
+                "  streams       {}, max throttle {} %\n",
+                sm.streams, sm.max_throttle
+            );
+            if sm.verified {
+                s += &format!(
+                    "  verified      memory digest equal ({})\n",
+                    sm.digest.as_deref().unwrap_or("")
+                );
+            }
+        }
+        _ => {
+            s += &format!(
+                "{} {} {} {} {}: {} after {:.1} s, round {}\n",
+                r.id,
+                r.direction,
+                r.vm,
+                if r.direction == "out" { "to" } else { "from" },
+                r.peer,
+                phase,
+                r.elapsed_s,
+                r.round
+            );
+            if let Some(e) = &r.error {
+                s += &format!("  reason: {e}\n");
+            }
+        }
+    }
+    s
 }
 
 fn init_logging(format: LogFormat) {

@@ -4,10 +4,12 @@
 //!
 //! - [`vm`]: the KVM guest runtime (memory + dirty log, vCPU threads, devices, state).
 //! - [`control`]: the agent daemon, its configuration and its local HTTP/JSON API.
+//! - [`migrate`]: live migration (engine, codec, wire protocol, convergence).
 //! - [`cli`]: the `ferry` command line, a client of that API.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
 pub mod control;
+pub mod migrate;
 pub mod vm;

@@ -12,7 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::migrate::dest::Host;
+use crate::migrate::source::{self, SourceJob};
+use crate::migrate::{self as mig, MigrateOptions, MigrationHandle, MigrationRecord};
 use crate::vm::devices::ExitStats;
+use crate::vm::memory::RegionLayout;
 use crate::vm::snapshot::{self, SaveReport, SnapshotError};
 use crate::vm::workload::{self, Heartbeat};
 use crate::vm::{GuestKind, Hypervisor, Vm, VmError, VmSpec, VmStatus};
@@ -120,12 +124,46 @@ struct Sample {
 pub struct VmEntry {
     name: String,
     vm: Mutex<Arc<Vm>>,
-    op: tokio::sync::Mutex<()>,
+    op: Arc<tokio::sync::Mutex<()>>,
     created: SystemTime,
     samples: Mutex<(Option<Sample>, Option<Sample>)>,
+    /// "out m-…" or "in m-…" while the VM migrates.
+    migration: Mutex<Option<String>>,
 }
 
 impl VmEntry {
+    fn migration(&self) -> Option<String> {
+        self.migration.lock().ok().and_then(|m| m.clone())
+    }
+
+    fn set_migration(&self, m: Option<String>) {
+        if let Ok(mut g) = self.migration.lock() {
+            *g = m;
+        }
+    }
+
+    /// Refuse operations while the VM migrates.
+    fn not_migrating(&self) -> Result<(), AgentError> {
+        match self.migration() {
+            None => Ok(()),
+            Some(m) => Err(AgentError::Conflict(format!(
+                "{} is migrating ({m}); wait for it to finish{}",
+                self.name,
+                m.strip_prefix("out ")
+                    .map(|id| format!(" or cancel it with `ferry migrate --cancel {id}`"))
+                    .unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// Take the operation lock for a user operation.
+    async fn begin(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, AgentError> {
+        self.not_migrating()?;
+        let g = self.op.clone().lock_owned().await;
+        self.not_migrating()?;
+        Ok(g)
+    }
+
     fn vm(&self) -> Arc<Vm> {
         match self.vm.lock() {
             Ok(g) => g.clone(),
@@ -202,6 +240,8 @@ impl VmEntry {
 pub struct VmSummary {
     pub name: String,
     pub state: VmStatus,
+    /// "out m-…" / "in m-…" while migrating.
+    pub migration: Option<String>,
     pub kind: String,
     pub memory_mib: u64,
     pub vcpus: u32,
@@ -212,6 +252,8 @@ pub struct VmSummary {
 pub struct VmInfo {
     pub name: String,
     pub state: VmStatus,
+    /// "out m-…" / "in m-…" while migrating.
+    pub migration: Option<String>,
     pub spec: VmSpec,
     /// Seconds since the Unix epoch when the VM was created on this host.
     pub created_unix: u64,
@@ -264,7 +306,14 @@ pub struct Agent {
     vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
     /// Memory promised to VMs being created (counted before they appear in `vms`).
     reserving: Mutex<u64>,
+    /// Migrations, newest last (the last [`MIGRATIONS_KEPT`]).
+    migrations: Mutex<std::collections::VecDeque<Arc<MigrationHandle>>>,
+    /// Owned op locks of VMs arriving by migration, held until they are committed or gone.
+    incoming_ops: Mutex<BTreeMap<String, tokio::sync::OwnedMutexGuard<()>>>,
 }
+
+/// How many finished migrations `ferry migrations` remembers.
+pub const MIGRATIONS_KEPT: usize = 100;
 
 /// /proc/meminfo values in MiB: (total, available).
 pub fn host_memory() -> (u64, u64) {
@@ -286,6 +335,8 @@ impl Agent {
             hv,
             vms: Mutex::new(BTreeMap::new()),
             reserving: Mutex::new(0),
+            migrations: Mutex::new(std::collections::VecDeque::new()),
+            incoming_ops: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -368,9 +419,10 @@ impl Agent {
         let entry = Arc::new(VmEntry {
             name: name.clone(),
             vm: Mutex::new(Arc::new(vm)),
-            op: tokio::sync::Mutex::new(()),
+            op: Arc::new(tokio::sync::Mutex::new(())),
             created: SystemTime::now(),
             samples: Mutex::new((None, None)),
+            migration: Mutex::new(None),
         });
         let mut m = self
             .vms
@@ -413,6 +465,7 @@ impl Agent {
                 VmSummary {
                     name: e.name.clone(),
                     state: vm.status(),
+                    migration: e.migration(),
                     kind: vm.spec.kind.name().into(),
                     memory_mib: vm.spec.memory_mib,
                     vcpus: vm.spec.vcpus,
@@ -472,6 +525,7 @@ impl Agent {
         VmInfo {
             name: e.name.clone(),
             state: vm.status(),
+            migration: e.migration(),
             spec: vm.spec.clone(),
             created_unix: e
                 .created
@@ -494,7 +548,7 @@ impl Agent {
     /// Start a created or paused VM; a stopped or crashed one boots afresh from its spec.
     pub async fn start(&self, name: &str) -> Result<VmInfo, AgentError> {
         let e = self.entry(name)?;
-        let _op = e.op.lock().await;
+        let _op = e.begin().await?;
         let vm = e.vm();
         match vm.status() {
             VmStatus::Stopped | VmStatus::Crashed => {
@@ -514,7 +568,7 @@ impl Agent {
 
     pub async fn pause(&self, name: &str) -> Result<VmInfo, AgentError> {
         let e = self.entry(name)?;
-        let _op = e.op.lock().await;
+        let _op = e.begin().await?;
         let vm = e.vm();
         blocking(move || vm.pause().map(|_| ()).map_err(AgentError::from)).await?;
         Ok(self.info(&e))
@@ -522,14 +576,14 @@ impl Agent {
 
     pub async fn resume(&self, name: &str) -> Result<VmInfo, AgentError> {
         let e = self.entry(name)?;
-        let _op = e.op.lock().await;
+        let _op = e.begin().await?;
         e.vm().resume()?;
         Ok(self.info(&e))
     }
 
     pub async fn stop(&self, name: &str) -> Result<VmInfo, AgentError> {
         let e = self.entry(name)?;
-        let _op = e.op.lock().await;
+        let _op = e.begin().await?;
         let vm = e.vm();
         blocking(move || {
             vm.stop();
@@ -541,7 +595,7 @@ impl Agent {
 
     pub async fn destroy(&self, name: &str) -> Result<(), AgentError> {
         let e = self.entry(name)?;
-        let _op = e.op.lock().await;
+        let _op = e.begin().await?;
         if let Ok(mut m) = self.vms.lock() {
             m.remove(name);
         }
@@ -575,7 +629,7 @@ impl Agent {
     pub async fn save(&self, name: &str, dir: PathBuf) -> Result<SaveOutcome, AgentError> {
         require_absolute(&dir)?;
         let e = self.entry(name)?;
-        let _op = e.op.lock().await;
+        let _op = e.begin().await?;
         let vm = e.vm();
         blocking(move || {
             let was_running = vm.status() == VmStatus::Running;
@@ -624,7 +678,7 @@ impl Agent {
     /// Memory digest of a paused VM.
     pub async fn digest(&self, name: &str) -> Result<String, AgentError> {
         let e = self.entry(name)?;
-        let _op = e.op.lock().await;
+        let _op = e.begin().await?;
         let vm = e.vm();
         blocking(move || snapshot::memory_digest(&vm).map_err(AgentError::from)).await
     }
@@ -632,7 +686,7 @@ impl Agent {
     /// Verify a paused workload guest's memory against its heartbeats.
     pub async fn verify(&self, name: &str) -> Result<VerifyOutcome, AgentError> {
         let e = self.entry(name)?;
-        let _op = e.op.lock().await;
+        let _op = e.begin().await?;
         let vm = e.vm();
         let GuestKind::Workload(p) = vm.spec.kind.clone() else {
             return Err(AgentError::Invalid(format!(
@@ -683,6 +737,221 @@ impl Agent {
     /// Path helper for messages.
     pub fn socket(&self) -> &Path {
         &self.config.agent.socket
+    }
+}
+
+/// Body of `POST /v1/migrations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    pub vm: String,
+    /// A name from `[peers]` or a management address (`198.18.0.2` or `198.18.0.2:7720`).
+    pub to: String,
+    #[serde(default)]
+    pub options: MigrateOptions,
+}
+
+impl Agent {
+    fn register_migration(&self, h: Arc<MigrationHandle>) {
+        if let Ok(mut m) = self.migrations.lock() {
+            m.push_back(h);
+            while m.len() > MIGRATIONS_KEPT {
+                // Drop the oldest finished one.
+                match m.iter().position(|x| x.record().phase.finished()) {
+                    Some(i) => {
+                        m.remove(i);
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    pub fn migrations(&self) -> Vec<MigrationRecord> {
+        self.migrations
+            .lock()
+            .map(|m| m.iter().map(|h| h.record()).collect())
+            .unwrap_or_default()
+    }
+
+    fn migration_handle(&self, id: &str) -> Result<Arc<MigrationHandle>, AgentError> {
+        self.migrations
+            .lock()
+            .ok()
+            .and_then(|m| m.iter().find(|h| h.id == id).cloned())
+            .ok_or_else(|| {
+                AgentError::NotFound(format!("migration {id} (`ferry migrations` lists them)"))
+            })
+    }
+
+    pub fn migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
+        Ok(self.migration_handle(id)?.record())
+    }
+
+    /// Ask a running outgoing migration to stop; the guest stays here.
+    pub fn cancel_migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
+        let h = self.migration_handle(id)?;
+        let r = h.record();
+        if r.direction != "out" {
+            return Err(AgentError::Conflict(format!(
+                "{id} is an incoming migration; cancel it on the source agent"
+            )));
+        }
+        if r.phase.finished() {
+            return Err(AgentError::Conflict(format!(
+                "{id} has already ended ({:?})",
+                r.phase
+            )));
+        }
+        if matches!(r.phase, mig::Phase::Committed) {
+            return Err(AgentError::Conflict(format!(
+                "{id} is past its commit point; it can no longer be cancelled"
+            )));
+        }
+        h.cancel();
+        Ok(h.record())
+    }
+
+    fn peer_addr(&self, to: &str) -> Result<std::net::SocketAddr, AgentError> {
+        let port = crate::control::config::DEFAULT_MANAGEMENT_PORT;
+        let text = self.config.peers.get(to).map_or(to, String::as_str);
+        crate::migrate::transport::parse_addr(text, port).map_err(AgentError::Invalid)
+    }
+
+    /// Start migrating a running VM to a peer; returns at once with the migration's record.
+    pub async fn start_migration(
+        self: &Arc<Self>,
+        req: MigrateRequest,
+    ) -> Result<MigrationRecord, AgentError> {
+        req.options.validate().map_err(AgentError::Invalid)?;
+        let mig_cfg = self.config.migration.clone().ok_or_else(|| {
+            AgentError::Invalid(
+                "migration is not configured on this host: add a [migration] section with its address".into(),
+            )
+        })?;
+        if !mig_cfg.enabled {
+            return Err(AgentError::Invalid(
+                "migration is disabled on this host ([migration] enabled = false)".into(),
+            ));
+        }
+        let peer = self.peer_addr(&req.to)?;
+        let e = self.entry(&req.vm)?;
+        e.not_migrating()?;
+        let guard = e.op.clone().try_lock_owned().map_err(|_| {
+            AgentError::Conflict(format!(
+                "{} is busy with another operation; try again when it is done",
+                req.vm
+            ))
+        })?;
+        let vm = e.vm();
+        let st = vm.status();
+        if st != VmStatus::Running {
+            return Err(AgentError::Conflict(format!(
+                "{} is {st}; only a running VM migrates live (resume or start it first)",
+                req.vm
+            )));
+        }
+        let handle = Arc::new(MigrationHandle::new(mig::new_id(), &req.vm, "out", &req.to));
+        self.register_migration(handle.clone());
+        e.set_migration(Some(format!("out {}", handle.id)));
+        let job = SourceJob {
+            handle: handle.clone(),
+            vm,
+            peer,
+            local_migration: mig_cfg.address,
+            agent_name: self.config.agent.name.clone(),
+            options: req.options,
+        };
+        tracing::info!(vm = %req.vm, id = %handle.id, to = %req.to, peer = %peer, "migration starting");
+        let agent = self.clone();
+        let entry = e.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("mig-{}", handle.id))
+            .spawn(move || {
+                let span = tracing::info_span!("migration", id = %job.handle.id, vm = %job.vm.spec.name);
+                let _s = span.enter();
+                let _guard = guard;
+                match source::run(&job) {
+                    Ok(summary) => {
+                        // The destination runs the guest: this copy goes.
+                        job.vm.stop();
+                        if let Ok(mut m) = agent.vms.lock() {
+                            m.remove(&job.vm.spec.name);
+                        }
+                        job.handle.complete(summary);
+                    }
+                    Err(f) => {
+                        if f.after_commit {
+                            tracing::error!(error = %crate::control::error_chain(&f.error), "no answer after the commit: this copy stays paused; the destination may own the guest");
+                        }
+                        job.handle.fail(&f.error);
+                        entry.set_migration(None);
+                    }
+                }
+            });
+        if let Err(err) = spawned {
+            e.set_migration(None);
+            let me = mig::MigrateError::Other(format!("cannot start the migration thread: {err}"));
+            handle.fail(&me);
+            return Err(AgentError::Internal(me.to_string()));
+        }
+        Ok(handle.record())
+    }
+}
+
+impl Host for Agent {
+    fn name(&self) -> String {
+        self.config.agent.name.clone()
+    }
+
+    fn migration_addr(&self) -> Result<std::net::IpAddr, String> {
+        match &self.config.migration {
+            Some(m) if m.enabled => Ok(m.address),
+            Some(_) => Err(format!(
+                "migration is disabled on {} ([migration] enabled = false)",
+                self.config.agent.name
+            )),
+            None => Err(format!(
+                "migration is not configured on {} (no [migration] section)",
+                self.config.agent.name
+            )),
+        }
+    }
+
+    fn create_incoming(
+        &self,
+        spec: &VmSpec,
+        regions: &[RegionLayout],
+        handle: &Arc<MigrationHandle>,
+    ) -> Result<Arc<Vm>, String> {
+        self.check_new_name(&spec.name).map_err(|e| e.to_string())?;
+        let _r = self.reserve(spec.memory_mib).map_err(|e| e.to_string())?;
+        let vm = Vm::create_empty(&self.hv, spec.clone(), regions).map_err(|e| e.to_string())?;
+        let e = self.insert(vm).map_err(|e| e.to_string())?;
+        e.set_migration(Some(format!("in {}", handle.id)));
+        if let (Ok(g), Ok(mut m)) = (e.op.clone().try_lock_owned(), self.incoming_ops.lock()) {
+            m.insert(spec.name.clone(), g);
+        }
+        Ok(e.vm())
+    }
+
+    fn incoming_done(&self, name: &str, ok: bool) {
+        if let Ok(mut m) = self.incoming_ops.lock() {
+            m.remove(name);
+        }
+        let Ok(e) = self.entry(name) else { return };
+        e.set_migration(None);
+        if !ok {
+            if let Ok(mut m) = self.vms.lock() {
+                m.remove(name);
+            }
+            e.vm().stop();
+            tracing::info!(vm = name, "incoming VM removed after a failed migration");
+        }
+    }
+
+    fn register(&self, handle: Arc<MigrationHandle>) {
+        self.register_migration(handle);
     }
 }
 

@@ -13,6 +13,10 @@
 //! | GET | `/v1/vms/{name}/digest` | | `{"digest": "crc32c:..."}` (paused VMs) |
 //! | POST | `/v1/vms/{name}/verify` | | [`VerifyOutcome`] (paused workload VMs) |
 //! | POST | `/v1/restore` | `{"dir": "/abs/path", "name": null, "paused": false}` | 201 [`VmInfo`] |
+//! | POST | `/v1/migrations` | [`MigrateRequest`] | 201 [`MigrationRecord`] (runs in the background) |
+//! | GET | `/v1/migrations` | | `[MigrationRecord]` (running and past, both directions) |
+//! | GET | `/v1/migrations/{id}` | | [`MigrationRecord`] (progress, then summary or error) |
+//! | POST | `/v1/migrations/{id}/cancel` | | [`MigrationRecord`] |
 //!
 //! Errors are `{"error": {"status": 404, "code": "not_found", "message": "..."}}` with a 4xx
 //! status for requests that are wrong (malformed JSON with its line and column, unknown fields,
@@ -30,9 +34,10 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::agent::{Agent, AgentError};
+use super::agent::{Agent, AgentError, MigrateRequest};
 #[allow(unused_imports)]
 use super::agent::{ConsoleChunk, HostInfo, SaveOutcome, VerifyOutcome, VmInfo};
+use crate::migrate::MigrationRecord;
 use crate::vm::{GuestKind, VmSpec};
 
 /// Body of `POST /v1/vms`.
@@ -135,6 +140,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/digest", get(digest))
         .route("/v1/vms/{name}/verify", post(verify))
         .route("/v1/restore", post(restore))
+        .route("/v1/migrations", get(migrations).post(migrate))
+        .route("/v1/migrations/{id}", get(migration))
+        .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .fallback(|| async {
             ApiError(
                 404,
@@ -245,4 +253,28 @@ async fn restore(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<impl Int
     let req: RestoreRequest = parse(&body)?;
     let info = a.restore(req.dir, req.name, req.paused).await?;
     Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn migrations(State(a): State<Arc<Agent>>) -> impl IntoResponse {
+    Json(a.migrations())
+}
+
+async fn migrate(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<impl IntoResponse> {
+    let req: MigrateRequest = parse(&body)?;
+    let rec = a.start_migration(req).await?;
+    Ok((StatusCode::CREATED, Json(rec)))
+}
+
+async fn migration(
+    State(a): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<MigrationRecord>> {
+    Ok(Json(a.migration(&id)?))
+}
+
+async fn cancel_migration(
+    State(a): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<MigrationRecord>> {
+    Ok(Json(a.cancel_migration(&id)?))
 }

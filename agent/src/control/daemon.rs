@@ -25,6 +25,12 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen for peer agents on {addr} ([management] address and port): {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("API server failed: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -90,6 +96,36 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         version = env!("CARGO_PKG_VERSION"),
         "agent ready"
     );
+
+    if let Some(m) = &agent.config.management {
+        let addr = std::net::SocketAddr::new(m.address, m.port);
+        let l = std::net::TcpListener::bind(addr)
+            .map_err(|source| DaemonError::Listen { addr, source })?;
+        let a = agent.clone();
+        std::thread::Builder::new()
+            .name("peer-listener".into())
+            .spawn(move || {
+                for conn in l.incoming() {
+                    match conn {
+                        Ok(c) => {
+                            let host: Arc<dyn crate::migrate::dest::Host> = a.clone();
+                            let spawned = std::thread::Builder::new()
+                                .name("mig-in".into())
+                                .spawn(move || crate::migrate::dest::serve(c, host));
+                            if let Err(e) = spawned {
+                                tracing::error!(error = %e, "cannot start a thread for an incoming migration");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accepting a peer connection failed");
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
+                    }
+                }
+            })
+            .map_err(|source| DaemonError::Listen { addr, source })?;
+        tracing::info!(%addr, "listening for peer agents");
+    }
 
     let sampler = {
         let agent = agent.clone();

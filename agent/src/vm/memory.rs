@@ -219,7 +219,13 @@ impl GuestMemory {
     pub fn new(vm: Arc<VmFd>, layout: &[RegionLayout]) -> Result<Self, MemoryError> {
         let mut regions = Vec::with_capacity(layout.len());
         for (slot, l) in layout.iter().enumerate() {
-            if l.size == 0 || l.size % PAGE_SIZE != 0 || l.gpa % PAGE_SIZE != 0 {
+            if l.size == 0
+                || !l.size.is_multiple_of(PAGE_SIZE)
+                || !l.gpa.is_multiple_of(PAGE_SIZE)
+                || l.gpa
+                    .checked_add(l.size)
+                    .is_none_or(|end| end > super::x86::MAX_MAPPED)
+            {
                 return Err(MemoryError::BadSize(l.size));
             }
             // SAFETY: a fresh private anonymous mapping; no existing memory is affected. The
@@ -364,6 +370,43 @@ impl GuestMemory {
         }
     }
 
+    /// Pages that have ever been touched (present or swapped out), from /proc/self/pagemap.
+    /// Pages never touched read as zero and need not be copied. Where pagemap cannot be read,
+    /// every page is reported.
+    pub fn populated(&self) -> DirtyBitmap {
+        let pagemap = std::fs::File::open("/proc/self/pagemap").ok();
+        let mut out = Vec::with_capacity(self.regions.len());
+        for r in &self.regions {
+            let mut bm = RegionBitmap::empty(r.layout);
+            let pages = r.layout.pages();
+            let base = r.host.as_ptr() as u64 / PAGE_SIZE;
+            let ok = pagemap.as_ref().is_some_and(|f| {
+                use std::os::unix::fs::FileExt;
+                const CHUNK: u64 = 4096;
+                let mut buf = vec![0u8; (CHUNK * 8) as usize];
+                let mut p = 0;
+                while p < pages {
+                    let n = CHUNK.min(pages - p);
+                    let bytes = &mut buf[..(n * 8) as usize];
+                    if f.read_exact_at(bytes, (base + p) * 8).is_err() {
+                        return false;
+                    }
+                    for (k, e) in bytes.chunks_exact(8).enumerate() {
+                        let v = u64::from_le_bytes(e.try_into().unwrap_or([0; 8]));
+                        // bit 63: present, bit 62: swapped.
+                        if v & (3 << 62) != 0 {
+                            bm.set(p + k as u64);
+                        }
+                    }
+                    p += n;
+                }
+                true
+            });
+            out.push(if ok { bm } else { RegionBitmap::full(r.layout) });
+        }
+        DirtyBitmap { regions: out }
+    }
+
     fn find(&self, gpa: u64, len: u64) -> Result<(&Region, u64), MemoryError> {
         for r in &self.regions {
             if gpa >= r.layout.gpa
@@ -417,6 +460,31 @@ impl GuestMemory {
             );
         }
         Self::mark_range(r, off, data.len() as u64);
+        Ok(())
+    }
+
+    /// Make a page-aligned range zero by giving its memory back to the host
+    /// (`MADV_DONTNEED`): it reads as zero and is no longer populated. Marks it dirty.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::OutOfRange { gpa, len });
+        }
+        let (r, off) = self.find(gpa, len)?;
+        // SAFETY: the range was bounds-checked by `find` and is page-aligned; MADV_DONTNEED on a
+        // private anonymous mapping only replaces its pages with zero-fill-on-demand ones.
+        let rc = unsafe {
+            libc::madvise(
+                r.host.as_ptr().add(off as usize).cast(),
+                len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            // Fall back to writing zeros.
+            let zeros = vec![0u8; len as usize];
+            return self.write(gpa, &zeros);
+        }
+        Self::mark_range(r, off, len);
         Ok(())
     }
 

@@ -332,6 +332,7 @@ impl Vm {
         let shared = Arc::new(VmShared {
             devices: Arc::new(Devices::new(&spec.name, yield_port)),
             tsc_khz: hv.tsc_khz,
+            throttle: std::sync::atomic::AtomicU8::new(0),
             fault: Mutex::new(None),
             vcpus: OnceLock::new(),
         });
@@ -411,7 +412,24 @@ impl Vm {
                 state.spec.vcpus
             )));
         }
-        let (mut vm, fds) = Self::build(hv, state.spec.clone(), &state.regions)?;
+        Self::create_empty(hv, state.spec.clone(), &state.regions)
+    }
+
+    /// Create a VM of a given shape with empty memory and parked vCPUs (an incoming
+    /// migration's destination).
+    pub fn create_empty(
+        hv: &Hypervisor,
+        spec: VmSpec,
+        regions: &[RegionLayout],
+    ) -> Result<Vm, VmError> {
+        let total: u64 = regions.iter().map(|r| r.size).sum();
+        if total != spec.memory_mib << 20 {
+            return Err(VmError::Mismatch(format!(
+                "regions hold {total} bytes but the VM has {} MiB",
+                spec.memory_mib
+            )));
+        }
+        let (mut vm, fds) = Self::build(hv, spec, regions)?;
         vm.spawn(hv, fds)?;
         Ok(vm)
     }
@@ -563,6 +581,36 @@ impl Vm {
     /// How long the last pause took.
     pub fn last_pause(&self) -> Duration {
         Duration::from_nanos(self.last_pause_ns.load(Ordering::Relaxed))
+    }
+
+    /// Auto-converge: hold the vCPUs back `pct` % of the time (0 turns it off; at most 99).
+    pub fn set_throttle(&self, pct: u8) {
+        let pct = pct.min(99);
+        let before = self.shared.throttle.swap(pct, Ordering::SeqCst);
+        if pct > 0 && before == 0 {
+            // The kicker makes even a guest that never exits reach its throttle point.
+            let weak = Arc::downgrade(&self.shared);
+            let spawned = std::thread::Builder::new()
+                .name(format!("throttle-{}", self.spec.name))
+                .spawn(move || loop {
+                    std::thread::sleep(vcpu::THROTTLE_PERIOD / 2);
+                    let Some(vm) = weak.upgrade() else { return };
+                    if vm.throttle.load(Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                    vcpu::kick_all(&vm);
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(vm = %self.spec.name, error = %e, "cannot start the throttle thread; throttling only at guest exits");
+            }
+        }
+        if pct != before {
+            tracing::info!(vm = %self.spec.name, throttle_pct = pct, "vCPU throttle changed");
+        }
+    }
+
+    pub fn throttle(&self) -> u8 {
+        self.shared.throttle.load(Ordering::SeqCst)
     }
 
     /// The guest's TSC frequency as the agent paces it.

@@ -119,6 +119,8 @@ pub struct Fault {
 pub struct VmShared {
     pub devices: Arc<Devices>,
     pub tsc_khz: u32,
+    /// Auto-converge: percent of each [`THROTTLE_PERIOD`] the vCPUs are held back (0 = off).
+    pub throttle: std::sync::atomic::AtomicU8,
     /// The first fault of any vCPU; the VM is `crashed` once set.
     pub fault: Mutex<Option<Fault>>,
     /// All vCPU handles, for the crash path to pause the siblings.
@@ -292,7 +294,9 @@ fn run_thread(mut fd: VcpuFd, me: Arc<VcpuShared>, msr_list: Arc<Vec<u32>>, vm: 
     KVM_RUN_PTR.with(|p| p.set(run_ptr));
     let span = tracing::debug_span!("vcpu", vm = %vm.devices.vm_name, id = me.id);
     let _e = span.enter();
+    let mut ran_since = Instant::now();
     loop {
+        throttle_point(&me, &vm, &mut ran_since);
         match me.want.load(Ordering::SeqCst) {
             WANT_RUN => {}
             WANT_STOP => break,
@@ -433,10 +437,44 @@ pub const YIELD_QUANTUM_US: u64 = 2_000;
 /// Longest sleep on a guest yield (an idle guest yields "forever").
 pub const YIELD_MAX_US: u64 = 20_000;
 
+/// The period auto-converge throttling works in: a vCPU throttled by p % runs (100 - p) % of
+/// each period and sleeps the rest. A kicker thread ([`kick_all`]) forces exits from guests
+/// that never exit on their own.
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+
+fn throttle_point(me: &VcpuShared, vm: &VmShared, ran_since: &mut Instant) {
+    let pct = u32::from(vm.throttle.load(Ordering::Relaxed).min(99));
+    if pct == 0 {
+        *ran_since = Instant::now();
+        return;
+    }
+    if ran_since.elapsed() < THROTTLE_PERIOD * (100 - pct) / 100 {
+        return;
+    }
+    sleep_interruptible(me, THROTTLE_PERIOD * pct / 100);
+    *ran_since = Instant::now();
+}
+
+/// Kick every vCPU of a VM out of KVM_RUN (they go straight back in unless told otherwise).
+pub fn kick_all(vm: &VmShared) {
+    if let Some(all) = vm.vcpus.get() {
+        for v in all {
+            v.kick();
+        }
+    }
+}
+
 /// The guest asked to wait `cycles` TSC cycles: sleep, but wake at once for a pause or stop.
 fn guest_yield(me: &VcpuShared, cycles: u32, tsc_khz: u32) {
     let us = u64::from(cycles) * 1000 / u64::from(tsc_khz.max(1));
-    let d = Duration::from_micros(us.clamp(YIELD_QUANTUM_US, YIELD_MAX_US));
+    sleep_interruptible(
+        me,
+        Duration::from_micros(us.clamp(YIELD_QUANTUM_US, YIELD_MAX_US)),
+    );
+}
+
+/// Sleep up to `d` on the vCPU's condition variable; a pause or stop request ends it early.
+fn sleep_interruptible(me: &VcpuShared, d: Duration) {
     let deadline = Instant::now() + d;
     let Ok(mut g) = me.ctl.lock() else { return };
     while me.want.load(Ordering::SeqCst) == WANT_RUN {

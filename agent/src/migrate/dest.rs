@@ -1,0 +1,446 @@
+//! The destination side: accepts a migration on the control connection, builds an empty VM of
+//! the same shape, applies pages per data stream, then state; resumes only on `Commit`.
+//!
+//! Receiver states (see the protocol diagram): `Handshake → SetUp → Receiving → Final →
+//! Prepared → Committed → Running`, or `Aborted` from anywhere before `Committed`, which
+//! destroys the incoming VM. A data stream that fails shuts the control connection down, so the
+//! control thread wakes up and aborts too.
+
+use std::io::BufReader;
+use std::net::{IpAddr, TcpStream};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::codec::{self, PAGE};
+use super::protocol::{
+    self, Abort, Command, Complete, FrameReader, FrameWriter, Hello, HelloAck, Observed, Prepared,
+    Ready, Resumed, RoundEnd, Setup, StreamHello,
+};
+use super::{transport, EncodingStats, MigrateError, MigrationHandle, Phase, Summary};
+use crate::vm::memory::{GuestMemory, RegionLayout};
+use crate::vm::state::VmState;
+use crate::vm::{snapshot, Vm, VmSpec};
+
+/// How long the source may stay silent during the handshake and the switchover.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for the data connections after `Ready`.
+const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the destination needs from its agent.
+pub trait Host: Send + Sync {
+    /// This agent's name.
+    fn name(&self) -> String;
+    /// This host's migration address, if migration is enabled here.
+    fn migration_addr(&self) -> Result<IpAddr, String>;
+    /// Create and register an empty VM for an incoming migration (refusing a taken name or a
+    /// lack of room with a message for the source).
+    fn create_incoming(
+        &self,
+        spec: &VmSpec,
+        regions: &[RegionLayout],
+        handle: &Arc<MigrationHandle>,
+    ) -> Result<Arc<Vm>, String>;
+    /// The incoming VM is running here now (`ok`), or the migration failed and it must go.
+    fn incoming_done(&self, name: &str, ok: bool);
+    /// Remember a migration for `ferry migrations`.
+    fn register(&self, handle: Arc<MigrationHandle>);
+}
+
+/// Destroys the incoming VM unless the migration got past the commit.
+struct IncomingGuard<'a> {
+    host: &'a dyn Host,
+    name: String,
+    armed: bool,
+}
+
+impl Drop for IncomingGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.host.incoming_done(&self.name, false);
+        }
+    }
+}
+
+enum StreamEvent {
+    Done {
+        stream: u32,
+        pages: u64,
+        enc: EncodingStats,
+        wire: u64,
+    },
+    Failed {
+        stream: u32,
+        error: String,
+    },
+}
+
+/// Serve one incoming control connection to its end.
+pub fn serve(conn: TcpStream, host: Arc<dyn Host>) {
+    let peer = conn
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    if let Err(e) = handle(conn, host.as_ref(), &peer) {
+        tracing::warn!(peer = %peer, error = %crate::control::error_chain(&e), "incoming migration failed");
+    }
+}
+
+fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateError> {
+    let _ = conn.set_nodelay(true);
+    let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let mut cw = FrameWriter::new(conn.try_clone().map_err(protocol::ProtocolError::from)?);
+    let mut cr = FrameReader::new(BufReader::new(
+        conn.try_clone().map_err(protocol::ProtocolError::from)?,
+    ));
+    let hello: Hello = cr.next()?.msg(Command::Hello)?;
+    let Some(version) = protocol::negotiate(
+        (hello.min_version, hello.max_version),
+        (protocol::MIN_VERSION, protocol::VERSION),
+    ) else {
+        let reason = format!(
+            "no common protocol version: the source speaks {}..={}, this agent {}..={}",
+            hello.min_version,
+            hello.max_version,
+            protocol::MIN_VERSION,
+            protocol::VERSION
+        );
+        let _ = cw.send_msg(
+            Command::Abort,
+            &Abort {
+                reason: reason.clone(),
+            },
+        );
+        return Err(MigrateError::Refused(reason));
+    };
+    cw.send_msg(
+        Command::HelloAck,
+        &HelloAck {
+            version,
+            agent: host.name(),
+        },
+    )?;
+    let setup: Setup = cr.next()?.msg(Command::Setup)?;
+    let handle = Arc::new(MigrationHandle::new(
+        setup.migration_id.clone(),
+        &setup.spec.name,
+        "in",
+        &format!("{} ({peer})", hello.agent),
+    ));
+    host.register(handle.clone());
+    let result = receive(&conn, &mut cw, &mut cr, host, &setup, &handle);
+    match &result {
+        Ok(summary) => handle.complete(summary.clone()),
+        Err(e) => {
+            // A refusal goes back in its own words; anything else with its cause chain.
+            let reason = match e {
+                MigrateError::Refused(r) => r.clone(),
+                other => crate::control::error_chain(other),
+            };
+            let _ = cw.send_msg(Command::Abort, &Abort { reason });
+            handle.fail(e);
+        }
+    }
+    result.map(|_| ())
+}
+
+fn refuse(reason: String) -> MigrateError {
+    MigrateError::Refused(reason)
+}
+
+fn receive(
+    conn: &TcpStream,
+    cw: &mut FrameWriter<TcpStream>,
+    cr: &mut FrameReader<BufReader<TcpStream>>,
+    host: &dyn Host,
+    setup: &Setup,
+    handle: &Arc<MigrationHandle>,
+) -> Result<Summary, MigrateError> {
+    let t0 = Instant::now();
+    let n = setup.streams;
+    if n == 0 || n > 64 {
+        return Err(refuse(format!(
+            "{n} data streams requested (1 to 64 allowed)"
+        )));
+    }
+    let local = host.migration_addr().map_err(refuse)?;
+    let vm = host
+        .create_incoming(&setup.spec, &setup.regions, handle)
+        .map_err(refuse)?;
+    let mut guard = IncomingGuard {
+        host,
+        name: setup.spec.name.clone(),
+        armed: true,
+    };
+    let listener = transport::listen(local).map_err(|e| {
+        refuse(format!(
+            "cannot listen on the migration address {local}: {e}"
+        ))
+    })?;
+    let data_addr = listener
+        .local_addr()
+        .map_err(protocol::ProtocolError::from)?;
+    let token = format!("{:016x}{:016x}", super::random_u64(), super::random_u64());
+    cw.send_msg(
+        Command::Ready,
+        &Ready {
+            data_addr: data_addr.to_string(),
+            token: token.clone(),
+        },
+    )?;
+
+    // Data connections: each must name this migration, the token, and a fresh index.
+    let deadline = Instant::now() + STREAMS_TIMEOUT;
+    let mut streams: Vec<Option<FrameReader<BufReader<TcpStream>>>> =
+        (0..n).map(|_| None).collect();
+    for _ in 0..n {
+        let s = transport::accept_until(&listener, deadline)
+            .map_err(|e| MigrateError::Other(format!("waiting for data connections: {e}")))?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, s));
+        let hello: StreamHello = r.next()?.msg(Command::StreamHello)?;
+        if hello.migration_id != setup.migration_id || hello.token != token {
+            return Err(refuse("a data connection presented the wrong token".into()));
+        }
+        let slot = streams
+            .get_mut(hello.index as usize)
+            .ok_or_else(|| refuse(format!("data stream index {} out of range", hello.index)))?;
+        if slot.is_some() {
+            return Err(refuse(format!(
+                "data stream {} connected twice",
+                hello.index
+            )));
+        }
+        let _ = r.get_ref().get_ref().set_read_timeout(None);
+        *slot = Some(r);
+    }
+    drop(listener);
+    handle.set_phase(Phase::Precopy);
+
+    let (ev_tx, ev_rx) = mpsc::channel();
+    let mut joins = Vec::new();
+    let mut cuts = Vec::new();
+    for (i, r) in streams.into_iter().enumerate() {
+        let Some(r) = r else { continue };
+        cuts.push(r.get_ref().get_ref().try_clone().ok());
+        let mem = vm.memory().clone();
+        let tx = ev_tx.clone();
+        let ctl = conn.try_clone().ok();
+        let h = handle.clone();
+        let j = std::thread::Builder::new()
+            .name(format!("mig-rx{i}"))
+            .spawn(move || {
+                if let Err(error) = receive_stream(i as u32, r, &mem, &tx, &h) {
+                    let _ = tx.send(StreamEvent::Failed {
+                        stream: i as u32,
+                        error: error.to_string(),
+                    });
+                    // Wake the control thread.
+                    if let Some(c) = ctl {
+                        let _ = c.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            })
+            .map_err(|e| MigrateError::Other(format!("cannot start a receiver: {e}")))?;
+        joins.push(j);
+    }
+    drop(ev_tx);
+    let cut_streams = || {
+        for s in cuts.iter().flatten() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    };
+
+    let result = (|| -> Result<Summary, MigrateError> {
+        // Pre-copy runs on the data streams; the control connection is quiet until the
+        // switchover. A source that dies closes it.
+        let _ = conn.set_read_timeout(None);
+        let frame = cr.next()?;
+        frame.expect(Command::State)?;
+        let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+        handle.set_phase(Phase::Switchover);
+        let state = VmState::decode(&frame.payload)?;
+        if state.spec != setup.spec || state.regions != setup.regions {
+            return Err(refuse(
+                "the state does not match the VM set up for it".into(),
+            ));
+        }
+        let complete: Complete = cr.next()?.msg(Command::Complete)?;
+        let t_prep = Instant::now();
+        // Every stream must reach its end, with the page count the source says it sent.
+        let mut done = vec![None; n as usize];
+        let mut enc = EncodingStats::default();
+        let mut wire = 0;
+        let wait_until = Instant::now() + HANDSHAKE_TIMEOUT;
+        while done.iter().any(Option::is_none) {
+            let left = wait_until.saturating_duration_since(Instant::now());
+            match ev_rx.recv_timeout(left) {
+                Ok(StreamEvent::Done {
+                    stream,
+                    pages,
+                    enc: e,
+                    wire: w,
+                }) => {
+                    done[stream as usize] = Some(pages);
+                    enc.merge(&e);
+                    wire += w;
+                }
+                Ok(StreamEvent::Failed { stream, error }) => {
+                    return Err(MigrateError::Stream { stream, error })
+                }
+                Err(_) => return Err(MigrateError::Timeout("the data streams to finish")),
+            }
+        }
+        for (i, (got, want)) in done.iter().zip(&complete.pages_per_stream).enumerate() {
+            if *got != Some(*want) {
+                return Err(refuse(format!(
+                    "stream {i} delivered {got:?} pages but the source sent {want}"
+                )));
+            }
+        }
+        if complete.pages_per_stream.len() != n as usize {
+            return Err(refuse("page counts for the wrong number of streams".into()));
+        }
+        vm.restore_state(&state)?;
+        let mut verified = false;
+        let t_verify = Instant::now();
+        if let Some(src) = &complete.digest {
+            let here = snapshot::memory_digest(&vm)?;
+            if &here != src {
+                return Err(refuse(format!("digest mismatch: {here}")));
+            }
+            verified = true;
+        }
+        let verify_us = t_verify.elapsed().as_micros() as u64;
+        let before = vm.heartbeats();
+        cw.send_msg(
+            Command::Prepared,
+            &Prepared {
+                apply_us: t_prep.elapsed().as_micros() as u64,
+                verify_us,
+                verified,
+            },
+        )?;
+        // Wait for the commit.
+        let _: protocol::Commit = cr.next()?.msg(Command::Commit)?;
+        let t_commit = Instant::now();
+        vm.start()?;
+        let resume_us = t_commit.elapsed().as_micros() as u64;
+        guard.armed = false;
+        host.incoming_done(&setup.spec.name, true);
+        handle.set_phase(Phase::Committed);
+        cw.send_msg(Command::Resumed, &Resumed { resume_us })?;
+        tracing::info!(vm = %setup.spec.name, id = %setup.migration_id, resume_us, "incoming migration committed; guest running here");
+        let guest_pause_us = before.and_then(|b| observed_pause(&vm, &b));
+        let _ = cw.send_msg(Command::Observed, &Observed { guest_pause_us });
+        Ok(Summary {
+            total_s: t0.elapsed().as_secs_f64(),
+            guest_pause_ms: guest_pause_us.map(|u| u as f64 / 1000.0),
+            wire_bytes: wire,
+            encodings: enc,
+            streams: n,
+            verified,
+            digest: complete.digest.clone(),
+            guest_bytes: enc.pages() * PAGE as u64,
+            ..Summary::default()
+        })
+    })();
+    if result.is_err() {
+        cut_streams();
+    }
+    for j in joins {
+        let _ = j.join();
+    }
+    result
+}
+
+/// The largest heartbeat gap across the switchover: from the last beat before the pause (read
+/// from the restored memory) to the first after the resume, in guest TSC time.
+fn observed_pause(vm: &Vm, before: &[crate::vm::workload::Heartbeat]) -> Option<u64> {
+    let last_before = before.iter().map(|h| h.tsc).max()?;
+    let beats_before: Vec<u64> = before.iter().map(|h| h.beats).collect();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let now = vm.heartbeats()?;
+        // The first vCPU to beat again ends the pause as the guest sees it.
+        if let Some(h) = now
+            .iter()
+            .zip(&beats_before)
+            .filter(|(h, b)| h.beats > **b)
+            .map(|(h, _)| h.tsc)
+            .min()
+        {
+            let cycles = h.saturating_sub(last_before);
+            return Some(cycles * 1000 / u64::from(vm.tsc_khz().max(1)));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    None
+}
+
+fn receive_stream(
+    i: u32,
+    mut r: FrameReader<BufReader<TcpStream>>,
+    mem: &GuestMemory,
+    tx: &mpsc::Sender<StreamEvent>,
+    handle: &MigrationHandle,
+) -> Result<(), MigrateError> {
+    let mut payload = Vec::new();
+    let mut page = Box::new([0u8; PAGE]);
+    let mut pages = 0u64;
+    let mut enc = EncodingStats::default();
+    loop {
+        let (cmd, count) = r.next_into(&mut payload)?;
+        match cmd {
+            Command::Pages => {
+                for rec in protocol::parse_records(&payload, count)? {
+                    match rec.encoding {
+                        // Zero pages go back to the host instead of being written.
+                        protocol::Encoding::Zero => mem.discard(rec.gpa, PAGE as u64)?,
+                        protocol::Encoding::Delta => {
+                            mem.read(rec.gpa, &mut page[..])?;
+                            codec::decode(rec.encoding, rec.payload, &mut page)?;
+                            mem.write(rec.gpa, &page[..])?;
+                        }
+                        _ => {
+                            codec::decode(rec.encoding, rec.payload, &mut page)?;
+                            mem.write(rec.gpa, &page[..])?;
+                        }
+                    }
+                    enc.add(rec.encoding, rec.payload.len());
+                    pages += 1;
+                }
+            }
+            Command::RoundEnd => {
+                let e: RoundEnd = serde_json::from_slice(&payload).map_err(|e| {
+                    protocol::ProtocolError::Malformed {
+                        what: "RoundEnd",
+                        why: e.to_string(),
+                    }
+                })?;
+                handle.update(|r| r.round = r.round.max(e.round));
+            }
+            Command::StreamEnd => {
+                let _ = tx.send(StreamEvent::Done {
+                    stream: i,
+                    pages,
+                    enc,
+                    wire: r.bytes,
+                });
+                return Ok(());
+            }
+            Command::Abort => {
+                let a: Abort = serde_json::from_slice(&payload).unwrap_or(Abort {
+                    reason: "(unreadable)".into(),
+                });
+                return Err(protocol::ProtocolError::Aborted(a.reason).into());
+            }
+            other => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    expected: Command::Pages,
+                    got: other,
+                }
+                .into())
+            }
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Live migration: the source engine, the destination, the codec, the wire protocol and the
+//! convergence policy.
+//!
+//! ```text
+//! source agent                                     destination agent
+//!   source.rs: rounds over the dirty log    ══▶    dest.rs: creates an empty VM, applies
+//!     per-stream workers: codec.rs (encode)          pages per stream (codec.rs decode),
+//!     converge.rs decides after each round           state, verify, resume on Commit
+//!   protocol.rs frames on control + N data connections (transport.rs: TCP)
+//! ```
+//!
+//! Invariants kept here (DESIGN.md): a page always travels on the same data stream
+//! (`(gpa >> 21) % streams`), so its versions arrive in order; a delta is only made against the
+//! cache's copy, which is exactly what the destination holds; dirty logging stays on from the
+//! first round to the switchover and the bitmap of a round is never dropped; before the commit,
+//! every failure resumes the guest on the source.
+
+pub mod codec;
+pub mod converge;
+pub mod dest;
+pub mod protocol;
+pub mod source;
+pub mod transport;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+pub use converge::{Policy, RoundStats};
+use protocol::{Encoding, ProtocolError};
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("cannot connect to {what} {addr}: {source}")]
+    Connect {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    #[error(transparent)]
+    Memory(#[from] crate::vm::memory::MemoryError),
+    #[error(transparent)]
+    State(#[from] crate::vm::state::StateError),
+    #[error(transparent)]
+    Codec(#[from] codec::CodecError),
+    #[error("data stream {stream}: {error}")]
+    Stream { stream: u32, error: String },
+    #[error("cancelled by the user")]
+    Cancelled,
+    #[error("{0}")]
+    Policy(String),
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    #[error(
+        "memory differs after the transfer: source {source_digest}, destination {dest_digest}"
+    )]
+    DigestMismatch {
+        source_digest: String,
+        dest_digest: String,
+    },
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Options of one migration, as the user gives them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MigrateOptions {
+    /// Parallel data streams (0 = one per host core, at most 4).
+    pub streams: u32,
+    /// Compare a digest of all guest memory at the pause with the destination's before it resumes.
+    pub verify: bool,
+    /// Delta cache size as a percentage of guest memory.
+    pub cache_percent: f64,
+    pub policy: Policy,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            streams: 0,
+            verify: false,
+            cache_percent: 5.0,
+            policy: Policy::default(),
+        }
+    }
+}
+
+impl MigrateOptions {
+    /// The number of streams to open.
+    pub fn stream_count(&self) -> u32 {
+        if self.streams > 0 {
+            return self.streams.min(64);
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(2)
+            .clamp(1, 4)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.streams > 64 {
+            return Err(format!("{} streams is too many (at most 64)", self.streams));
+        }
+        if !(0.0..=100.0).contains(&self.cache_percent) {
+            return Err(format!(
+                "cache size {} % must be between 0 and 100",
+                self.cache_percent
+            ));
+        }
+        self.policy.validate()
+    }
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Setup,
+    Precopy,
+    Switchover,
+    Committed,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Phase {
+    pub fn finished(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Failed | Phase::Cancelled)
+    }
+}
+
+/// Pages and bytes per encoding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodingCount {
+    pub pages: u64,
+    /// Payload bytes (record headers not included).
+    pub bytes: u64,
+}
+
+/// Totals per encoding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodingStats {
+    pub zero: EncodingCount,
+    pub raw: EncodingCount,
+    pub lz4: EncodingCount,
+    pub delta: EncodingCount,
+}
+
+impl EncodingStats {
+    pub fn add(&mut self, e: Encoding, bytes: usize) {
+        let c = match e {
+            Encoding::Zero => &mut self.zero,
+            Encoding::Raw => &mut self.raw,
+            Encoding::Lz4 => &mut self.lz4,
+            Encoding::Delta => &mut self.delta,
+        };
+        c.pages += 1;
+        c.bytes += bytes as u64;
+    }
+    pub fn merge(&mut self, o: &EncodingStats) {
+        for (a, b) in [
+            (&mut self.zero, o.zero),
+            (&mut self.raw, o.raw),
+            (&mut self.lz4, o.lz4),
+            (&mut self.delta, o.delta),
+        ] {
+            a.pages += b.pages;
+            a.bytes += b.bytes;
+        }
+    }
+    pub fn pages(&self) -> u64 {
+        self.zero.pages + self.raw.pages + self.lz4.pages + self.delta.pages
+    }
+}
+
+/// The switchover's parts, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Downtime {
+    /// Source pause to destination running (measured on the source; includes one network hop).
+    pub total_ms: f64,
+    /// Sending the last dirty pages.
+    pub final_pages_ms: f64,
+    /// Capturing and sending vCPU and device state.
+    pub state_ms: f64,
+    /// Destination: waiting for the streams, applying state (and the digest with --verify),
+    /// until it reports prepared.
+    pub prepare_ms: f64,
+    /// Commit to the destination's vCPUs running.
+    pub resume_ms: f64,
+    /// Memory digests on both sides (only with --verify; included in the parts above).
+    pub verify_ms: f64,
+}
+
+/// The result of a finished migration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub total_s: f64,
+    pub downtime: Downtime,
+    /// Largest gap between two guest heartbeats around the switchover (workload guests).
+    pub guest_pause_ms: Option<f64>,
+    pub rounds: Vec<RoundStats>,
+    /// Pages handled (all rounds, zero pages included) times 4 KiB.
+    pub guest_bytes: u64,
+    /// Everything sent on the data streams (frames, headers, payloads).
+    pub wire_bytes: u64,
+    /// Pages of round 0 skipped because they were never touched or are zero.
+    pub skipped_pages: u64,
+    pub encodings: EncodingStats,
+    pub streams: u32,
+    pub max_throttle: u8,
+    pub verified: bool,
+    /// Digest of guest memory at the pause (with --verify).
+    pub digest: Option<String>,
+}
+
+/// What `ferry migrations` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub id: String,
+    pub vm: String,
+    /// "out" on the source, "in" on the destination.
+    pub direction: String,
+    /// The other agent (name or address).
+    pub peer: String,
+    pub phase: Phase,
+    pub started_unix: u64,
+    pub elapsed_s: f64,
+    pub round: u32,
+    /// Pages of the current round not sent yet.
+    pub pages_left: u64,
+    /// Guest memory moved per second over the last round, MiB/s.
+    pub rate_mib_s: f64,
+    /// Estimated seconds to the end of the current round.
+    pub eta_s: Option<f64>,
+    pub throttle: u8,
+    pub summary: Option<Summary>,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
+}
+
+/// A running or finished migration, shared between its engine thread and the API.
+pub struct MigrationHandle {
+    pub id: String,
+    started: Instant,
+    record: Mutex<MigrationRecord>,
+    cancel: AtomicBool,
+}
+
+impl MigrationHandle {
+    pub fn new(id: String, vm: &str, direction: &str, peer: &str) -> MigrationHandle {
+        MigrationHandle {
+            record: Mutex::new(MigrationRecord {
+                id: id.clone(),
+                vm: vm.into(),
+                direction: direction.into(),
+                peer: peer.into(),
+                phase: Phase::Setup,
+                started_unix: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                elapsed_s: 0.0,
+                round: 0,
+                pages_left: 0,
+                rate_mib_s: 0.0,
+                eta_s: None,
+                throttle: 0,
+                summary: None,
+                error: None,
+            }),
+            id,
+            started: Instant::now(),
+            cancel: AtomicBool::new(false),
+        }
+    }
+
+    pub fn record(&self) -> MigrationRecord {
+        let mut r = match self.record.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        if !r.phase.finished() {
+            r.elapsed_s = self.started.elapsed().as_secs_f64();
+        }
+        r
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut MigrationRecord)) {
+        let mut g = match self.record.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut g);
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        self.update(|r| {
+            r.phase = phase;
+            r.elapsed_s = elapsed;
+        });
+    }
+
+    /// Mark finished with an error (phase Failed or Cancelled).
+    pub fn fail(&self, e: &MigrateError) {
+        let phase = if matches!(e, MigrateError::Cancelled) {
+            Phase::Cancelled
+        } else {
+            Phase::Failed
+        };
+        let msg = crate::control::error_chain(e);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        self.update(|r| {
+            r.phase = phase;
+            r.error = Some(msg);
+            r.elapsed_s = elapsed;
+            r.pages_left = 0;
+            r.eta_s = None;
+        });
+    }
+
+    pub fn complete(&self, s: Summary) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        self.update(|r| {
+            r.phase = Phase::Completed;
+            r.elapsed_s = elapsed;
+            r.pages_left = 0;
+            r.eta_s = None;
+            r.summary = Some(s);
+        });
+    }
+
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    pub fn age(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+}
+
+/// A fresh migration id: "m-" and 8 hex digits from the kernel's random source.
+pub fn new_id() -> String {
+    format!("m-{:08x}", random_u64() as u32)
+}
+
+/// 64 random bits from /dev/urandom (falls back to time and pid, which only names things).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    if ok {
+        return u64::from_le_bytes(b);
+    }
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+/// The data stream a page travels on.
+pub fn stream_of(gpa: u64, streams: u32) -> u32 {
+    ((gpa >> 21) % u64::from(streams.max(1))) as u32
+}

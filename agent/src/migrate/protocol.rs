@@ -1,0 +1,688 @@
+//! The migration wire protocol: framing, commands, page records, and the control messages.
+//!
+//! ## Connections
+//!
+//! One **control** connection (source → destination's management address, port 7720 by default)
+//! and N **data** connections (source's migration address → destination's migration address, a
+//! port the destination opens per migration). Every byte on either travels in frames.
+//!
+//! ## Sequence
+//!
+//! ```text
+//! source                                   destination
+//!   │── control: Hello {versions} ──────────▶│
+//!   │◀──────────────── HelloAck {version} ───│  (highest version both speak)
+//!   │── Setup {id, spec, regions, streams} ─▶│  creates an empty VM, listens on its migration addr
+//!   │◀───────────── Ready {data addr, token} ─│  (or Abort {reason}: no room, name taken, ...)
+//!   │══ data i: StreamHello {id, i, token} ══▶│  × N
+//!   │══ data i: Pages ... RoundEnd {k} ══════▶│  rounds 0..k, each page on stream (gpa>>21) % N
+//!   │   (source pauses the guest)              │
+//!   │══ data i: Pages ... StreamEnd {k} ═════▶│  last dirty pages
+//!   │── State {VmState} ────────────────────▶│
+//!   │── Complete {pages per stream, digest} ─▶│  waits for every StreamEnd, applies the state,
+//!   │                                          │  checks counts (and the digest with --verify)
+//!   │◀──────────────────────────── Prepared ──│  (or Abort {reason})
+//!   │── Commit ─────────────────────────────▶│  ── the commit point ──
+//!   │◀──────────────────── Resumed {times} ───│  destination guest runs
+//!   │◀────────────────── Observed {pause} ────│  guest-observed pause (workload guests)
+//!   │ destroys its copy                        │
+//! ```
+//!
+//! Either side may send **Abort {reason}** on the control connection at any time before the
+//! commit; the source then resumes its guest and the destination destroys its empty copy.
+//!
+//! ## Destination (receiver) states
+//!
+//! `Handshake → SetUp → Receiving (rounds) → Final (StreamEnd on every stream) → Prepared →
+//! Committed → Running`; any error or Abort before `Committed` leads to `Aborted`, which destroys
+//! the incoming VM.
+//!
+//! ## Framing
+//!
+//! Every frame is a fixed 32-byte little-endian [`FrameHeader`] followed by `payload_len` bytes.
+//! The header carries its own CRC-32C and the payload's, so a damaged frame is detected before
+//! anything is applied. [`Command`]'s zero value is `Invalid`, so a zeroed header means nothing.
+//! Control payloads are JSON (they are small and rare); `State` carries the binary
+//! [`crate::vm::state::VmState`] encoding; `Pages` carries `count` page records, each a fixed
+//! 16-byte [`PageRecordHeader`] and its payload (see [`super::codec`]).
+//!
+//! Versions: a peer accepts the current version and the previous one; the Hello exchange picks
+//! the highest version both speak.
+
+use std::io::{Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::vm::memory::{RegionLayout, PAGE_SIZE};
+use crate::vm::VmSpec;
+
+/// "FRRY" little-endian.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"FRRY");
+/// Current protocol version.
+pub const VERSION: u16 = 1;
+/// Oldest version this build still speaks.
+pub const MIN_VERSION: u16 = 1;
+/// Largest payload a frame may carry.
+pub const MAX_PAYLOAD: u32 = 4 << 20;
+/// Target payload size of a `Pages` frame before it is sent.
+pub const PAGES_FRAME_TARGET: usize = 256 << 10;
+
+/// Errors of the wire protocol. None of them panics; all say what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "bad frame magic {0:#010x}: the peer is not a Ferry agent or the stream is out of step"
+    )]
+    Magic(u32),
+    #[error("frame header checksum mismatch: the stream is corrupt")]
+    HeaderCrc,
+    #[error("frame payload checksum mismatch on a {0:?} frame: the stream is corrupt")]
+    PayloadCrc(Command),
+    #[error("unsupported protocol version {found} (this agent speaks {MIN_VERSION}..={VERSION}); upgrade the older agent")]
+    Version { found: u16 },
+    #[error("unknown or invalid command {0}")]
+    Command(u16),
+    #[error("frame payload of {0} bytes exceeds the limit of {MAX_PAYLOAD}")]
+    TooLarge(u32),
+    #[error("malformed {what}: {why}")]
+    Malformed { what: &'static str, why: String },
+    #[error("expected a {expected:?} frame, got {got:?}")]
+    Unexpected { expected: Command, got: Command },
+    #[error("the peer aborted: {0}")]
+    Aborted(String),
+    #[error("frames out of order: expected sequence {expected}, got {got}")]
+    Sequence { expected: u32, got: u32 },
+}
+
+/// What a frame is.
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Invalid = 0,
+    Hello = 1,
+    HelloAck = 2,
+    Setup = 3,
+    Ready = 4,
+    StreamHello = 5,
+    Pages = 6,
+    RoundEnd = 7,
+    StreamEnd = 8,
+    State = 9,
+    Complete = 10,
+    Prepared = 11,
+    Commit = 12,
+    Resumed = 13,
+    Observed = 14,
+    Abort = 15,
+}
+
+impl Command {
+    pub fn from_u16(v: u16) -> Option<Command> {
+        use Command::*;
+        Some(match v {
+            1 => Hello,
+            2 => HelloAck,
+            3 => Setup,
+            4 => Ready,
+            5 => StreamHello,
+            6 => Pages,
+            7 => RoundEnd,
+            8 => StreamEnd,
+            9 => State,
+            10 => Complete,
+            11 => Prepared,
+            12 => Commit,
+            13 => Resumed,
+            14 => Observed,
+            15 => Abort,
+            _ => return None,
+        })
+    }
+}
+
+/// The fixed frame header.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct FrameHeader {
+    pub magic: U32,
+    pub version: U16,
+    pub command: U16,
+    pub flags: U32,
+    /// Records in a `Pages` frame; 0 otherwise.
+    pub count: U32,
+    pub payload_len: U32,
+    pub payload_crc: U32,
+    /// Frame number on this connection, from 0.
+    pub seq: U32,
+    /// CRC-32C of the 28 bytes before it.
+    pub header_crc: U32,
+}
+
+pub const HEADER_LEN: usize = std::mem::size_of::<FrameHeader>();
+const _: () = assert!(HEADER_LEN == 32);
+
+impl FrameHeader {
+    pub fn new(command: Command, count: u32, payload: &[u8], seq: u32) -> FrameHeader {
+        let mut h = FrameHeader {
+            magic: MAGIC.into(),
+            version: VERSION.into(),
+            command: (command as u16).into(),
+            flags: 0.into(),
+            count: count.into(),
+            payload_len: (payload.len() as u32).into(),
+            payload_crc: crc32c::crc32c(payload).into(),
+            seq: seq.into(),
+            header_crc: 0.into(),
+        };
+        h.header_crc = crc32c::crc32c(&h.as_bytes()[..HEADER_LEN - 4]).into();
+        h
+    }
+
+    /// Check a received header; returns its command.
+    pub fn parse(bytes: &[u8]) -> Result<(FrameHeader, Command), ProtocolError> {
+        let h = FrameHeader::read_from_bytes(bytes).map_err(|_| ProtocolError::Malformed {
+            what: "frame header",
+            why: format!("{} bytes, expected {HEADER_LEN}", bytes.len()),
+        })?;
+        if h.magic.get() != MAGIC {
+            return Err(ProtocolError::Magic(h.magic.get()));
+        }
+        if crc32c::crc32c(&bytes[..HEADER_LEN - 4]) != h.header_crc.get() {
+            return Err(ProtocolError::HeaderCrc);
+        }
+        let v = h.version.get();
+        if !(MIN_VERSION..=VERSION).contains(&v) {
+            return Err(ProtocolError::Version { found: v });
+        }
+        let cmd =
+            Command::from_u16(h.command.get()).ok_or(ProtocolError::Command(h.command.get()))?;
+        if h.payload_len.get() > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge(h.payload_len.get()));
+        }
+        Ok((h, cmd))
+    }
+}
+
+/// How a page travels.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// All zero; no payload.
+    Zero = 1,
+    /// The 4 KiB as they are.
+    Raw = 2,
+    /// LZ4 block of the page.
+    Lz4 = 3,
+    /// LZ4 block of (page XOR the version the destination holds).
+    Delta = 4,
+}
+
+impl Encoding {
+    pub const ALL: [Encoding; 4] = [
+        Encoding::Zero,
+        Encoding::Raw,
+        Encoding::Lz4,
+        Encoding::Delta,
+    ];
+    pub fn from_u8(v: u8) -> Option<Encoding> {
+        match v {
+            1 => Some(Encoding::Zero),
+            2 => Some(Encoding::Raw),
+            3 => Some(Encoding::Lz4),
+            4 => Some(Encoding::Delta),
+            _ => None,
+        }
+    }
+    pub fn index(self) -> usize {
+        self as usize - 1
+    }
+}
+
+/// Header of one page inside a `Pages` frame.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct PageRecordHeader {
+    /// Guest-physical address (page-aligned).
+    pub gpa: U64,
+    pub encoding: u8,
+    pub reserved: [u8; 3],
+    /// Payload bytes following this header.
+    pub len: U32,
+}
+
+pub const RECORD_LEN: usize = std::mem::size_of::<PageRecordHeader>();
+const _: () = assert!(RECORD_LEN == 16);
+
+/// One page record of a received `Pages` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRecord<'a> {
+    pub gpa: u64,
+    pub encoding: Encoding,
+    pub payload: &'a [u8],
+}
+
+/// Append a page record to a `Pages` payload.
+pub fn push_record(buf: &mut Vec<u8>, gpa: u64, encoding: Encoding, payload: &[u8]) {
+    let h = PageRecordHeader {
+        gpa: gpa.into(),
+        encoding: encoding as u8,
+        reserved: [0; 3],
+        len: (payload.len() as u32).into(),
+    };
+    buf.extend_from_slice(h.as_bytes());
+    buf.extend_from_slice(payload);
+}
+
+/// Split a `Pages` payload into exactly `count` records, checking every length and address.
+/// Never panics on arbitrary bytes.
+pub fn parse_records(payload: &[u8], count: u32) -> Result<Vec<PageRecord<'_>>, ProtocolError> {
+    let bad = |why: String| ProtocolError::Malformed {
+        what: "page record",
+        why,
+    };
+    let mut out = Vec::with_capacity((count as usize).min(payload.len() / RECORD_LEN + 1));
+    let mut rest = payload;
+    for i in 0..count {
+        let (h, tail) = PageRecordHeader::read_from_prefix(rest)
+            .map_err(|_| bad(format!("record {i} header truncated")))?;
+        let gpa = h.gpa.get();
+        if gpa % PAGE_SIZE != 0 {
+            return Err(bad(format!(
+                "record {i}: address {gpa:#x} is not page-aligned"
+            )));
+        }
+        let encoding = Encoding::from_u8(h.encoding)
+            .ok_or_else(|| bad(format!("record {i}: unknown encoding {}", h.encoding)))?;
+        let len = h.len.get() as usize;
+        let ok_len = match encoding {
+            Encoding::Zero => len == 0,
+            Encoding::Raw => len == PAGE_SIZE as usize,
+            Encoding::Lz4 | Encoding::Delta => len > 0 && len <= super::codec::MAX_ENCODED,
+        };
+        if !ok_len {
+            return Err(bad(format!(
+                "record {i}: {encoding:?} page with a {len}-byte payload"
+            )));
+        }
+        if tail.len() < len {
+            return Err(bad(format!("record {i}: payload truncated")));
+        }
+        out.push(PageRecord {
+            gpa,
+            encoding,
+            payload: &tail[..len],
+        });
+        rest = &tail[len..];
+    }
+    if !rest.is_empty() {
+        return Err(bad(format!("{} bytes after the last record", rest.len())));
+    }
+    Ok(out)
+}
+
+/// Writes frames to one connection, numbering them.
+pub struct FrameWriter<W: Write> {
+    inner: W,
+    seq: u32,
+    /// Bytes written (headers and payloads).
+    pub bytes: u64,
+}
+
+impl<W: Write> FrameWriter<W> {
+    pub fn new(inner: W) -> Self {
+        FrameWriter {
+            inner,
+            seq: 0,
+            bytes: 0,
+        }
+    }
+
+    pub fn send(&mut self, cmd: Command, count: u32, payload: &[u8]) -> Result<(), ProtocolError> {
+        let h = FrameHeader::new(cmd, count, payload, self.seq);
+        self.inner.write_all(h.as_bytes())?;
+        self.inner.write_all(payload)?;
+        self.seq = self.seq.wrapping_add(1);
+        self.bytes += (HEADER_LEN + payload.len()) as u64;
+        Ok(())
+    }
+
+    /// Send a control message as JSON.
+    pub fn send_msg<T: Serialize>(&mut self, cmd: Command, msg: &T) -> Result<(), ProtocolError> {
+        let body = serde_json::to_vec(msg).map_err(|e| ProtocolError::Malformed {
+            what: "outgoing message",
+            why: e.to_string(),
+        })?;
+        self.send(cmd, 0, &body)?;
+        self.flush()
+    }
+
+    pub fn flush(&mut self) -> Result<(), ProtocolError> {
+        self.inner.flush()?;
+        Ok(())
+    }
+
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+}
+
+/// A received frame.
+#[derive(Debug)]
+pub struct Frame {
+    pub command: Command,
+    pub count: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// Check the command; an `Abort` frame becomes [`ProtocolError::Aborted`] with its reason.
+    pub fn expect(&self, expected: Command) -> Result<(), ProtocolError> {
+        if self.command == expected {
+            return Ok(());
+        }
+        if self.command == Command::Abort {
+            let a: Abort = serde_json::from_slice(&self.payload).unwrap_or(Abort {
+                reason: "(unreadable reason)".into(),
+            });
+            return Err(ProtocolError::Aborted(a.reason));
+        }
+        Err(ProtocolError::Unexpected {
+            expected,
+            got: self.command,
+        })
+    }
+
+    /// Decode a JSON control payload of the expected command.
+    pub fn msg<T: DeserializeOwned>(&self, expected: Command) -> Result<T, ProtocolError> {
+        self.expect(expected)?;
+        serde_json::from_slice(&self.payload).map_err(|e| ProtocolError::Malformed {
+            what: "control message",
+            why: e.to_string(),
+        })
+    }
+}
+
+/// Reads and checks frames from one connection.
+pub struct FrameReader<R: Read> {
+    inner: R,
+    seq: u32,
+    pub bytes: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(inner: R) -> Self {
+        FrameReader {
+            inner,
+            seq: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Read the next frame into `payload` (reused between calls).
+    pub fn next_into(&mut self, payload: &mut Vec<u8>) -> Result<(Command, u32), ProtocolError> {
+        let mut hb = [0u8; HEADER_LEN];
+        self.inner.read_exact(&mut hb)?;
+        let (h, cmd) = FrameHeader::parse(&hb)?;
+        if h.seq.get() != self.seq {
+            return Err(ProtocolError::Sequence {
+                expected: self.seq,
+                got: h.seq.get(),
+            });
+        }
+        let len = h.payload_len.get() as usize;
+        payload.clear();
+        payload.resize(len, 0);
+        self.inner.read_exact(payload)?;
+        if crc32c::crc32c(payload) != h.payload_crc.get() {
+            return Err(ProtocolError::PayloadCrc(cmd));
+        }
+        self.seq = self.seq.wrapping_add(1);
+        self.bytes += (HEADER_LEN + len) as u64;
+        Ok((cmd, h.count.get()))
+    }
+
+    pub fn next(&mut self) -> Result<Frame, ProtocolError> {
+        let mut payload = Vec::new();
+        let (command, count) = self.next_into(&mut payload)?;
+        Ok(Frame {
+            command,
+            count,
+            payload,
+        })
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+}
+
+// ---- control messages ----
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    /// The sending agent's name.
+    pub agent: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HelloAck {
+    pub version: u16,
+    pub agent: String,
+}
+
+/// Pick the version both sides speak, if any.
+pub fn negotiate(a: (u16, u16), b: (u16, u16)) -> Option<u16> {
+    let lo = a.0.max(b.0);
+    let hi = a.1.min(b.1);
+    (lo <= hi).then_some(hi)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Setup {
+    pub migration_id: String,
+    pub spec: VmSpec,
+    pub regions: Vec<RegionLayout>,
+    pub streams: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ready {
+    /// Where the data streams connect (the destination's migration address).
+    pub data_addr: String,
+    /// Proves a data connection belongs to this migration.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamHello {
+    pub migration_id: String,
+    pub index: u32,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoundEnd {
+    pub round: u32,
+    /// Page records sent on this stream in this round.
+    pub pages: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Complete {
+    /// Page records sent on each stream over the whole migration.
+    pub pages_per_stream: Vec<u64>,
+    /// CRC-32C of all guest memory at the source's pause (with --verify).
+    pub digest: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Prepared {
+    /// Destination time from `Complete` to `Prepared`, in microseconds.
+    pub apply_us: u64,
+    /// Of which computing the memory digest (with --verify).
+    pub verify_us: u64,
+    pub verified: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Commit {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Resumed {
+    /// Destination time from Commit to running vCPUs, in microseconds.
+    pub resume_us: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Observed {
+    /// The largest gap between two heartbeats of the guest around the switchover, in
+    /// microseconds (None when the guest has no heartbeat).
+    pub guest_pause_us: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Abort {
+    pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(cmd: Command, count: u32, payload: &[u8]) -> Vec<u8> {
+        let mut w = FrameWriter::new(Vec::new());
+        w.send(cmd, count, payload).unwrap();
+        w.inner
+    }
+
+    #[test]
+    fn header_round_trip() {
+        let b = frame(Command::Pages, 3, b"abc");
+        let (h, c) = FrameHeader::parse(&b[..HEADER_LEN]).unwrap();
+        assert_eq!(c, Command::Pages);
+        assert_eq!(h.count.get(), 3);
+        let mut r = FrameReader::new(&b[..]);
+        let f = r.next().unwrap();
+        assert_eq!(f.payload, b"abc");
+    }
+
+    #[test]
+    fn zeroed_header_is_invalid() {
+        assert!(FrameHeader::parse(&[0u8; HEADER_LEN]).is_err());
+        let mut h = FrameHeader::new(Command::Hello, 0, b"", 0);
+        h.command = 0.into();
+        h.header_crc = crc32c::crc32c(&h.as_bytes()[..HEADER_LEN - 4]).into();
+        assert!(matches!(
+            FrameHeader::parse(h.as_bytes()),
+            Err(ProtocolError::Command(0))
+        ));
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let mut b = frame(Command::Pages, 0, b"payload");
+        b[HEADER_LEN + 2] ^= 1;
+        assert!(matches!(
+            FrameReader::new(&b[..]).next(),
+            Err(ProtocolError::PayloadCrc(Command::Pages))
+        ));
+        let mut b = frame(Command::Pages, 0, b"payload");
+        b[5] ^= 1;
+        assert!(FrameReader::new(&b[..]).next().is_err());
+        // Out-of-order frames.
+        let mut w = FrameWriter::new(Vec::new());
+        w.seq = 5;
+        w.send(Command::Commit, 0, b"{}").unwrap();
+        assert!(matches!(
+            FrameReader::new(&w.inner[..]).next(),
+            Err(ProtocolError::Sequence {
+                expected: 0,
+                got: 5
+            })
+        ));
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(negotiate((1, 2), (1, 1)), Some(1));
+        assert_eq!(negotiate((1, 3), (2, 4)), Some(3));
+        assert_eq!(negotiate((1, 1), (2, 2)), None);
+        let mut h = FrameHeader::new(Command::Hello, 0, b"", 0);
+        h.version = 99.into();
+        h.header_crc = crc32c::crc32c(&h.as_bytes()[..HEADER_LEN - 4]).into();
+        assert!(matches!(
+            FrameHeader::parse(h.as_bytes()),
+            Err(ProtocolError::Version { found: 99 })
+        ));
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_lies() {
+        let mut p = Vec::new();
+        push_record(&mut p, 0x1000, Encoding::Zero, &[]);
+        push_record(&mut p, 0x2000, Encoding::Raw, &[7u8; 4096]);
+        push_record(&mut p, 0x3000, Encoding::Lz4, &[1, 2, 3]);
+        let r = parse_records(&p, 3).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[1].payload.len(), 4096);
+        assert_eq!(r[2].encoding, Encoding::Lz4);
+        assert!(parse_records(&p, 4).is_err());
+        assert!(parse_records(&p, 2).is_err());
+        let mut q = Vec::new();
+        push_record(&mut q, 0x1001, Encoding::Zero, &[]);
+        assert!(parse_records(&q, 1).is_err());
+        let mut q = Vec::new();
+        push_record(&mut q, 0x1000, Encoding::Raw, &[0; 10]);
+        assert!(parse_records(&q, 1).is_err());
+        let mut q = Vec::new();
+        push_record(&mut q, 0x1000, Encoding::Zero, &[1]);
+        assert!(parse_records(&q, 1).is_err());
+    }
+
+    /// Property: arbitrary bytes, and every single-byte corruption or truncation of valid frames,
+    /// decode to errors or values, never a panic (a deterministic xorshift drives the inputs).
+    #[test]
+    fn decoder_never_panics_on_arbitrary_bytes() {
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 200) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let _ = FrameHeader::parse(&bytes);
+            let mut r = FrameReader::new(&bytes[..]);
+            let _ = r.next();
+            let _ = parse_records(&bytes, (next() % 8) as u32);
+        }
+        let mut p = Vec::new();
+        push_record(&mut p, 0x2000, Encoding::Raw, &[7u8; 4096]);
+        push_record(&mut p, 0x3000, Encoding::Delta, &[1, 2, 3, 4]);
+        let valid = frame(Command::Pages, 2, &p);
+        for i in 0..valid.len() {
+            let mut b = valid.clone();
+            b[i] ^= (next() as u8) | 1;
+            if let Ok(f) = FrameReader::new(&b[..]).next() {
+                let _ = parse_records(&f.payload, f.count);
+            }
+            let _ = FrameReader::new(&valid[..i]).next();
+        }
+        for _ in 0..2_000 {
+            let mut b = p.clone();
+            let i = (next() as usize) % b.len();
+            b[i] = next() as u8;
+            let _ = parse_records(&b, 2);
+        }
+    }
+}

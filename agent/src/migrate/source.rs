@@ -1,0 +1,648 @@
+//! The source side: pre-copy rounds over the dirty log, convergence, switchover and handoff.
+//!
+//! One orchestrating thread (this module's [`run`]) walks the dirty bitmap and hands page
+//! addresses to one worker per data stream; each worker copies its pages out of guest memory,
+//! encodes them ([`super::codec`]) and writes `Pages` frames. A round ends when every worker has
+//! written its `RoundEnd` and reported its totals. Then [`super::converge::decide`] says what
+//! next.
+//!
+//! Failure rule: until the `Commit` frame is written, any error sends `Abort` to the destination,
+//! turns dirty logging off, lifts any throttle and resumes the guest if this engine paused it.
+
+use std::io::BufReader;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::codec::{DeltaCache, Encoder, PAGE};
+use super::converge::{self, Decision, RoundStats};
+use super::protocol::{
+    self, Abort, Command, Complete, FrameReader, FrameWriter, Hello, HelloAck, Observed, Prepared,
+    Ready, Resumed, RoundEnd, Setup, StreamHello,
+};
+use super::{
+    stream_of, transport, EncodingStats, MigrateError, MigrateOptions, MigrationHandle, Phase,
+    Summary,
+};
+use crate::vm::memory::{is_zero, DirtyBitmap, GuestMemory, PAGE_SIZE};
+use crate::vm::{snapshot, Vm, VmStatus};
+
+/// Pages handed to a worker at a time.
+const BATCH: usize = 4096;
+/// Batches queued per worker (bounds memory and keeps progress honest).
+const QUEUE: usize = 4;
+/// How long the destination may take to answer a control message.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything one outgoing migration needs.
+pub struct SourceJob {
+    pub handle: Arc<MigrationHandle>,
+    pub vm: Arc<Vm>,
+    /// The peer agent's control address.
+    pub peer: SocketAddr,
+    /// This host's migration address (data connections leave from it).
+    pub local_migration: IpAddr,
+    pub agent_name: String,
+    pub options: MigrateOptions,
+}
+
+/// How a failed migration left things.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: MigrateError,
+    /// True when the failure came after the commit was sent: the source copy stays paused and
+    /// the destination may own the guest.
+    pub after_commit: bool,
+}
+
+enum Work {
+    Pages { round: u32, gpas: Vec<u64> },
+    End { round: u32, last: bool },
+}
+
+#[derive(Debug, Default, Clone)]
+struct Totals {
+    pages: u64,
+    skipped: u64,
+    wire_bytes: u64,
+    enc: EncodingStats,
+}
+
+struct Report {
+    stream: u32,
+    result: Result<Totals, String>,
+}
+
+struct Worker {
+    tx: Option<SyncSender<Work>>,
+    /// A handle on the data socket, to cut it when the migration fails.
+    sock: Option<TcpStream>,
+    sent: Arc<AtomicU64>,
+    join: Option<JoinHandle<()>>,
+    /// Page records sent over the whole migration.
+    total_pages: u64,
+}
+
+fn worker_loop(
+    stream: u32,
+    mut w: FrameWriter<TcpStream>,
+    mem: Arc<GuestMemory>,
+    cache_pages: usize,
+    rx: Receiver<Work>,
+    reports: mpsc::Sender<Report>,
+    sent: Arc<AtomicU64>,
+) {
+    let mut enc = Encoder::default();
+    let mut cache = DeltaCache::new(cache_pages);
+    let mut page = Box::new([0u8; PAGE]);
+    let mut buf: Vec<u8> = Vec::with_capacity(protocol::PAGES_FRAME_TARGET + 2 * PAGE);
+    let mut count = 0u32;
+    let mut t = Totals::default();
+    let mut wire_mark = w.bytes;
+    let result = (|| -> Result<(), MigrateError> {
+        for work in rx {
+            match work {
+                Work::Pages { round, gpas } => {
+                    for gpa in gpas {
+                        mem.read(gpa, &mut page[..])?;
+                        if round == 0 && is_zero(&page[..]) {
+                            // The destination's fresh memory is zero already.
+                            t.skipped += 1;
+                            sent.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        let cached = cache.contains(gpa);
+                        {
+                            let base = if cached { cache.get(gpa) } else { None };
+                            let (e, payload) = enc.encode(&page, base);
+                            protocol::push_record(&mut buf, gpa, e, payload);
+                            t.enc.add(e, payload.len());
+                        }
+                        // The cache must always hold what the destination holds.
+                        if cached || round >= 1 {
+                            cache.put(gpa, &page);
+                        }
+                        t.pages += 1;
+                        count += 1;
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if buf.len() >= protocol::PAGES_FRAME_TARGET {
+                            w.send(Command::Pages, count, &buf)?;
+                            buf.clear();
+                            count = 0;
+                        }
+                    }
+                }
+                Work::End { round, last } => {
+                    if count > 0 {
+                        w.send(Command::Pages, count, &buf)?;
+                        buf.clear();
+                        count = 0;
+                    }
+                    let cmd = if last {
+                        Command::StreamEnd
+                    } else {
+                        Command::RoundEnd
+                    };
+                    w.send_msg(
+                        cmd,
+                        &RoundEnd {
+                            round,
+                            pages: t.pages,
+                        },
+                    )?;
+                    t.wire_bytes = w.bytes - wire_mark;
+                    wire_mark = w.bytes;
+                    let _ = reports.send(Report {
+                        stream,
+                        result: Ok(std::mem::take(&mut t)),
+                    });
+                    if last {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = reports.send(Report {
+            stream,
+            result: Err(e.to_string()),
+        });
+    }
+}
+
+struct Engine<'a> {
+    job: &'a SourceJob,
+    mem: Arc<GuestMemory>,
+    workers: Vec<Worker>,
+    reports: Receiver<Report>,
+    n: u32,
+    rounds: Vec<RoundStats>,
+    enc: EncodingStats,
+    skipped: u64,
+    wire_bytes: u64,
+    guest_pages: u64,
+    throttle: u8,
+    max_throttle: u8,
+}
+
+impl Engine<'_> {
+    fn check_cancel(&self) -> Result<(), MigrateError> {
+        if self.job.handle.cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn sent(&self) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| w.sent.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn progress(&self, round: u32, total: u64, start_sent: u64) {
+        let done = self.sent() - start_sent;
+        let left = total.saturating_sub(done);
+        let rate = converge::page_rate(&self.rounds);
+        let throttle = self.throttle;
+        self.job.handle.update(|r| {
+            r.round = round;
+            r.pages_left = left;
+            r.rate_mib_s = rate.map_or(0.0, |p| p * PAGE as f64 / (1 << 20) as f64);
+            r.eta_s = rate.map(|p| left as f64 / p.max(1.0));
+            r.throttle = throttle;
+        });
+    }
+
+    /// Find a worker's error after a failed hand-off.
+    fn worker_error(&self) -> MigrateError {
+        while let Ok(r) = self.reports.recv_timeout(Duration::from_millis(500)) {
+            if let Err(error) = r.result {
+                return MigrateError::Stream {
+                    stream: r.stream,
+                    error,
+                };
+            }
+        }
+        MigrateError::Other("a data stream worker stopped unexpectedly".into())
+    }
+
+    fn send_round(
+        &mut self,
+        round: u32,
+        gpas: impl Iterator<Item = u64>,
+        total: u64,
+        last: bool,
+    ) -> Result<RoundStats, MigrateError> {
+        let t = Instant::now();
+        let start_sent = self.sent();
+        let mut batches: Vec<Vec<u64>> = (0..self.n).map(|_| Vec::with_capacity(BATCH)).collect();
+        let mut since_progress = Instant::now();
+        for gpa in gpas {
+            let s = stream_of(gpa, self.n) as usize;
+            batches[s].push(gpa);
+            if batches[s].len() == BATCH {
+                let b = std::mem::replace(&mut batches[s], Vec::with_capacity(BATCH));
+                self.hand_off(s, Work::Pages { round, gpas: b })?;
+                if !last {
+                    self.check_cancel()?;
+                }
+                if since_progress.elapsed() > Duration::from_millis(100) {
+                    self.progress(round, total, start_sent);
+                    since_progress = Instant::now();
+                }
+            }
+        }
+        for s in 0..self.n as usize {
+            let b = std::mem::take(&mut batches[s]);
+            if !b.is_empty() {
+                self.hand_off(s, Work::Pages { round, gpas: b })?;
+            }
+            self.hand_off(s, Work::End { round, last })?;
+        }
+        let mut totals = Totals::default();
+        let mut got = 0;
+        while got < self.n {
+            match self.reports.recv_timeout(Duration::from_millis(100)) {
+                Ok(Report {
+                    stream,
+                    result: Ok(tt),
+                }) => {
+                    got += 1;
+                    self.workers[stream as usize].total_pages += tt.pages;
+                    totals.pages += tt.pages;
+                    totals.skipped += tt.skipped;
+                    totals.wire_bytes += tt.wire_bytes;
+                    totals.enc.merge(&tt.enc);
+                }
+                Ok(Report {
+                    stream,
+                    result: Err(error),
+                }) => return Err(MigrateError::Stream { stream, error }),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if !last {
+                        self.check_cancel()?;
+                    }
+                    self.progress(round, total, start_sent);
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(MigrateError::Other("data stream workers are gone".into()))
+                }
+            }
+        }
+        self.enc.merge(&totals.enc);
+        self.skipped += totals.skipped;
+        self.wire_bytes += totals.wire_bytes;
+        self.guest_pages += totals.pages + totals.skipped;
+        Ok(RoundStats {
+            round,
+            pages: totals.pages + totals.skipped,
+            wire_bytes: totals.wire_bytes,
+            secs: t.elapsed().as_secs_f64(),
+            dirty_after: 0,
+            throttle: self.throttle,
+        })
+    }
+
+    fn hand_off(&self, s: usize, w: Work) -> Result<(), MigrateError> {
+        let tx = self.workers[s]
+            .tx
+            .as_ref()
+            .ok_or_else(|| self.worker_error())?;
+        tx.send(w).map_err(|_| self.worker_error())
+    }
+
+    fn set_throttle(&mut self, pct: u8) {
+        self.throttle = pct;
+        self.max_throttle = self.max_throttle.max(pct);
+        self.job.vm.set_throttle(pct);
+    }
+
+    fn stop_workers(&mut self) {
+        for w in &mut self.workers {
+            w.tx = None;
+        }
+        for w in &mut self.workers {
+            if let Some(j) = w.join.take() {
+                let _ = j.join();
+            }
+        }
+    }
+}
+
+/// Run an outgoing migration to completion. On success the destination runs the guest and the
+/// caller destroys the source copy; on failure before the commit the guest runs here again.
+pub fn run(job: &SourceJob) -> Result<Summary, Failure> {
+    let t0 = Instant::now();
+    let before = |error: MigrateError| Failure {
+        error,
+        after_commit: false,
+    };
+    let ctl =
+        transport::connect_from(None, job.peer, Duration::from_secs(5)).map_err(|source| {
+            before(MigrateError::Connect {
+                what: "the peer agent at",
+                addr: job.peer.to_string(),
+                source,
+            })
+        })?;
+    let _ = ctl.set_nodelay(true);
+    let _ = ctl.set_read_timeout(Some(CONTROL_TIMEOUT));
+    let io = |e: std::io::Error| before(MigrateError::Protocol(e.into()));
+    let mut cw = FrameWriter::new(ctl.try_clone().map_err(io)?);
+    let mut cr = FrameReader::new(BufReader::new(ctl.try_clone().map_err(io)?));
+
+    let mut paused_here = false;
+    let vm = &job.vm;
+    let result = precopy_and_prepare(job, &mut cw, &mut cr, &mut paused_here, t0);
+    let (mut summary, state_done) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            // Before the commit: tell the destination, bring the guest back here.
+            let _ = cw.send_msg(
+                Command::Abort,
+                &Abort {
+                    reason: crate::control::error_chain(&e),
+                },
+            );
+            let _ = ctl.shutdown(std::net::Shutdown::Both);
+            vm.set_throttle(0);
+            let _ = vm.memory().set_dirty_logging_all(false);
+            if paused_here && vm.status() == VmStatus::Paused {
+                if let Err(re) = vm.resume() {
+                    tracing::error!(vm = %vm.spec.name, error = %re, "could not resume the guest after a failed migration");
+                }
+            }
+            tracing::warn!(vm = %vm.spec.name, id = %job.handle.id, error = %crate::control::error_chain(&e), "migration failed; the guest runs on the source");
+            return Err(before(e));
+        }
+    };
+
+    // ---- the commit point ----
+    let t_commit = Instant::now();
+    let after = |error: MigrateError| Failure {
+        error,
+        after_commit: true,
+    };
+    if let Err(e) = cw.send_msg(Command::Commit, &protocol::Commit {}) {
+        // The frame did not leave: the destination cannot have resumed.
+        vm.set_throttle(0);
+        let _ = vm.memory().set_dirty_logging_all(false);
+        let _ = vm.resume();
+        return Err(before(e.into()));
+    }
+    job.handle.set_phase(Phase::Committed);
+    let resumed: Resumed = cr
+        .next()
+        .and_then(|f| f.msg(Command::Resumed))
+        .map_err(|e| after(e.into()))?;
+    let t_resumed = Instant::now();
+    summary.downtime.total_ms = ms(t_resumed - state_done.paused_at);
+    summary.downtime.resume_ms = resumed.resume_us as f64 / 1000.0;
+    let _ = ctl.set_read_timeout(Some(Duration::from_secs(3)));
+    if let Ok(o) = cr.next().and_then(|f| f.msg::<Observed>(Command::Observed)) {
+        summary.guest_pause_ms = o.guest_pause_us.map(|us| us as f64 / 1000.0);
+    }
+    summary.total_s = t0.elapsed().as_secs_f64();
+    tracing::info!(
+        vm = %vm.spec.name,
+        id = %job.handle.id,
+        total_s = summary.total_s,
+        downtime_ms = summary.downtime.total_ms,
+        commit_to_resumed_ms = ms(t_resumed - t_commit),
+        rounds = summary.rounds.len(),
+        wire_bytes = summary.wire_bytes,
+        "migration completed"
+    );
+    Ok(summary)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+struct SwitchoverMark {
+    paused_at: Instant,
+}
+
+fn precopy_and_prepare(
+    job: &SourceJob,
+    cw: &mut FrameWriter<TcpStream>,
+    cr: &mut FrameReader<BufReader<TcpStream>>,
+    paused_here: &mut bool,
+    t0: Instant,
+) -> Result<(Summary, SwitchoverMark), MigrateError> {
+    let vm = &job.vm;
+    let mem = vm.memory().clone();
+    let n = job.options.stream_count();
+    cw.send_msg(
+        Command::Hello,
+        &Hello {
+            min_version: protocol::MIN_VERSION,
+            max_version: protocol::VERSION,
+            agent: job.agent_name.clone(),
+        },
+    )?;
+    let ack: HelloAck = cr.next()?.msg(Command::HelloAck)?;
+    tracing::debug!(peer = %ack.agent, version = ack.version, "peer speaks the protocol");
+    cw.send_msg(
+        Command::Setup,
+        &Setup {
+            migration_id: job.handle.id.clone(),
+            spec: vm.spec.clone(),
+            regions: mem.layout(),
+            streams: n,
+        },
+    )?;
+    let ready: Ready = match cr.next()?.msg(Command::Ready) {
+        Err(protocol::ProtocolError::Aborted(reason)) => return Err(MigrateError::Refused(reason)),
+        r => r?,
+    };
+    let data_addr: SocketAddr = ready.data_addr.parse().map_err(|_| {
+        MigrateError::Protocol(protocol::ProtocolError::Malformed {
+            what: "Ready",
+            why: format!("bad data address {:?}", ready.data_addr),
+        })
+    })?;
+
+    // Data streams and their workers.
+    let cache_pages = ((mem.size() as f64 * job.options.cache_percent / 100.0) / PAGE as f64)
+        as usize
+        / n as usize;
+    let (rep_tx, rep_rx) = mpsc::channel();
+    let mut workers = Vec::new();
+    for i in 0..n {
+        let sock =
+            transport::connect_from(Some(job.local_migration), data_addr, Duration::from_secs(5))
+                .map_err(|source| MigrateError::Connect {
+                what: "the destination's migration address",
+                addr: data_addr.to_string(),
+                source,
+            })?;
+        let cut = sock.try_clone().ok();
+        let mut w = FrameWriter::new(sock);
+        w.send_msg(
+            Command::StreamHello,
+            &StreamHello {
+                migration_id: job.handle.id.clone(),
+                index: i,
+                token: ready.token.clone(),
+            },
+        )?;
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let sent = Arc::new(AtomicU64::new(0));
+        let (m, r, s2) = (mem.clone(), rep_tx.clone(), sent.clone());
+        let join = std::thread::Builder::new()
+            .name(format!("mig-tx{i}"))
+            .spawn(move || worker_loop(i, w, m, cache_pages, rx, r, s2))
+            .map_err(|e| MigrateError::Other(format!("cannot start a stream worker: {e}")))?;
+        workers.push(Worker {
+            tx: Some(tx),
+            sock: cut,
+            sent,
+            join: Some(join),
+            total_pages: 0,
+        });
+    }
+    drop(rep_tx);
+    let mut eng = Engine {
+        job,
+        mem: mem.clone(),
+        workers,
+        reports: rep_rx,
+        n,
+        rounds: Vec::new(),
+        enc: EncodingStats::default(),
+        skipped: 0,
+        wire_bytes: 0,
+        guest_pages: 0,
+        throttle: 0,
+        max_throttle: 0,
+    };
+    let r = eng_run(&mut eng, cw, cr, paused_here, t0);
+    if r.is_err() {
+        // Workers may be blocked writing to a destination that stopped reading.
+        for w in &eng.workers {
+            if let Some(s) = &w.sock {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+    eng.stop_workers();
+    r
+}
+
+fn eng_run(
+    eng: &mut Engine<'_>,
+    cw: &mut FrameWriter<TcpStream>,
+    cr: &mut FrameReader<BufReader<TcpStream>>,
+    paused_here: &mut bool,
+    t0: Instant,
+) -> Result<(Summary, SwitchoverMark), MigrateError> {
+    let job = eng.job;
+    let vm = &job.vm;
+    let mem = eng.mem.clone();
+    let policy = &job.options.policy;
+
+    // Round 0: every page that was ever touched. Dirty logging starts first, so a write after
+    // a page was read shows up in round 1.
+    job.handle.set_phase(Phase::Precopy);
+    mem.set_dirty_logging_all(true)?;
+    let _ = mem.take_dirty()?;
+    let populated = mem.populated();
+    let total = populated.count();
+    let mut stats = eng.send_round(0, populated.iter_gpa(), total, false)?;
+    let mut pending: DirtyBitmap = mem.take_dirty()?;
+    stats.dirty_after = pending.count();
+    eng.rounds.push(stats);
+    let mut round = 0u32;
+    loop {
+        eng.check_cancel()?;
+        let d = converge::decide(&eng.rounds, policy, job.handle.age(), eng.throttle);
+        tracing::debug!(vm = %vm.spec.name, round, dirty = pending.count(), decision = ?d, "round done");
+        match d {
+            Decision::StopAndCopy { .. } => break,
+            Decision::GiveUp(why) => return Err(MigrateError::Policy(why)),
+            Decision::Throttle(p) => eng.set_throttle(p),
+            Decision::Continue => {}
+        }
+        round += 1;
+        let total = pending.count();
+        let mut st = eng.send_round(round, pending.iter_gpa(), total, false)?;
+        pending = mem.take_dirty()?;
+        st.dirty_after = pending.count();
+        eng.rounds.push(st);
+    }
+
+    // Switchover: pause, last pages, state.
+    job.handle.set_phase(Phase::Switchover);
+    let paused_at = Instant::now();
+    vm.pause()?;
+    *paused_here = true;
+    let last = mem.take_dirty()?;
+    pending.merge(&last);
+    round += 1;
+    let total = pending.count();
+    let mut st = eng.send_round(round, pending.iter_gpa(), total, true)?;
+    st.dirty_after = 0;
+    eng.rounds.push(st);
+    let t_pages = Instant::now();
+    let state = vm.capture_state()?;
+    let blob = state.encode()?;
+    cw.send(Command::State, 0, &blob)?;
+    let t_digest = Instant::now();
+    let digest = if job.options.verify {
+        Some(snapshot::memory_digest(vm)?)
+    } else {
+        None
+    };
+    let digest_time = t_digest.elapsed();
+    cw.send_msg(
+        Command::Complete,
+        &Complete {
+            pages_per_stream: eng.workers.iter().map(|w| w.total_pages).collect(),
+            digest: digest.clone(),
+        },
+    )?;
+    let t_state = Instant::now();
+    let prepared: Prepared = match cr.next()?.msg(Command::Prepared) {
+        Err(protocol::ProtocolError::Aborted(reason)) => {
+            if let Some(rest) = reason.strip_prefix("digest mismatch: ") {
+                return Err(MigrateError::DigestMismatch {
+                    source_digest: digest.unwrap_or_default(),
+                    dest_digest: rest.to_string(),
+                });
+            }
+            return Err(MigrateError::Refused(reason));
+        }
+        r => r?,
+    };
+    let t_prepared = Instant::now();
+    let summary = Summary {
+        total_s: t0.elapsed().as_secs_f64(),
+        downtime: super::Downtime {
+            total_ms: 0.0,
+            final_pages_ms: ms(t_pages - paused_at),
+            state_ms: ms(t_state - t_pages),
+            prepare_ms: ms(t_prepared - t_state),
+            resume_ms: 0.0,
+            verify_ms: ms(digest_time) + prepared.verify_us as f64 / 1000.0,
+        },
+        guest_pause_ms: None,
+        rounds: eng.rounds.clone(),
+        guest_bytes: eng.guest_pages * PAGE_SIZE,
+        wire_bytes: eng.wire_bytes,
+        skipped_pages: eng.skipped,
+        encodings: eng.enc,
+        streams: eng.n,
+        max_throttle: eng.max_throttle,
+        verified: prepared.verified,
+        digest,
+    };
+    Ok((summary, SwitchoverMark { paused_at }))
+}

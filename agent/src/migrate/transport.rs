@@ -1,0 +1,109 @@
+//! The data transport: plain TCP connections, one blocking thread per stream.
+//!
+//! This is the boundary the io_uring data path replaces: the engine only needs a byte sink per
+//! stream on the source ([`std::io::Write`]) and a byte source per stream on the destination
+//! ([`std::io::Read`]). Data connections are bound to the migration address on the source, so
+//! they leave through the migration network.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// Socket buffer size asked for on data connections.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+fn tune(s: &Socket) {
+    let _ = s.set_tcp_nodelay(true);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+}
+
+/// Connect from `local` (port chosen by the kernel) to `remote`, within `timeout`.
+pub fn connect_from(
+    local: Option<IpAddr>,
+    remote: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let s = Socket::new(
+        Domain::for_address(remote),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    tune(&s);
+    if let Some(ip) = local {
+        s.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
+    }
+    s.connect_timeout(&SockAddr::from(remote), timeout)?;
+    Ok(s.into())
+}
+
+/// Listen for data connections on `local`, an ephemeral port.
+pub fn listen(local: IpAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(
+        Domain::for_address(SocketAddr::new(local, 0)),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    tune(&s);
+    s.set_reuse_address(true)?;
+    s.bind(&SockAddr::from(SocketAddr::new(local, 0)))?;
+    s.listen(64)?;
+    Ok(s.into())
+}
+
+/// Accept one connection before `deadline`.
+pub fn accept_until(l: &TcpListener, deadline: Instant) -> io::Result<TcpStream> {
+    l.set_nonblocking(true)?;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no data connection arrived in time",
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Parse "host:port" or "host" (with `default_port`).
+pub fn parse_addr(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port));
+    }
+    Err(format!(
+        "{s:?} is neither a peer name from [peers] nor an address like 198.18.0.2 or 198.18.0.2:7720"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            parse_addr("198.18.0.2", 7720).unwrap(),
+            "198.18.0.2:7720".parse().unwrap()
+        );
+        assert_eq!(
+            parse_addr("198.18.0.2:9", 7720).unwrap(),
+            "198.18.0.2:9".parse().unwrap()
+        );
+        assert!(parse_addr("b", 7720).is_err());
+    }
+}
