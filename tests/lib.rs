@@ -216,3 +216,107 @@ impl Drop for TestAgent {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Drives `ferry --host NAME` against the agents of a lab.
+pub struct LabFerry<'a> {
+    pub lab: &'a xtask::lab::Lab,
+}
+
+impl LabFerry<'_> {
+    pub fn cli(&self, host: &str, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(ferry_bin())
+            .env("FERRY_LAB_ROOT", self.lab.root())
+            .env_remove("FERRY_SOCKET")
+            .args(["--host", host])
+            .args(args)
+            .output()
+            .expect("run ferry")
+    }
+
+    /// `ferry --host HOST --json ARGS`, expecting success; parsed stdout.
+    pub fn json(&self, host: &str, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let o = self.cli(host, &a);
+        assert!(
+            o.status.success(),
+            "ferry --host {host} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ferry {args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&o.stdout)
+            )
+        })
+    }
+
+    /// Migrate and wait; returns the final record (`--json` prints progress lines, then the result).
+    pub fn migrate(&self, from: &str, vm: &str, to: &str, extra: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json", "migrate", vm, "--to", to];
+        a.extend_from_slice(extra);
+        let o = self.cli(from, &a);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let last = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "result")
+            .unwrap_or_else(|| {
+                panic!(
+                    "no result from migrate: {text}{}",
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            });
+        let rec = last["migration"].clone();
+        assert_eq!(
+            o.status.success(),
+            rec["phase"] == "completed",
+            "exit status and result disagree: {rec}"
+        );
+        rec
+    }
+
+    /// Names of the VMs on a host.
+    pub fn vms(&self, host: &str) -> Vec<String> {
+        self.json(host, &["vm", "list"])
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|v| v["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// Sum of heartbeat counters of a workload VM.
+    pub fn beats(&self, host: &str, vm: &str) -> u64 {
+        self.json(host, &["vm", "inspect", vm])["heartbeats"]
+            .as_array()
+            .map(|a| a.iter().map(|h| h["beats"].as_u64().unwrap_or(0)).sum())
+            .unwrap_or(0)
+    }
+
+    /// Wait until a workload VM has filled its memory.
+    pub fn wait_filled(&self, host: &str, vm: &str) {
+        wait_for("workload fill", 120, || {
+            let i = self.json(host, &["vm", "inspect", vm]);
+            i["heartbeats"]
+                .as_array()?
+                .iter()
+                .all(|h| h["phase"] == "work")
+                .then_some(())
+        });
+    }
+
+    /// Limit host `host`'s migration NIC to `rate` (tc tbf), e.g. "200mbit".
+    pub fn slow_migration_link(&self, host: &str, rate: &str) {
+        self.lab
+            .exec(
+                host,
+                &[
+                    "tc", "qdisc", "replace", "dev", "mig0", "root", "tbf", "rate", rate, "burst",
+                    "256kb", "latency", "100ms",
+                ],
+            )
+            .expect("tc");
+    }
+}

@@ -631,7 +631,11 @@ fn eng_run(
             state_ms: ms(t_state - t_pages),
             prepare_ms: ms(t_prepared - t_state),
             resume_ms: 0.0,
-            verify_ms: ms(digest_time) + prepared.verify_us as f64 / 1000.0,
+            verify_ms: if job.options.verify {
+                ms(digest_time) + prepared.verify_us as f64 / 1000.0
+            } else {
+                0.0
+            },
         },
         guest_pause_ms: None,
         rounds: eng.rounds.clone(),

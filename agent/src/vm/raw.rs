@@ -6,6 +6,9 @@
 //! 64-bit long mode at CPL3, on the same scaffolding as the workload guest (identity-mapped
 //! memory, every I/O port allowed, no IDT): the way to run custom code at native speed on a
 //! paravirtual KVM where real mode is emulated.
+//!
+//! Like the workload guest, a raw guest may yield to the host: `out 0xf0, eax` sleeps for `eax`
+//! TSC cycles (at least 2 ms, at most 20 ms), waking early for a pause.
 
 use std::path::PathBuf;
 

@@ -1,0 +1,367 @@
+//! Live migration between the two lab hosts, with real guests, real TCP and real agents.
+
+use ferry_tests::{ferry_bin, require, wait_for, LabFerry, Need};
+use xtask::lab::{Lab, LabOptions};
+
+fn lab(test: &str) -> Option<Lab> {
+    if !require(test, &[Need::Root, Need::Kvm, Need::Netns]) {
+        return None;
+    }
+    Some(Lab::up(LabOptions::for_test(test).with_ferry_bin(ferry_bin())).expect("lab up"))
+}
+
+fn other(h: &str) -> &'static str {
+    if h == "a" {
+        "b"
+    } else {
+        "a"
+    }
+}
+
+/// The acceptance path: a 1 GiB mixed 2-vCPU guest dirtying 64 MiB/s goes a→b→a three times with
+/// --verify; after each move its heartbeat continues on the new host and only one copy exists.
+#[test]
+fn mixed_guest_three_round_trips_with_verify() {
+    let Some(lab) = lab("roundtrips") else { return };
+    let f = LabFerry { lab: &lab };
+    f.json(
+        "a",
+        &[
+            "vm",
+            "create",
+            "vm1",
+            "--memory",
+            "1G",
+            "--vcpus",
+            "2",
+            "--profile",
+            "mixed",
+            "--dirty-rate",
+            "64",
+            "--start",
+        ],
+    );
+    f.wait_filled("a", "vm1");
+    let mut here = "a";
+    for trip in 0..6 {
+        let there = other(here);
+        let beats_before = f.beats(here, "vm1");
+        let rec = f.migrate(here, "vm1", there, &["--verify"]);
+        assert_eq!(rec["phase"], "completed", "move {trip}: {rec}");
+        let s = &rec["summary"];
+        assert_eq!(s["verified"], true, "move {trip}: {s}");
+        assert!(s["downtime"]["total_ms"].as_f64().unwrap() > 0.0);
+        assert!(s["wire_bytes"].as_u64().unwrap() > 0);
+        // Exactly one copy, on the destination, running and beating past where it was.
+        assert!(
+            !f.vms(here).contains(&"vm1".to_string()),
+            "move {trip}: a copy is left on {here}"
+        );
+        assert_eq!(f.vms(there), vec!["vm1".to_string()]);
+        assert_eq!(f.json(there, &["vm", "inspect", "vm1"])["state"], "running");
+        wait_for("heartbeat on the destination", 20, || {
+            (f.beats(there, "vm1") > beats_before).then_some(())
+        });
+        here = there;
+    }
+    // The guest's own memory check, after six moves.
+    f.json(here, &["vm", "pause", "vm1"]);
+    let v = f.json(here, &["vm", "verify", "vm1"]);
+    assert_eq!(v["ok"], true, "{v}");
+    // Both agents list the migrations, in both directions.
+    let out = f.json("a", &["migrations"]);
+    assert_eq!(out.as_array().unwrap().len(), 6);
+    lab.down().unwrap();
+}
+
+/// A CPL3 raw image that prints a hexadecimal counter, one line every ~40 ms, yielding between.
+fn counter_image() -> Vec<u8> {
+    use iced_x86::code_asm::*;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut next = a.create_label();
+    let mut digit = a.create_label();
+    let mut dec = a.create_label();
+    a.xor(r12d, r12d).unwrap();
+    a.set_label(&mut next).unwrap();
+    a.mov(r13d, 8).unwrap();
+    a.mov(ebx, r12d).unwrap();
+    a.set_label(&mut digit).unwrap();
+    a.rol(ebx, 4).unwrap();
+    a.mov(eax, ebx).unwrap();
+    a.and(eax, 0xf).unwrap();
+    a.cmp(eax, 10).unwrap();
+    a.jb(dec).unwrap();
+    a.add(eax, 39).unwrap(); // 'a' - 10 - '0'
+    a.set_label(&mut dec).unwrap();
+    a.add(eax, 48).unwrap(); // '0'
+    a.mov(dx, 0x3f8u32).unwrap();
+    a.out(dx, al).unwrap();
+    a.dec(r13d).unwrap();
+    a.jnz(digit).unwrap();
+    a.mov(al, 10u32).unwrap();
+    a.out(dx, al).unwrap();
+    a.inc(r12d).unwrap();
+    a.mov(eax, 100_000_000u32).unwrap();
+    a.mov(dx, 0xf0u32).unwrap();
+    a.out(dx, eax).unwrap();
+    a.jmp(next).unwrap();
+    a.assemble(0x40_0000).unwrap()
+}
+
+fn counter_lines(text: &str) -> Vec<u32> {
+    text.lines()
+        .map(|l| u32::from_str_radix(l, 16).unwrap_or_else(|_| panic!("bad console line {l:?}")))
+        .collect()
+}
+
+#[test]
+fn raw_guest_console_continues_without_gap_or_repeat() {
+    let Some(lab) = lab("console") else { return };
+    let f = LabFerry { lab: &lab };
+    let img = lab.root().join("counter.img");
+    std::fs::write(&img, counter_image()).unwrap();
+    f.json(
+        "a",
+        &[
+            "vm",
+            "create",
+            "ctr",
+            "--kind",
+            "raw",
+            "--mode",
+            "long-user",
+            "--image",
+            img.to_str().unwrap(),
+            "--memory",
+            "16M",
+            "--start",
+        ],
+    );
+    wait_for("a few lines on a", 30, || {
+        let c = f.json("a", &["vm", "console", "ctr"]);
+        (c["data"].as_str()?.lines().count() >= 5).then_some(())
+    });
+    let rec = f.migrate("a", "ctr", "b", &["--verify"]);
+    assert_eq!(rec["phase"], "completed", "{rec}");
+    let n_after = wait_for("more lines on b", 30, || {
+        let c = f.json("b", &["vm", "console", "ctr"]);
+        let text = c["data"].as_str()?.to_string();
+        let complete = &text[..text.rfind('\n')? + 1];
+        let n = counter_lines(complete);
+        (n.len() >= 10).then_some(n)
+    });
+    // The history came along and the counter runs on: 0, 1, 2, ... with no gap and no repeat.
+    for (i, v) in n_after.iter().enumerate() {
+        assert_eq!(*v as usize, i, "console on b: {n_after:?}");
+    }
+    assert!(f.vms("a").is_empty());
+    lab.down().unwrap();
+}
+
+/// 8 GiB of untouched (zero) memory costs almost nothing on the wire.
+#[test]
+fn zero_guest_of_8g_moves_under_one_percent() {
+    let Some(lab) = lab("zero8g") else { return };
+    let f = LabFerry { lab: &lab };
+    f.json(
+        "a",
+        &[
+            "vm",
+            "create",
+            "z",
+            "--memory",
+            "8G",
+            "--profile",
+            "zero",
+            "--start",
+        ],
+    );
+    f.wait_filled("a", "z");
+    let rec = f.migrate("a", "z", "b", &[]);
+    assert_eq!(rec["phase"], "completed", "{rec}");
+    let wire = rec["summary"]["wire_bytes"].as_u64().unwrap();
+    assert!(wire <= (8u64 << 30) / 100, "{wire} bytes on the wire");
+    assert_eq!(f.json("b", &["vm", "inspect", "z"])["state"], "running");
+    lab.down().unwrap();
+}
+
+/// A guest that dirties faster than the (throttled) link: with auto-converge it gets through by
+/// being slowed down; without, the policy gives up and the guest stays where it was.
+#[test]
+fn faster_than_the_link_converges_or_fails_by_policy() {
+    let Some(lab) = lab("fastdirty") else { return };
+    let f = LabFerry { lab: &lab };
+    f.slow_migration_link("a", "400mbit");
+    f.json(
+        "a",
+        &[
+            "vm",
+            "create",
+            "hot",
+            "--memory",
+            "64M",
+            "--profile",
+            "random",
+            "--dirty-rate",
+            "128",
+            "--working-set",
+            "32M",
+            "--start",
+        ],
+    );
+    f.wait_filled("a", "hot");
+
+    // Without auto-converge: refused by policy after the time limit; the guest runs on a.
+    let rec = f.migrate("a", "hot", "b", &["--no-auto-converge", "--max-time", "4"]);
+    assert_eq!(rec["phase"], "failed", "{rec}");
+    assert!(
+        rec["error"].as_str().unwrap().contains("did not converge"),
+        "{rec}"
+    );
+    assert!(f.vms("b").is_empty());
+    let i = f.json("a", &["vm", "inspect", "hot"]);
+    assert_eq!(i["state"], "running");
+    assert_eq!(i["migration"], serde_json::Value::Null);
+    let b0 = f.beats("a", "hot");
+    wait_for("guest still beating on a", 10, || {
+        (f.beats("a", "hot") > b0).then_some(())
+    });
+
+    // With auto-converge: throttled until it converges.
+    let rec = f.migrate("a", "hot", "b", &["--verify"]);
+    assert_eq!(rec["phase"], "completed", "{rec}");
+    assert!(
+        rec["summary"]["max_throttle"].as_u64().unwrap() > 0,
+        "{rec}"
+    );
+    assert_eq!(f.vms("b"), vec!["hot".to_string()]);
+    assert!(f.vms("a").is_empty());
+    // The throttle does not follow the guest: it runs at full speed on b.
+    lab.down().unwrap();
+}
+
+/// SIGKILL the destination agent in the middle: the guest keeps running on the source.
+#[test]
+fn killing_the_destination_agent_leaves_the_guest_on_the_source() {
+    let Some(mut lab) = lab("killdest") else {
+        return;
+    };
+    let f = LabFerry { lab: &lab };
+    f.slow_migration_link("a", "200mbit");
+    f.json(
+        "a",
+        &[
+            "vm",
+            "create",
+            "v",
+            "--memory",
+            "256M",
+            "--profile",
+            "random",
+            "--dirty-rate",
+            "16",
+            "--start",
+        ],
+    );
+    f.wait_filled("a", "v");
+    let started = f.json("a", &["migrate", "v", "--to", "b", "--detach"]);
+    let id = started["id"].as_str().unwrap().to_string();
+    wait_for("pre-copy under way", 20, || {
+        let r = f.json("a", &["migrations", &id]);
+        (r["phase"] == "precopy").then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = lab.host("b").unwrap().agent_pid.unwrap();
+    // SAFETY: kill(2) on the agent process this test's lab started.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let rec = wait_for("the migration to fail", 60, || {
+        let r = f.json("a", &["migrations", &id]);
+        (r["phase"] == "failed").then_some(r)
+    });
+    assert!(rec["error"].as_str().is_some(), "{rec}");
+    let i = f.json("a", &["vm", "inspect", "v"]);
+    assert_eq!(i["state"], "running");
+    let b0 = f.beats("a", "v");
+    wait_for("guest beating on a", 10, || {
+        (f.beats("a", "v") > b0).then_some(())
+    });
+    // Restart b's agent: nothing of the guest is there.
+    lab.start_agent("b").unwrap();
+    let f = LabFerry { lab: &lab };
+    assert!(f.vms("b").is_empty());
+    // And the guest can still move once b is back.
+    let rec = f.migrate("a", "v", "b", &["--verify"]);
+    assert_eq!(rec["phase"], "completed", "{rec}");
+    lab.down().unwrap();
+}
+
+#[test]
+fn cancel_and_refusals_leave_the_guest_on_the_source() {
+    let Some(lab) = lab("cancel") else { return };
+    let f = LabFerry { lab: &lab };
+    f.slow_migration_link("a", "100mbit");
+    f.json(
+        "a",
+        &[
+            "vm",
+            "create",
+            "c",
+            "--memory",
+            "256M",
+            "--profile",
+            "random",
+            "--start",
+        ],
+    );
+    f.wait_filled("a", "c");
+
+    // User cancel.
+    let started = f.json("a", &["migrate", "c", "--to", "b", "--detach"]);
+    let id = started["id"].as_str().unwrap().to_string();
+    wait_for("pre-copy", 20, || {
+        (f.json("a", &["migrations", &id])["phase"] == "precopy").then_some(())
+    });
+    // While it migrates, other operations are refused.
+    let o = f.cli("a", &["vm", "pause", "c"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is migrating"),
+        "{o:?}"
+    );
+    f.json("a", &["migrate", "--cancel", &id]);
+    let rec = wait_for("cancel", 30, || {
+        let r = f.json("a", &["migrations", &id]);
+        (r["phase"] == "cancelled").then_some(r)
+    });
+    assert!(rec["error"].as_str().unwrap().contains("cancelled"));
+    assert_eq!(f.json("a", &["vm", "inspect", "c"])["state"], "running");
+    wait_for("b cleaned up", 20, || f.vms("b").is_empty().then_some(()));
+
+    // The name is taken on b: refused, guest stays.
+    lab.exec("a", &["tc", "qdisc", "del", "dev", "mig0", "root"])
+        .unwrap();
+    f.json("b", &["vm", "create", "c", "--memory", "64M"]);
+    let rec = f.migrate("a", "c", "b", &[]);
+    assert_eq!(rec["phase"], "failed");
+    assert!(
+        rec["error"].as_str().unwrap().contains("already exists"),
+        "{rec}"
+    );
+    assert_eq!(f.json("a", &["vm", "inspect", "c"])["state"], "running");
+
+    // Unknown peers and stopped VMs are refused before anything moves.
+    let o = f.cli("a", &["migrate", "c", "--to", "nowhere"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("[peers]"),
+        "{o:?}"
+    );
+    f.json("a", &["vm", "pause", "c"]);
+    let o = f.cli("a", &["migrate", "c", "--to", "b"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("only a running VM"),
+        "{o:?}"
+    );
+    lab.down().unwrap();
+}
