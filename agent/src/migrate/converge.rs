@@ -62,13 +62,16 @@ impl Policy {
     }
     /// Refuse values that make no sense.
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.downtime_target_ms > 0.0 && self.downtime_target_ms <= 60_000.0) {
+        if self.downtime_target_ms.is_nan()
+            || self.downtime_target_ms <= 0.0
+            || self.downtime_target_ms > 60_000.0
+        {
             return Err(format!(
                 "downtime target {} ms must be above 0 and at most 60000",
                 self.downtime_target_ms
             ));
         }
-        if !(self.max_time_s > 0.0) {
+        if self.max_time_s.is_nan() || self.max_time_s <= 0.0 {
             return Err(format!("max time {} s must be positive", self.max_time_s));
         }
         if self.throttle_max > 99 || self.throttle_initial > self.throttle_max {

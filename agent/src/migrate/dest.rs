@@ -92,7 +92,7 @@ fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateErr
     let mut cr = FrameReader::new(BufReader::new(
         conn.try_clone().map_err(protocol::ProtocolError::from)?,
     ));
-    let hello: Hello = cr.next()?.msg(Command::Hello)?;
+    let hello: Hello = cr.read_frame()?.msg(Command::Hello)?;
     let Some(version) = protocol::negotiate(
         (hello.min_version, hello.max_version),
         (protocol::MIN_VERSION, protocol::VERSION),
@@ -119,7 +119,7 @@ fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateErr
             agent: host.name(),
         },
     )?;
-    let setup: Setup = cr.next()?.msg(Command::Setup)?;
+    let setup: Setup = cr.read_frame()?.msg(Command::Setup)?;
     let handle = Arc::new(MigrationHandle::new(
         setup.migration_id.clone(),
         &setup.spec.name,
@@ -197,7 +197,7 @@ fn receive(
             .map_err(|e| MigrateError::Other(format!("waiting for data connections: {e}")))?;
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
         let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, s));
-        let hello: StreamHello = r.next()?.msg(Command::StreamHello)?;
+        let hello: StreamHello = r.read_frame()?.msg(Command::StreamHello)?;
         if hello.migration_id != setup.migration_id || hello.token != token {
             return Err(refuse("a data connection presented the wrong token".into()));
         }
@@ -254,7 +254,7 @@ fn receive(
         // Pre-copy runs on the data streams; the control connection is quiet until the
         // switchover. A source that dies closes it.
         let _ = conn.set_read_timeout(None);
-        let frame = cr.next()?;
+        let frame = cr.read_frame()?;
         frame.expect(Command::State)?;
         let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         handle.set_phase(Phase::Switchover);
@@ -264,7 +264,7 @@ fn receive(
                 "the state does not match the VM set up for it".into(),
             ));
         }
-        let complete: Complete = cr.next()?.msg(Command::Complete)?;
+        let complete: Complete = cr.read_frame()?.msg(Command::Complete)?;
         let t_prep = Instant::now();
         // Every stream must reach its end, with the page count the source says it sent.
         let mut done = vec![None; n as usize];
@@ -321,7 +321,7 @@ fn receive(
             },
         )?;
         // Wait for the commit.
-        let _: protocol::Commit = cr.next()?.msg(Command::Commit)?;
+        let _: protocol::Commit = cr.read_frame()?.msg(Command::Commit)?;
         let t_commit = Instant::now();
         vm.start()?;
         let resume_us = t_commit.elapsed().as_micros() as u64;

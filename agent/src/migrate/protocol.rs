@@ -447,7 +447,7 @@ impl<R: Read> FrameReader<R> {
         Ok((cmd, h.count.get()))
     }
 
-    pub fn next(&mut self) -> Result<Frame, ProtocolError> {
+    pub fn read_frame(&mut self) -> Result<Frame, ProtocolError> {
         let mut payload = Vec::new();
         let (command, count) = self.next_into(&mut payload)?;
         Ok(Frame {
@@ -570,7 +570,7 @@ mod tests {
         assert_eq!(c, Command::Pages);
         assert_eq!(h.count.get(), 3);
         let mut r = FrameReader::new(&b[..]);
-        let f = r.next().unwrap();
+        let f = r.read_frame().unwrap();
         assert_eq!(f.payload, b"abc");
     }
 
@@ -591,18 +591,18 @@ mod tests {
         let mut b = frame(Command::Pages, 0, b"payload");
         b[HEADER_LEN + 2] ^= 1;
         assert!(matches!(
-            FrameReader::new(&b[..]).next(),
+            FrameReader::new(&b[..]).read_frame(),
             Err(ProtocolError::PayloadCrc(Command::Pages))
         ));
         let mut b = frame(Command::Pages, 0, b"payload");
         b[5] ^= 1;
-        assert!(FrameReader::new(&b[..]).next().is_err());
+        assert!(FrameReader::new(&b[..]).read_frame().is_err());
         // Out-of-order frames.
         let mut w = FrameWriter::new(Vec::new());
         w.seq = 5;
         w.send(Command::Commit, 0, b"{}").unwrap();
         assert!(matches!(
-            FrameReader::new(&w.inner[..]).next(),
+            FrameReader::new(&w.inner[..]).read_frame(),
             Err(ProtocolError::Sequence {
                 expected: 0,
                 got: 5
@@ -663,7 +663,7 @@ mod tests {
             let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             let _ = FrameHeader::parse(&bytes);
             let mut r = FrameReader::new(&bytes[..]);
-            let _ = r.next();
+            let _ = r.read_frame();
             let _ = parse_records(&bytes, (next() % 8) as u32);
         }
         let mut p = Vec::new();
@@ -673,10 +673,10 @@ mod tests {
         for i in 0..valid.len() {
             let mut b = valid.clone();
             b[i] ^= (next() as u8) | 1;
-            if let Ok(f) = FrameReader::new(&b[..]).next() {
+            if let Ok(f) = FrameReader::new(&b[..]).read_frame() {
                 let _ = parse_records(&f.payload, f.count);
             }
-            let _ = FrameReader::new(&valid[..i]).next();
+            let _ = FrameReader::new(&valid[..i]).read_frame();
         }
         for _ in 0..2_000 {
             let mut b = p.clone();

@@ -258,8 +258,7 @@ impl Engine<'_> {
                 }
             }
         }
-        for s in 0..self.n as usize {
-            let b = std::mem::take(&mut batches[s]);
+        for (s, b) in batches.into_iter().enumerate() {
             if !b.is_empty() {
                 self.hand_off(s, Work::Pages { round, gpas: b })?;
             }
@@ -398,14 +397,17 @@ pub fn run(job: &SourceJob) -> Result<Summary, Failure> {
     }
     job.handle.set_phase(Phase::Committed);
     let resumed: Resumed = cr
-        .next()
+        .read_frame()
         .and_then(|f| f.msg(Command::Resumed))
         .map_err(|e| after(e.into()))?;
     let t_resumed = Instant::now();
     summary.downtime.total_ms = ms(t_resumed - state_done.paused_at);
     summary.downtime.resume_ms = resumed.resume_us as f64 / 1000.0;
     let _ = ctl.set_read_timeout(Some(Duration::from_secs(3)));
-    if let Ok(o) = cr.next().and_then(|f| f.msg::<Observed>(Command::Observed)) {
+    if let Ok(o) = cr
+        .read_frame()
+        .and_then(|f| f.msg::<Observed>(Command::Observed))
+    {
         summary.guest_pause_ms = o.guest_pause_us.map(|us| us as f64 / 1000.0);
     }
     summary.total_s = t0.elapsed().as_secs_f64();
@@ -448,7 +450,7 @@ fn precopy_and_prepare(
             agent: job.agent_name.clone(),
         },
     )?;
-    let ack: HelloAck = cr.next()?.msg(Command::HelloAck)?;
+    let ack: HelloAck = cr.read_frame()?.msg(Command::HelloAck)?;
     tracing::debug!(peer = %ack.agent, version = ack.version, "peer speaks the protocol");
     cw.send_msg(
         Command::Setup,
@@ -459,7 +461,7 @@ fn precopy_and_prepare(
             streams: n,
         },
     )?;
-    let ready: Ready = match cr.next()?.msg(Command::Ready) {
+    let ready: Ready = match cr.read_frame()?.msg(Command::Ready) {
         Err(protocol::ProtocolError::Aborted(reason)) => return Err(MigrateError::Refused(reason)),
         r => r?,
     };
@@ -610,7 +612,7 @@ fn eng_run(
         },
     )?;
     let t_state = Instant::now();
-    let prepared: Prepared = match cr.next()?.msg(Command::Prepared) {
+    let prepared: Prepared = match cr.read_frame()?.msg(Command::Prepared) {
         Err(protocol::ProtocolError::Aborted(reason)) => {
             if let Some(rest) = reason.strip_prefix("digest mismatch: ") {
                 return Err(MigrateError::DigestMismatch {
