@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use ferry::control::agent::VmInfo;
 use ferry::control::api::CreateRequest;
 use ferry::control::client::Client;
-use ferry::vm::{GuestKind, Profile, RawParams, WorkloadParams};
+use ferry::vm::{GuestKind, Profile, WorkloadParams};
 
 use crate::lab::{self, Lab, LabOptions};
 
@@ -134,8 +134,8 @@ fn filled(c: &Client, name: &str) -> Result<Option<VmInfo>> {
     Ok((!i.heartbeats.is_empty() && i.heartbeats.iter().all(|h| h.phase == "work")).then_some(i))
 }
 
-/// The demo: the lab, a 1 GiB mixed workload guest on host `a` with its heartbeat, and a raw
-/// guest printing on its console. The lab stays up afterwards.
+/// The demo: the lab, a 1 GiB mixed workload guest on host `a` dirtying 64 MiB/s, migrated live
+/// to host `b` with progress and a summary, then shown running on `b`. The lab stays up.
 pub fn demo() -> Result<()> {
     let bin = build_ferry()?;
     let root = PathBuf::from(lab::DEFAULT_ROOT);
@@ -143,7 +143,7 @@ pub fn demo() -> Result<()> {
         println!("demo: removing the previous lab");
         lab::down_recorded(Some(lab::DEFAULT_NAME), &root)?;
     }
-    println!("demo: building the two-host lab (namespaces ferry-lab-a, -b, -sw)");
+    println!("demo: building the two-host lab (namespaces ferry-lab-a, -b, -sw; agents on both)");
     let lab = Lab::up(LabOptions {
         name: lab::DEFAULT_NAME.into(),
         root: root.clone(),
@@ -153,37 +153,24 @@ pub fn demo() -> Result<()> {
     let c = Client::new(&a.socket);
     println!("demo: creating vm1 on host a: 1 GiB, 2 vCPUs, mixed memory, dirtying 64 MiB/s");
     let _: VmInfo = c.post("/v1/vms", &workload("vm1", 1024, 2, Profile::Mixed, 64))?;
-    let img = lab.root().join("hello.img");
-    std::fs::write(
-        &img,
-        ferry::vm::raw::hello_image("hello from a raw guest on host a\n"),
-    )?;
-    let _: VmInfo = c.post(
-        "/v1/vms",
-        &CreateRequest {
-            name: "hello".into(),
-            memory_mib: 16,
-            vcpus: 1,
-            kind: GuestKind::Raw(RawParams::new(img)),
-            start: true,
-        },
-    )?;
     let state = lab.detach();
     state.save()?;
     wait("vm1 to fill its memory", 120, || filled(&c, "vm1"))?;
     std::thread::sleep(Duration::from_secs(2));
     let ferry = |args: &[&str]| -> Result<()> {
-        println!("\n$ ferry --host a {}", args.join(" "));
-        run(Command::new(&bin).args(["--host", "a"]).args(args))
+        println!("\n$ ferry {}", args.join(" "));
+        run(Command::new(&bin).args(args))
     };
-    ferry(&["vm", "list"])?;
-    ferry(&["vm", "inspect", "vm1"])?;
-    std::thread::sleep(Duration::from_secs(2));
-    ferry(&["vm", "inspect", "vm1"])?;
-    ferry(&["vm", "console", "hello"])?;
+    ferry(&["--host", "a", "vm", "inspect", "vm1"])?;
+    ferry(&["--host", "a", "migrate", "vm1", "--to", "b"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    ferry(&["--host", "b", "vm", "inspect", "vm1"])?;
+    ferry(&["--host", "a", "vm", "list"])?;
+    ferry(&["--host", "b", "vm", "list"])?;
     println!(
-        "\nThe lab stays up. Try `ferry --host a vm inspect vm1` (target/debug/ferry), \
-         `cargo xtask lab status`; remove it with `cargo xtask lab down`."
+        "\nThe lab stays up. Try `target/debug/ferry --host b migrate vm1 --to a`, \
+         `target/debug/ferry --host a migrations`, `cargo xtask lab status`; \
+         remove it with `cargo xtask lab down`."
     );
     Ok(())
 }

@@ -3,8 +3,9 @@
 //! After each pre-copy round the engine asks [`decide`]:
 //!
 //! - **StopAndCopy** when nothing is dirty, or when the pages dirtied during the last round
-//!   could be sent within the downtime target at the rate the last round achieved
-//!   (`dirty_after / pages_per_second <= downtime_target`).
+//!   could be sent within the downtime target at the rate the last round achieved, counting
+//!   the switchover's fixed cost (pausing, state, three handshakes):
+//!   `dirty_after / pages_per_second + switchover_overhead <= downtime_target`.
 //! - **GiveUp** when the migration has run longer than `max_time` (or `max_rounds` rounds):
 //!   the guest stays on the source and the reason says which limit was hit.
 //! - **Throttle(p)** when the dirty set has stopped shrinking for `stall_rounds` rounds and
@@ -28,6 +29,8 @@ use serde::{Deserialize, Serialize};
 pub struct Policy {
     /// Estimated final transfer must fit this, in milliseconds.
     pub downtime_target_ms: f64,
+    /// What the switchover costs besides the pages (pause, state, handshakes), in ms.
+    pub switchover_overhead_ms: f64,
     /// Give up after this long, in seconds.
     pub max_time_s: f64,
     /// Give up after this many rounds (0 = no limit).
@@ -45,6 +48,7 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             downtime_target_ms: 5.0,
+            switchover_overhead_ms: 2.0,
             max_time_s: 300.0,
             max_rounds: 0,
             auto_converge: true,
@@ -131,7 +135,9 @@ pub fn decide(rounds: &[RoundStats], policy: &Policy, elapsed: Duration, throttl
         };
     }
     if let Some(rate) = page_rate(rounds) {
-        let est = Duration::from_secs_f64(last.dirty_after as f64 / rate);
+        let est = Duration::from_secs_f64(
+            last.dirty_after as f64 / rate + policy.switchover_overhead_ms.max(0.0) / 1000.0,
+        );
         if est <= policy.downtime_target() {
             return Decision::StopAndCopy { estimated: est };
         }

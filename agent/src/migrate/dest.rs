@@ -221,7 +221,13 @@ fn receive(
     let mut cuts = Vec::new();
     for (i, r) in streams.into_iter().enumerate() {
         let Some(r) = r else { continue };
-        cuts.push(r.get_ref().get_ref().try_clone().ok());
+        let sock = r
+            .get_ref()
+            .get_ref()
+            .try_clone()
+            .map_err(protocol::ProtocolError::from)?;
+        cuts.push(sock.try_clone().ok());
+        let acks = FrameWriter::new(sock);
         let mem = vm.memory().clone();
         let tx = ev_tx.clone();
         let ctl = conn.try_clone().ok();
@@ -229,7 +235,7 @@ fn receive(
         let j = std::thread::Builder::new()
             .name(format!("mig-rx{i}"))
             .spawn(move || {
-                if let Err(error) = receive_stream(i as u32, r, &mem, &tx, &h) {
+                if let Err(error) = receive_stream(i as u32, r, acks, &mem, &tx, &h) {
                     let _ = tx.send(StreamEvent::Failed {
                         stream: i as u32,
                         error: error.to_string(),
@@ -380,6 +386,7 @@ fn observed_pause(vm: &Vm, before: &[crate::vm::workload::Heartbeat]) -> Option<
 fn receive_stream(
     i: u32,
     mut r: FrameReader<BufReader<TcpStream>>,
+    mut acks: FrameWriter<TcpStream>,
     mem: &GuestMemory,
     tx: &mpsc::Sender<StreamEvent>,
     handle: &MigrationHandle,
@@ -418,8 +425,16 @@ fn receive_stream(
                     }
                 })?;
                 handle.update(|r| r.round = r.round.max(e.round));
+                acks.send_msg(Command::RoundAck, &e)?;
             }
             Command::StreamEnd => {
+                let e: RoundEnd = serde_json::from_slice(&payload).map_err(|e| {
+                    protocol::ProtocolError::Malformed {
+                        what: "StreamEnd",
+                        why: e.to_string(),
+                    }
+                })?;
+                acks.send_msg(Command::RoundAck, &e)?;
                 let _ = tx.send(StreamEvent::Done {
                     stream: i,
                     pages,

@@ -119,6 +119,9 @@ pub enum Command {
     Resumed = 13,
     Observed = 14,
     Abort = 15,
+    /// Destination → source on a data connection: every page up to this `RoundEnd` or
+    /// `StreamEnd` is applied.
+    RoundAck = 16,
 }
 
 impl Command {
@@ -140,6 +143,7 @@ impl Command {
             13 => Resumed,
             14 => Observed,
             15 => Abort,
+            16 => RoundAck,
             _ => return None,
         })
     }

@@ -59,7 +59,12 @@ pub struct Failure {
 }
 
 enum Work {
-    Pages { round: u32, gpas: Vec<u64> },
+    Pages {
+        round: u32,
+        /// The final round: no later round will want a delta.
+        last: bool,
+        gpas: Vec<u64>,
+    },
     End { round: u32, last: bool },
 }
 
@@ -89,6 +94,7 @@ struct Worker {
 fn worker_loop(
     stream: u32,
     mut w: FrameWriter<TcpStream>,
+    mut acks: FrameReader<BufReader<TcpStream>>,
     mem: Arc<GuestMemory>,
     cache_pages: usize,
     rx: Receiver<Work>,
@@ -105,7 +111,9 @@ fn worker_loop(
     let result = (|| -> Result<(), MigrateError> {
         for work in rx {
             match work {
-                Work::Pages { round, gpas } => {
+                Work::Pages { round, last, gpas } => {
+                    let tp = Instant::now();
+                    let np = gpas.len();
                     for gpa in gpas {
                         mem.read(gpa, &mut page[..])?;
                         if round == 0 && is_zero(&page[..]) {
@@ -122,7 +130,7 @@ fn worker_loop(
                             t.enc.add(e, payload.len());
                         }
                         // The cache must always hold what the destination holds.
-                        if cached || round >= 1 {
+                        if cached || (round >= 1 && !last) {
                             cache.put(gpa, &page);
                         }
                         t.pages += 1;
@@ -134,8 +142,12 @@ fn worker_loop(
                             count = 0;
                         }
                     }
+                    if round > 2 {
+                        tracing::debug!(stream, round, pages = np, us = tp.elapsed().as_micros() as u64, "batch");
+                    }
                 }
                 Work::End { round, last } => {
+                    let te = Instant::now();
                     if count > 0 {
                         w.send(Command::Pages, count, &buf)?;
                         buf.clear();
@@ -153,6 +165,18 @@ fn worker_loop(
                             pages: t.pages,
                         },
                     )?;
+                    // Wait until the destination has applied the round: its rate is what the
+                    // round really achieved, and nothing is in flight at the switchover.
+                    let ts = Instant::now();
+                    let ack: RoundEnd = acks.read_frame()?.msg(Command::RoundAck)?;
+                    tracing::debug!(stream, round, last, flush_us = (ts - te).as_micros() as u64, ack_us = ts.elapsed().as_micros() as u64, pages = t.pages, "round end");
+                    if ack.round != round {
+                        return Err(protocol::ProtocolError::Malformed {
+                            what: "RoundAck",
+                            why: format!("for round {}, expected {round}", ack.round),
+                        }
+                        .into());
+                    }
                     t.wire_bytes = w.bytes - wire_mark;
                     wire_mark = w.bytes;
                     let _ = reports.send(Report {
@@ -239,6 +263,18 @@ impl Engine<'_> {
         total: u64,
         last: bool,
     ) -> Result<RoundStats, MigrateError> {
+        let started = self.dispatch(round, gpas, total, last)?;
+        self.collect(round, total, last, started)
+    }
+
+    /// Hand a round's pages and its end marker to the workers (returns when all is queued).
+    fn dispatch(
+        &mut self,
+        round: u32,
+        gpas: impl Iterator<Item = u64>,
+        total: u64,
+        last: bool,
+    ) -> Result<(Instant, u64), MigrateError> {
         let t = Instant::now();
         let start_sent = self.sent();
         let mut batches: Vec<Vec<u64>> = (0..self.n).map(|_| Vec::with_capacity(BATCH)).collect();
@@ -248,7 +284,7 @@ impl Engine<'_> {
             batches[s].push(gpa);
             if batches[s].len() == BATCH {
                 let b = std::mem::replace(&mut batches[s], Vec::with_capacity(BATCH));
-                self.hand_off(s, Work::Pages { round, gpas: b })?;
+                self.hand_off(s, Work::Pages { round, last, gpas: b })?;
                 if !last {
                     self.check_cancel()?;
                 }
@@ -260,10 +296,21 @@ impl Engine<'_> {
         }
         for (s, b) in batches.into_iter().enumerate() {
             if !b.is_empty() {
-                self.hand_off(s, Work::Pages { round, gpas: b })?;
+                self.hand_off(s, Work::Pages { round, last, gpas: b })?;
             }
             self.hand_off(s, Work::End { round, last })?;
         }
+        Ok((t, start_sent))
+    }
+
+    /// Wait for every worker to report the end of `round` (acknowledged by the destination).
+    fn collect(
+        &mut self,
+        round: u32,
+        total: u64,
+        last: bool,
+        (t, start_sent): (Instant, u64),
+    ) -> Result<RoundStats, MigrateError> {
         let mut totals = Totals::default();
         let mut got = 0;
         while got < self.n {
@@ -487,6 +534,9 @@ fn precopy_and_prepare(
                 source,
             })?;
         let cut = sock.try_clone().ok();
+        let acks = FrameReader::new(BufReader::new(
+            sock.try_clone().map_err(protocol::ProtocolError::from)?,
+        ));
         let mut w = FrameWriter::new(sock);
         w.send_msg(
             Command::StreamHello,
@@ -501,7 +551,7 @@ fn precopy_and_prepare(
         let (m, r, s2) = (mem.clone(), rep_tx.clone(), sent.clone());
         let join = std::thread::Builder::new()
             .name(format!("mig-tx{i}"))
-            .spawn(move || worker_loop(i, w, m, cache_pages, rx, r, s2))
+            .spawn(move || worker_loop(i, w, acks, m, cache_pages, rx, r, s2))
             .map_err(|e| MigrateError::Other(format!("cannot start a stream worker: {e}")))?;
         workers.push(Worker {
             tx: Some(tx),
@@ -586,17 +636,31 @@ fn eng_run(
     let paused_at = Instant::now();
     vm.pause()?;
     *paused_here = true;
+    let t_paused = Instant::now();
     let last = mem.take_dirty()?;
     pending.merge(&last);
+    let t_bitmap = Instant::now();
     round += 1;
     let total = pending.count();
-    let mut st = eng.send_round(round, pending.iter_gpa(), total, true)?;
-    st.dirty_after = 0;
-    eng.rounds.push(st);
-    let t_pages = Instant::now();
+    // The last pages go out while the vCPU and device state is captured and sent: the
+    // destination loads the state into its parked vCPUs while the pages still arrive.
+    let started = eng.dispatch(round, pending.iter_gpa(), total, true)?;
     let state = vm.capture_state()?;
     let blob = state.encode()?;
     cw.send(Command::State, 0, &blob)?;
+    let t_state_sent = Instant::now();
+    let mut st = eng.collect(round, total, true, started)?;
+    st.dirty_after = 0;
+    eng.rounds.push(st);
+    let t_pages = Instant::now();
+    tracing::debug!(
+        pause_us = (t_paused - paused_at).as_micros() as u64,
+        bitmap_us = (t_bitmap - t_paused).as_micros() as u64,
+        state_us = (t_state_sent - t_bitmap).as_micros() as u64,
+        pages_us = (t_pages - t_bitmap).as_micros() as u64,
+        pages = total,
+        "switchover: final pages sent"
+    );
     let t_digest = Instant::now();
     let digest = if job.options.verify {
         Some(snapshot::memory_digest(vm)?)
@@ -630,7 +694,7 @@ fn eng_run(
         downtime: super::Downtime {
             total_ms: 0.0,
             final_pages_ms: ms(t_pages - paused_at),
-            state_ms: ms(t_state - t_pages),
+            state_ms: ms(t_state_sent - t_bitmap),
             prepare_ms: ms(t_prepared - t_state),
             resume_ms: 0.0,
             verify_ms: if job.options.verify {

@@ -456,7 +456,10 @@ impl Vm {
             }
         }
         for (v, s) in self.vcpus.iter().zip(&state.vcpus) {
-            v.restore(Box::new(s.clone()))?;
+            v.restore_start(Box::new(s.clone()))?;
+        }
+        for v in &self.vcpus {
+            v.restore_wait()?;
         }
         self.shared.devices.restore(&state.devices);
         Ok(())
@@ -468,9 +471,13 @@ impl Vm {
         if st == VmStatus::Running {
             return Err(VmError::State(st, "pause it before capturing its state"));
         }
+        // All vCPU threads capture at once.
+        for v in &self.vcpus {
+            v.capture_start()?;
+        }
         let mut vcpus: Vec<VcpuState> = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
-            vcpus.push(*v.capture()?);
+            vcpus.push(*v.capture_wait()?);
         }
         let mut irqchips = Vec::new();
         for chip_id in 0..3 {

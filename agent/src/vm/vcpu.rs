@@ -195,6 +195,12 @@ impl VcpuShared {
     }
 
     fn call(&self, req: Request, timeout: Duration) -> Result<Response, VcpuError> {
+        self.submit(req)?;
+        self.wait_response(timeout)
+    }
+
+    /// Hand a request to the parked vCPU thread (does not wait).
+    fn submit(&self, req: Request) -> Result<(), VcpuError> {
         let mut g = self.ctl.lock().map_err(|_| VcpuError::Gone(self.id))?;
         if g.exited {
             return Err(VcpuError::Gone(self.id));
@@ -205,6 +211,11 @@ impl VcpuShared {
         g.request = Some(req);
         g.response = None;
         self.cv.notify_all();
+        Ok(())
+    }
+
+    fn wait_response(&self, timeout: Duration) -> Result<Response, VcpuError> {
+        let mut g = self.ctl.lock().map_err(|_| VcpuError::Gone(self.id))?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(r) = g.response.take() {
@@ -225,11 +236,36 @@ impl VcpuShared {
         }
     }
 
+    /// Start capturing a parked vCPU's state on its thread; finish with [`Self::capture_wait`].
+    /// Lets all vCPUs of a VM capture at once.
+    pub fn capture_start(&self) -> Result<(), VcpuError> {
+        self.submit(Request::Capture)
+    }
+
+    pub fn capture_wait(&self) -> Result<Box<VcpuState>, VcpuError> {
+        match self.wait_response(Duration::from_secs(5))? {
+            Response::Captured(r) => r,
+            Response::Restored(_) => Err(VcpuError::Gone(self.id)),
+        }
+    }
+
     /// Capture the full state of a parked vCPU.
     pub fn capture(&self) -> Result<Box<VcpuState>, VcpuError> {
         match self.call(Request::Capture, Duration::from_secs(5))? {
             Response::Captured(r) => r,
             Response::Restored(_) => Err(VcpuError::Gone(self.id)),
+        }
+    }
+
+    /// Start loading a state into a parked vCPU; finish with [`Self::restore_wait`].
+    pub fn restore_start(&self, st: Box<VcpuState>) -> Result<(), VcpuError> {
+        self.submit(Request::Restore(st))
+    }
+
+    pub fn restore_wait(&self) -> Result<(), VcpuError> {
+        match self.wait_response(Duration::from_secs(5))? {
+            Response::Restored(r) => r,
+            Response::Captured(_) => Err(VcpuError::Gone(self.id)),
         }
     }
 
@@ -295,12 +331,19 @@ fn run_thread(mut fd: VcpuFd, me: Arc<VcpuShared>, msr_list: Arc<Vec<u32>>, vm: 
     let span = tracing::debug_span!("vcpu", vm = %vm.devices.vm_name, id = me.id);
     let _e = span.enter();
     let mut ran_since = Instant::now();
+    // After a port or MMIO exit, KVM finishes the instruction only on the next KVM_RUN; the
+    // state is not consistent (nor complete for a capture) until then.
+    let mut pending_io = false;
     loop {
         throttle_point(&me, &vm, &mut ran_since);
         match me.want.load(Ordering::SeqCst) {
             WANT_RUN => {}
             WANT_STOP => break,
             _ => {
+                if pending_io && vm.fault.lock().map(|f| f.is_none()).unwrap_or(false) {
+                    complete_pending_io(&mut fd, &me, &vm);
+                }
+                pending_io = false;
                 if !park(&mut fd, &me, &msr_list) {
                     break;
                 }
@@ -309,11 +352,20 @@ fn run_thread(mut fd: VcpuFd, me: Arc<VcpuShared>, msr_list: Arc<Vec<u32>>, vm: 
         }
         match fd.run() {
             Ok(exit) => {
+                pending_io = matches!(
+                    exit,
+                    VcpuExit::IoIn(..)
+                        | VcpuExit::IoOut(..)
+                        | VcpuExit::MmioRead(..)
+                        | VcpuExit::MmioWrite(..)
+                );
                 if let Err(reason) = handle_exit(exit, &me, &vm) {
                     fault(&me, &vm, reason);
                 }
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // KVM completed any pending I/O before it saw the signal.
+                pending_io = false;
                 fd.set_kvm_immediate_exit(0);
                 vm.devices
                     .counters
@@ -328,6 +380,37 @@ fn run_thread(mut fd: VcpuFd, me: Arc<VcpuShared>, msr_list: Arc<Vec<u32>>, vm: 
         g.exited = true;
         g.parked = false;
         me.cv.notify_all();
+    }
+}
+
+/// Re-enter KVM_RUN with `immediate_exit` set: KVM completes the I/O instruction userspace just
+/// handled and returns without running guest code (the KVM API's rule before saving state).
+fn complete_pending_io(fd: &mut VcpuFd, me: &VcpuShared, vm: &VmShared) {
+    for _ in 0..4 {
+        fd.set_kvm_immediate_exit(1);
+        let r = fd.run();
+        let again = match r {
+            Err(_) => false,
+            Ok(exit) => {
+                let io = matches!(
+                    exit,
+                    VcpuExit::IoIn(..)
+                        | VcpuExit::IoOut(..)
+                        | VcpuExit::MmioRead(..)
+                        | VcpuExit::MmioWrite(..)
+                );
+                if let Err(reason) = handle_exit(exit, me, vm) {
+                    fault(me, vm, reason);
+                    false
+                } else {
+                    io
+                }
+            }
+        };
+        fd.set_kvm_immediate_exit(0);
+        if !again {
+            return;
+        }
     }
 }
 
