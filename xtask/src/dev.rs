@@ -261,3 +261,89 @@ pub fn bench_guest(secs: u64) -> Result<()> {
     println!("results: {}", path.display());
     lab.down()
 }
+
+/// `bench migrate`: in a fresh lab, a mixed workload guest of `memory_mib` with 2 vCPUs is
+/// migrated a→b once per dirty rate; prints total time, downtime and its parts, guest-observed
+/// pause, rounds and bytes (table, and JSON lines in target/bench/migrate.jsonl).
+pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32) -> Result<()> {
+    use ferry::control::agent::MigrateRequest;
+    use ferry::migrate::{MigrateOptions, MigrationRecord, Phase};
+    let bin = build_ferry()?;
+    let lab = Lab::up(LabOptions::for_test("bench-mig").with_ferry_bin(bin))?;
+    let a = Client::new(&lab.host("a").context("lab host a")?.socket);
+    let b = Client::new(&lab.host("b").context("lab host b")?.socket);
+    let out_dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut jsonl = String::new();
+    println!(
+        "{:>7} {:>9} {:>8} {:>10} {:>10} {:>9} {:>7} {:>11} {:>11} {:>7}",
+        "MEMORY",
+        "DIRTY",
+        "TOTAL",
+        "DOWNTIME",
+        "GUEST",
+        "PAGES",
+        "ROUNDS",
+        "GUEST MiB",
+        "WIRE MiB",
+        "RATIO"
+    );
+    for &rate in rates {
+        for run in 0..repeat.max(1) {
+            let name = format!("m{rate}r{run}");
+            let _: VmInfo = a.post(
+                "/v1/vms",
+                &workload(&name, memory_mib, 2, Profile::Mixed, rate),
+            )?;
+            wait("fill", 300, || filled(&a, &name))?;
+            std::thread::sleep(Duration::from_secs(2));
+            let rec: MigrationRecord = a.post(
+                "/v1/migrations",
+                &MigrateRequest {
+                    vm: name.clone(),
+                    to: "b".into(),
+                    options: MigrateOptions::default(),
+                },
+            )?;
+            let path = format!("/v1/migrations/{}", rec.id);
+            let rec: MigrationRecord = wait("migration", 600, || {
+                let r: MigrationRecord = a.get(&path)?;
+                Ok(r.phase.finished().then_some(r))
+            })?;
+            if rec.phase != Phase::Completed {
+                bail!("migration of {name} failed: {:?}", rec.error);
+            }
+            let s = rec.summary.clone().context("summary")?;
+            let d = &s.downtime;
+            println!(
+                "{:>5} M {:>5} M/s {:>7.2}s {:>7.2} ms {:>7.2} ms {:>9} {:>7} {:>11.1} {:>11.1} {:>6.2}x",
+                memory_mib,
+                rate,
+                s.total_s,
+                d.total_ms,
+                s.guest_pause_ms.unwrap_or(f64::NAN),
+                s.rounds.last().map_or(0, |r| r.pages),
+                s.rounds.len(),
+                s.guest_bytes as f64 / (1 << 20) as f64,
+                s.wire_bytes as f64 / (1 << 20) as f64,
+                s.guest_bytes as f64 / s.wire_bytes.max(1) as f64
+            );
+            jsonl += &serde_json::json!({
+                "bench": "migrate",
+                "memory_mib": memory_mib, "vcpus": 2, "profile": "mixed", "dirty_rate_mib_s": rate,
+                "run": run,
+                "summary": s,
+            })
+            .to_string();
+            jsonl.push('\n');
+            b.delete(&format!("/v1/vms/{name}"))?;
+        }
+    }
+    let path = out_dir.join("migrate.jsonl");
+    std::fs::write(&path, jsonl)?;
+    println!(
+        "(PAGES = pages in the final, paused round) results: {}",
+        path.display()
+    );
+    lab.down()
+}

@@ -56,6 +56,19 @@ enum BenchWhat {
         #[arg(long, default_value_t = 5)]
         secs: u64,
     },
+    /// Live migration a→b in the lab of a mixed 2-vCPU guest at several dirty rates: total time,
+    /// downtime, guest-observed pause, rounds, bytes (table, and target/bench/migrate.jsonl).
+    Migrate {
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 4096)]
+        memory_mib: u64,
+        /// Dirty rates in MiB/s, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,64")]
+        rates: Vec<u64>,
+        /// Migrations per rate.
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +141,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo => xtask::dev::demo(),
         Command::Bench { what } => match what {
             BenchWhat::Guest { secs } => xtask::dev::bench_guest(secs),
+            BenchWhat::Migrate {
+                memory_mib,
+                rates,
+                repeat,
+            } => xtask::dev::bench_migrate(memory_mib, &rates, repeat),
         },
     }
 }

@@ -65,7 +65,10 @@ enum Work {
         last: bool,
         gpas: Vec<u64>,
     },
-    End { round: u32, last: bool },
+    End {
+        round: u32,
+        last: bool,
+    },
 }
 
 #[derive(Debug, Default, Clone)]
@@ -91,10 +94,12 @@ struct Worker {
     total_pages: u64,
 }
 
+/// One data connection: frames out, acknowledgements back.
+type StreamConn = (FrameWriter<TcpStream>, FrameReader<BufReader<TcpStream>>);
+
 fn worker_loop(
     stream: u32,
-    mut w: FrameWriter<TcpStream>,
-    mut acks: FrameReader<BufReader<TcpStream>>,
+    (mut w, mut acks): StreamConn,
     mem: Arc<GuestMemory>,
     cache_pages: usize,
     rx: Receiver<Work>,
@@ -112,8 +117,6 @@ fn worker_loop(
         for work in rx {
             match work {
                 Work::Pages { round, last, gpas } => {
-                    let tp = Instant::now();
-                    let np = gpas.len();
                     for gpa in gpas {
                         mem.read(gpa, &mut page[..])?;
                         if round == 0 && is_zero(&page[..]) {
@@ -142,12 +145,8 @@ fn worker_loop(
                             count = 0;
                         }
                     }
-                    if round > 2 {
-                        tracing::debug!(stream, round, pages = np, us = tp.elapsed().as_micros() as u64, "batch");
-                    }
                 }
                 Work::End { round, last } => {
-                    let te = Instant::now();
                     if count > 0 {
                         w.send(Command::Pages, count, &buf)?;
                         buf.clear();
@@ -167,9 +166,7 @@ fn worker_loop(
                     )?;
                     // Wait until the destination has applied the round: its rate is what the
                     // round really achieved, and nothing is in flight at the switchover.
-                    let ts = Instant::now();
                     let ack: RoundEnd = acks.read_frame()?.msg(Command::RoundAck)?;
-                    tracing::debug!(stream, round, last, flush_us = (ts - te).as_micros() as u64, ack_us = ts.elapsed().as_micros() as u64, pages = t.pages, "round end");
                     if ack.round != round {
                         return Err(protocol::ProtocolError::Malformed {
                             what: "RoundAck",
@@ -284,7 +281,14 @@ impl Engine<'_> {
             batches[s].push(gpa);
             if batches[s].len() == BATCH {
                 let b = std::mem::replace(&mut batches[s], Vec::with_capacity(BATCH));
-                self.hand_off(s, Work::Pages { round, last, gpas: b })?;
+                self.hand_off(
+                    s,
+                    Work::Pages {
+                        round,
+                        last,
+                        gpas: b,
+                    },
+                )?;
                 if !last {
                     self.check_cancel()?;
                 }
@@ -296,7 +300,14 @@ impl Engine<'_> {
         }
         for (s, b) in batches.into_iter().enumerate() {
             if !b.is_empty() {
-                self.hand_off(s, Work::Pages { round, last, gpas: b })?;
+                self.hand_off(
+                    s,
+                    Work::Pages {
+                        round,
+                        last,
+                        gpas: b,
+                    },
+                )?;
             }
             self.hand_off(s, Work::End { round, last })?;
         }
@@ -551,7 +562,7 @@ fn precopy_and_prepare(
         let (m, r, s2) = (mem.clone(), rep_tx.clone(), sent.clone());
         let join = std::thread::Builder::new()
             .name(format!("mig-tx{i}"))
-            .spawn(move || worker_loop(i, w, acks, m, cache_pages, rx, r, s2))
+            .spawn(move || worker_loop(i, (w, acks), m, cache_pages, rx, r, s2))
             .map_err(|e| MigrateError::Other(format!("cannot start a stream worker: {e}")))?;
         workers.push(Worker {
             tx: Some(tx),
