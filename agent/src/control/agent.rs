@@ -178,8 +178,15 @@ impl VmEntry {
         }
     }
 
-    /// Take a heartbeat sample (called periodically by the daemon).
+    /// Take a heartbeat sample (called periodically by the daemon). Not while the VM arrives
+    /// by migration: its memory is not the guest's yet.
     pub fn sample(&self) {
+        if self.migration().is_some_and(|m| m.starts_with("in ")) {
+            if let Ok(mut s) = self.samples.lock() {
+                *s = (None, None);
+            }
+            return;
+        }
         let vm = self.vm();
         let Some(beats) = vm.heartbeats() else { return };
         if let Ok(mut s) = self.samples.lock() {

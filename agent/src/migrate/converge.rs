@@ -205,11 +205,11 @@ mod tests {
 
     #[test]
     fn stops_when_the_rest_fits_the_target() {
-        let p = Policy::default(); // 5 ms
-                                   // 100k pages/s: 400 pages = 4 ms.
-        let d = decide(&[r(0, 100_000, 1.0, 400, 0)], &p, Duration::from_secs(1), 0);
+        // 5 ms target, of which 2 ms fixed switchover cost; at 100k pages/s 250 pages = 2.5 ms.
+        let p = Policy::default();
+        let d = decide(&[r(0, 100_000, 1.0, 250, 0)], &p, Duration::from_secs(1), 0);
         assert!(matches!(d, Decision::StopAndCopy { .. }), "{d:?}");
-        let d = decide(&[r(0, 100_000, 1.0, 600, 0)], &p, Duration::from_secs(1), 0);
+        let d = decide(&[r(0, 100_000, 1.0, 400, 0)], &p, Duration::from_secs(1), 0);
         assert_eq!(d, Decision::Continue);
     }
 
