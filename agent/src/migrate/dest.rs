@@ -418,22 +418,12 @@ fn receive_stream(
                 }
             }
             Command::RoundEnd => {
-                let e: RoundEnd = serde_json::from_slice(&payload).map_err(|e| {
-                    protocol::ProtocolError::Malformed {
-                        what: "RoundEnd",
-                        why: e.to_string(),
-                    }
-                })?;
+                let e: RoundEnd = protocol::json(&payload, "RoundEnd")?;
                 handle.update(|r| r.round = r.round.max(e.round));
                 acks.send_msg(Command::RoundAck, &e)?;
             }
             Command::StreamEnd => {
-                let e: RoundEnd = serde_json::from_slice(&payload).map_err(|e| {
-                    protocol::ProtocolError::Malformed {
-                        what: "StreamEnd",
-                        why: e.to_string(),
-                    }
-                })?;
+                let e: RoundEnd = protocol::json(&payload, "StreamEnd")?;
                 acks.send_msg(Command::RoundAck, &e)?;
                 let _ = tx.send(StreamEvent::Done {
                     stream: i,

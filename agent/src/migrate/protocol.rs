@@ -405,11 +405,16 @@ impl Frame {
     /// Decode a JSON control payload of the expected command.
     pub fn msg<T: DeserializeOwned>(&self, expected: Command) -> Result<T, ProtocolError> {
         self.expect(expected)?;
-        serde_json::from_slice(&self.payload).map_err(|e| ProtocolError::Malformed {
-            what: "control message",
-            why: e.to_string(),
-        })
+        json(&self.payload, "control message")
     }
+}
+
+/// Decode a JSON payload; `what` names it in the error.
+pub fn json<T: DeserializeOwned>(payload: &[u8], what: &'static str) -> Result<T, ProtocolError> {
+    serde_json::from_slice(payload).map_err(|e| ProtocolError::Malformed {
+        what,
+        why: e.to_string(),
+    })
 }
 
 /// Reads and checks frames from one connection.
