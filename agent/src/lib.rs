@@ -5,6 +5,7 @@
 //! - [`vm`]: the KVM guest runtime (memory + dirty log, vCPU threads, devices, state).
 //! - [`control`]: the agent daemon, its configuration and its local HTTP/JSON API.
 //! - [`migrate`]: live migration (engine, codec, wire protocol, convergence).
+//! - [`transport`]: the data streams (TCP sockets, io_uring sends and receives).
 //! - [`cli`]: the `ferry` command line, a client of that API.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -12,4 +13,5 @@
 pub mod cli;
 pub mod control;
 pub mod migrate;
+pub mod transport;
 pub mod vm;

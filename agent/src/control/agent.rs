@@ -822,7 +822,7 @@ impl Agent {
     fn peer_addr(&self, to: &str) -> Result<std::net::SocketAddr, AgentError> {
         let port = crate::control::config::DEFAULT_MANAGEMENT_PORT;
         let text = self.config.peers.get(to).map_or(to, String::as_str);
-        crate::migrate::transport::parse_addr(text, port).map_err(AgentError::Invalid)
+        crate::transport::tcp::parse_addr(text, port).map_err(AgentError::Invalid)
     }
 
     /// Start migrating a running VM to a peer; returns at once with the migration's record.
@@ -903,6 +903,39 @@ impl Agent {
             return Err(AgentError::Internal(me.to_string()));
         }
         Ok(handle.record())
+    }
+}
+
+/// Body of `POST /v1/ping`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PingRequest {
+    /// A name from `[peers]` or a management address.
+    pub to: String,
+    #[serde(default)]
+    pub throughput: mig::blast::BlastRequest,
+}
+
+impl Agent {
+    /// A throughput probe over the migration network to a peer.
+    pub async fn ping_throughput(
+        &self,
+        req: PingRequest,
+    ) -> Result<mig::blast::BlastResult, AgentError> {
+        req.throughput.validate().map_err(AgentError::Invalid)?;
+        let local = self.migration_addr().map_err(AgentError::Invalid)?;
+        let peer = self.peer_addr(&req.to)?;
+        let name = self.config.agent.name.clone();
+        blocking(move || {
+            mig::blast::run(peer, local, &name, &req.throughput).map_err(|e| match e {
+                mig::MigrateError::Config(m) => AgentError::Invalid(m),
+                other => AgentError::Conflict(format!(
+                    "the throughput probe failed: {}",
+                    crate::control::error_chain(&other)
+                )),
+            })
+        })
+        .await
     }
 }
 

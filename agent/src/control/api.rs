@@ -17,6 +17,7 @@
 //! | GET | `/v1/migrations` | | `[MigrationRecord]` (running and past, both directions) |
 //! | GET | `/v1/migrations/{id}` | | [`MigrationRecord`] (progress, then summary or error) |
 //! | POST | `/v1/migrations/{id}/cancel` | | [`MigrationRecord`] |
+//! | POST | `/v1/ping` | `{"to": "b", "throughput": {"streams": 2, "secs": 3, "bytes": 0, "mode": "tcp"}}` | throughput probe result |
 //!
 //! Errors are `{"error": {"status": 404, "code": "not_found", "message": "..."}}` with a 4xx
 //! status for requests that are wrong (malformed JSON with its line and column, unknown fields,
@@ -34,7 +35,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::agent::{Agent, AgentError, MigrateRequest};
+use super::agent::{Agent, AgentError, MigrateRequest, PingRequest};
 #[allow(unused_imports)]
 use super::agent::{ConsoleChunk, HostInfo, SaveOutcome, VerifyOutcome, VmInfo};
 use crate::migrate::MigrationRecord;
@@ -143,6 +144,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations", get(migrations).post(migrate))
         .route("/v1/migrations/{id}", get(migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .route("/v1/ping", post(ping))
         .fallback(|| async {
             ApiError(
                 404,
@@ -277,4 +279,9 @@ async fn cancel_migration(
     Path(id): Path<String>,
 ) -> ApiResult<Json<MigrationRecord>> {
     Ok(Json(a.cancel_migration(&id)?))
+}
+
+async fn ping(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<impl IntoResponse> {
+    let req: PingRequest = parse(&body)?;
+    Ok(Json(a.ping_throughput(req).await?))
 }

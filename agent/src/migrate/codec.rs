@@ -94,6 +94,76 @@ impl Encoder {
     }
 }
 
+/// Learns when a stream's pages are incompressible and then tries LZ4 only on every 16th
+/// page (a failed LZ4 attempt costs about as much as sending the page on this link); one
+/// compressible probe turns full compression back on.
+#[derive(Debug, Default, Clone)]
+pub struct Adaptive {
+    raw_streak: u32,
+    skip_left: u32,
+    /// LZ4 attempts skipped.
+    pub skipped: u64,
+}
+
+/// Consecutive raw pages after which compression is only probed.
+const RAW_STREAK: u32 = 32;
+const PROBE_EVERY: u32 = 16;
+
+impl Encoder {
+    /// [`Encoder::encode_in_place`], skipping LZ4 while the stream looks incompressible.
+    /// Zero detection and deltas are always tried.
+    pub fn encode_adaptive(
+        &mut self,
+        slot: &mut [u8],
+        base: Option<&[u8; PAGE]>,
+        a: &mut Adaptive,
+    ) -> (Encoding, usize) {
+        if base.is_none() && a.skip_left > 0 {
+            if is_zero(slot) {
+                return (Encoding::Zero, 0);
+            }
+            a.skip_left -= 1;
+            a.skipped += 1;
+            return (Encoding::Raw, slot.len());
+        }
+        let r = self.encode_in_place(slot, base);
+        match r.0 {
+            Encoding::Raw => {
+                a.raw_streak += 1;
+                if a.raw_streak >= RAW_STREAK {
+                    a.skip_left = PROBE_EVERY - 1;
+                }
+            }
+            Encoding::Zero => {}
+            _ => {
+                a.raw_streak = 0;
+                a.skip_left = 0;
+            }
+        }
+        r
+    }
+
+    /// Encode the page held in `slot` (exactly one page) in place: on return the slot starts with
+    /// the payload and the length is returned (0 for Zero, a page for Raw).
+    pub fn encode_in_place(
+        &mut self,
+        slot: &mut [u8],
+        base: Option<&[u8; PAGE]>,
+    ) -> (Encoding, usize) {
+        let Ok(page) = <&[u8; PAGE]>::try_from(&*slot) else {
+            return (Encoding::Raw, slot.len());
+        };
+        let (e, n) = {
+            let (e, payload) = self.encode(page, base);
+            (e, payload.len())
+        };
+        if matches!(e, Encoding::Lz4 | Encoding::Delta) {
+            slot[..n].copy_from_slice(&self.out[..n]);
+        }
+        (e, n)
+    }
+}
+
 /// Decode one page into `dst`, which must hold the destination's current version of the page
 /// (used by Delta).
 pub fn decode(encoding: Encoding, payload: &[u8], dst: &mut [u8; PAGE]) -> Result<(), CodecError> {
@@ -306,6 +376,44 @@ mod tests {
             }
             round_trip(&new, Some(&base));
             round_trip(&new, None);
+        }
+    }
+
+    #[test]
+    fn adaptive_skips_lz4_on_incompressible_streams_and_recovers() {
+        let mut e = Encoder::default();
+        let mut a = Adaptive::default();
+        for i in 0..200 {
+            let mut slot = page(Profile::Random, i, 1);
+            assert_eq!(e.encode_adaptive(&mut slot, None, &mut a).0, Encoding::Raw);
+        }
+        assert!(a.skipped > 100, "{a:?}");
+        // Compressible pages come back: within one probe interval they compress again.
+        let mut lz4 = 0;
+        for i in 0..40 {
+            let mut slot = page(Profile::Text, i, 1);
+            if e.encode_adaptive(&mut slot, None, &mut a).0 == Encoding::Lz4 {
+                lz4 += 1;
+            }
+        }
+        assert!(lz4 >= 40 - PROBE_EVERY as usize, "{lz4}");
+        let mut z = [0u8; PAGE];
+        assert_eq!(e.encode_adaptive(&mut z, None, &mut a).0, Encoding::Zero);
+    }
+
+    #[test]
+    fn in_place_encoding_matches() {
+        let mut e = Encoder::default();
+        for p in [
+            page(Profile::Text, 1, 1),
+            page(Profile::Random, 1, 1),
+            [0u8; PAGE],
+        ] {
+            let mut slot = p;
+            let (enc, n) = e.encode_in_place(&mut slot, None);
+            let mut dst = [0x11u8; PAGE];
+            decode(enc, &slot[..n], &mut dst).unwrap();
+            assert_eq!(dst, p);
         }
     }
 

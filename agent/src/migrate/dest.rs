@@ -17,7 +17,9 @@ use super::protocol::{
     self, Abort, Command, Complete, FrameReader, FrameWriter, Hello, HelloAck, Observed, Prepared,
     Ready, Resumed, RoundEnd, Setup, StreamHello,
 };
-use super::{transport, EncodingStats, MigrateError, MigrationHandle, Phase, Summary};
+use super::{EncodingStats, MigrateError, MigrationHandle, Phase, Summary};
+use crate::transport::tcp as transport;
+use crate::transport::uring::UringReader;
 use crate::vm::memory::{GuestMemory, RegionLayout};
 use crate::vm::state::VmState;
 use crate::vm::{snapshot, Vm, VmSpec};
@@ -119,7 +121,12 @@ fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateErr
             agent: host.name(),
         },
     )?;
-    let setup: Setup = cr.read_frame()?.msg(Command::Setup)?;
+    let first = cr.read_frame()?;
+    if first.command == Command::Blast {
+        let req: super::blast::BlastRequest = first.msg(Command::Blast)?;
+        return super::blast::serve(&mut cw, req, host.migration_addr());
+    }
+    let setup: Setup = first.msg(Command::Setup)?;
     let handle = Arc::new(MigrationHandle::new(
         setup.migration_id.clone(),
         &setup.spec.name,
@@ -190,14 +197,16 @@ fn receive(
 
     // Data connections: each must name this migration, the token, and a fresh index.
     let deadline = Instant::now() + STREAMS_TIMEOUT;
-    let mut streams: Vec<Option<FrameReader<BufReader<TcpStream>>>> =
+    let mut streams: Vec<Option<FrameReader<BufReader<UringReader>>>> =
         (0..n).map(|_| None).collect();
     for _ in 0..n {
         let s = transport::accept_until(&listener, deadline)
             .map_err(|e| MigrateError::Other(format!("waiting for data connections: {e}")))?;
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, s));
-        let hello: StreamHello = r.read_frame()?.msg(Command::StreamHello)?;
+        // The hello is read unbuffered, so no page bytes behind it are taken from the socket.
+        let hello: StreamHello = FrameReader::new(&s)
+            .read_frame()?
+            .msg(Command::StreamHello)?;
         if hello.migration_id != setup.migration_id || hello.token != token {
             return Err(refuse("a data connection presented the wrong token".into()));
         }
@@ -210,8 +219,11 @@ fn receive(
                 hello.index
             )));
         }
-        let _ = r.get_ref().get_ref().set_read_timeout(None);
-        *slot = Some(r);
+        let _ = s.set_read_timeout(None);
+        *slot = Some(FrameReader::with_seq(
+            BufReader::with_capacity(1 << 20, UringReader::new(s)),
+            1,
+        ));
     }
     drop(listener);
     handle.set_phase(Phase::Precopy);
@@ -224,6 +236,7 @@ fn receive(
         let sock = r
             .get_ref()
             .get_ref()
+            .socket()
             .try_clone()
             .map_err(protocol::ProtocolError::from)?;
         cuts.push(sock.try_clone().ok());
@@ -235,7 +248,7 @@ fn receive(
         let j = std::thread::Builder::new()
             .name(format!("mig-rx{i}"))
             .spawn(move || {
-                if let Err(error) = receive_stream(i as u32, r, acks, &mem, &tx, &h) {
+                if let Err(error) = receive_stream(i as u32, n, r, acks, &mem, &tx, &h) {
                     let _ = tx.send(StreamEvent::Failed {
                         stream: i as u32,
                         error: error.to_string(),
@@ -385,14 +398,14 @@ fn observed_pause(vm: &Vm, before: &[crate::vm::workload::Heartbeat]) -> Option<
 
 fn receive_stream(
     i: u32,
-    mut r: FrameReader<BufReader<TcpStream>>,
+    n: u32,
+    mut r: FrameReader<BufReader<UringReader>>,
     mut acks: FrameWriter<TcpStream>,
     mem: &GuestMemory,
     tx: &mpsc::Sender<StreamEvent>,
     handle: &MigrationHandle,
 ) -> Result<(), MigrateError> {
     let mut payload = Vec::new();
-    let mut page = Box::new([0u8; PAGE]);
     let mut pages = 0u64;
     let mut enc = EncodingStats::default();
     loop {
@@ -400,18 +413,27 @@ fn receive_stream(
         match cmd {
             Command::Pages => {
                 for rec in protocol::parse_records(&payload, count)? {
-                    match rec.encoding {
+                    // Each page belongs to one stream; that also keeps two receivers from ever
+                    // touching the same page.
+                    if super::stream_of(rec.gpa, n) != i {
+                        return Err(protocol::ProtocolError::Malformed {
+                            what: "page record",
+                            why: format!(
+                                "page {:#x} arrived on stream {i}, which does not carry it",
+                                rec.gpa
+                            ),
+                        }
+                        .into());
+                    }
+                    if rec.encoding == protocol::Encoding::Zero {
                         // Zero pages go back to the host instead of being written.
-                        protocol::Encoding::Zero => mem.discard(rec.gpa, PAGE as u64)?,
-                        protocol::Encoding::Delta => {
-                            mem.read(rec.gpa, &mut page[..])?;
-                            codec::decode(rec.encoding, rec.payload, &mut page)?;
-                            mem.write(rec.gpa, &page[..])?;
-                        }
-                        _ => {
-                            codec::decode(rec.encoding, rec.payload, &mut page)?;
-                            mem.write(rec.gpa, &page[..])?;
-                        }
+                        mem.discard(rec.gpa, PAGE as u64)?;
+                    } else {
+                        // SAFETY: the incoming VM has never run (its vCPUs are parked until
+                        // the commit) and this page is only ever handled by this stream's
+                        // thread (checked just above), so the reference is exclusive.
+                        let dst = unsafe { mem.page_mut(rec.gpa) }?;
+                        codec::decode(rec.encoding, rec.payload, dst)?;
                     }
                     enc.add(rec.encoding, rec.payload.len());
                     pages += 1;

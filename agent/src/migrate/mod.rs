@@ -6,7 +6,7 @@
 //!   source.rs: rounds over the dirty log    ══▶    dest.rs: creates an empty VM, applies
 //!     per-stream workers: codec.rs (encode)          pages per stream (codec.rs decode),
 //!     converge.rs decides after each round           state, verify, resume on Commit
-//!   protocol.rs frames on control + N data connections (transport.rs: TCP)
+//!   protocol.rs frames on control + N data connections (crate::transport: TCP, io_uring)
 //! ```
 //!
 //! Invariants kept here (DESIGN.md): a page always travels on the same data stream
@@ -15,12 +15,12 @@
 //! first round to the switchover and the bitmap of a round is never dropped; before the commit,
 //! every failure resumes the guest on the source.
 
+pub mod blast;
 pub mod codec;
 pub mod converge;
 pub mod dest;
 pub mod protocol;
 pub mod source;
-pub mod transport;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -85,6 +85,11 @@ pub struct MigrateOptions {
     /// Delta cache size as a percentage of guest memory.
     pub cache_percent: f64,
     pub policy: Policy,
+    /// How data streams send (default: io_uring SEND_ZC from registered buffers, falling back
+    /// to plain io_uring send where the kernel copies).
+    pub send_mode: crate::transport::uring::SendMode,
+    /// Overwrite send buffers when they are released (tests: proves none is reused early).
+    pub poison_buffers: bool,
 }
 
 impl Default for MigrateOptions {
@@ -94,6 +99,8 @@ impl Default for MigrateOptions {
             verify: false,
             cache_percent: 5.0,
             policy: Policy::default(),
+            send_mode: Default::default(),
+            poison_buffers: false,
         }
     }
 }
@@ -225,6 +232,10 @@ pub struct Summary {
     pub verified: bool,
     /// Digest of guest memory at the pause (with --verify).
     pub digest: Option<String>,
+    /// The send mode asked for.
+    pub send_mode: crate::transport::uring::SendMode,
+    /// Bytes by send path (zero-copy, copied by the kernel, plain io_uring, write(2)).
+    pub transport: crate::transport::uring::SendStats,
 }
 
 /// What `ferry migrations` shows.

@@ -122,6 +122,10 @@ pub enum Command {
     /// Destination → source on a data connection: every page up to this `RoundEnd` or
     /// `StreamEnd` is applied.
     RoundAck = 16,
+    /// Source → destination instead of `Setup`: a throughput probe (see `blast.rs`).
+    Blast = 17,
+    /// Destination → source: what the probe's receivers measured.
+    BlastDone = 18,
 }
 
 impl Command {
@@ -144,6 +148,8 @@ impl Command {
             14 => Observed,
             15 => Abort,
             16 => RoundAck,
+            17 => Blast,
+            18 => BlastDone,
             _ => return None,
         })
     }
@@ -281,6 +287,26 @@ pub fn push_record(buf: &mut Vec<u8>, gpa: u64, encoding: Encoding, payload: &[u
     };
     buf.extend_from_slice(h.as_bytes());
     buf.extend_from_slice(payload);
+}
+
+/// Write a record header into `dst` (exactly [`RECORD_LEN`] bytes).
+pub fn write_record_header(dst: &mut [u8], gpa: u64, encoding: Encoding, len: usize) {
+    let h = PageRecordHeader {
+        gpa: gpa.into(),
+        encoding: encoding as u8,
+        reserved: [0; 3],
+        len: (len as u32).into(),
+    };
+    dst.copy_from_slice(h.as_bytes());
+}
+
+/// A whole frame as bytes (header + payload).
+pub fn encode_frame(cmd: Command, count: u32, payload: &[u8], seq: u32) -> Vec<u8> {
+    let h = FrameHeader::new(cmd, count, payload, seq);
+    let mut v = Vec::with_capacity(HEADER_LEN + payload.len());
+    v.extend_from_slice(h.as_bytes());
+    v.extend_from_slice(payload);
+    v
 }
 
 /// Split a `Pages` payload into exactly `count` records, checking every length and address.
@@ -426,9 +452,15 @@ pub struct FrameReader<R: Read> {
 
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R) -> Self {
+        Self::with_seq(inner, 0)
+    }
+
+    /// A reader whose next frame must carry sequence number `seq` (frames before it were read
+    /// by another reader).
+    pub fn with_seq(inner: R, seq: u32) -> Self {
         FrameReader {
             inner,
-            seq: 0,
+            seq,
             bytes: 0,
         }
     }

@@ -17,16 +17,18 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::codec::{DeltaCache, Encoder, PAGE};
+use super::codec::{Adaptive, DeltaCache, Encoder, PAGE};
 use super::converge::{self, Decision, RoundStats};
+use super::protocol::RECORD_LEN;
 use super::protocol::{
     self, Abort, Command, Complete, FrameReader, FrameWriter, Hello, HelloAck, Observed, Prepared,
     Ready, Resumed, RoundEnd, Setup, StreamHello,
 };
 use super::{
-    stream_of, transport, EncodingStats, MigrateError, MigrateOptions, MigrationHandle, Phase,
-    Summary,
+    stream_of, EncodingStats, MigrateError, MigrateOptions, MigrationHandle, Phase, Summary,
 };
+use crate::transport::tcp as transport;
+use crate::transport::uring::{FrameSink, SendStats};
 use crate::vm::memory::{is_zero, DirtyBitmap, GuestMemory, PAGE_SIZE};
 use crate::vm::{snapshot, Vm, VmStatus};
 
@@ -34,6 +36,9 @@ use crate::vm::{snapshot, Vm, VmStatus};
 const BATCH: usize = 4096;
 /// Batches queued per worker (bounds memory and keeps progress honest).
 const QUEUE: usize = 4;
+/// Send buffers per data stream, and their size (a frame is up to 256 KiB plus one page).
+const SEND_BUFFERS: u16 = 8;
+const SEND_BUFFER_SIZE: usize = 512 << 10;
 /// How long the destination may take to answer a control message.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -77,6 +82,7 @@ struct Totals {
     skipped: u64,
     wire_bytes: u64,
     enc: EncodingStats,
+    send: SendStats,
 }
 
 struct Report {
@@ -94,12 +100,69 @@ struct Worker {
     total_pages: u64,
 }
 
-/// One data connection: frames out, acknowledgements back.
-type StreamConn = (FrameWriter<TcpStream>, FrameReader<BufReader<TcpStream>>);
+/// One data connection: frames out (through io_uring), acknowledgements back.
+struct DataConn {
+    sink: FrameSink,
+    /// Frame sequence number on this connection.
+    seq: u32,
+    /// Bytes written (headers and payloads).
+    bytes: u64,
+    acks: FrameReader<BufReader<TcpStream>>,
+}
+
+impl DataConn {
+    fn send_control<T: serde::Serialize>(
+        &mut self,
+        cmd: Command,
+        msg: &T,
+    ) -> Result<(), MigrateError> {
+        let frame = protocol::encode_frame(
+            cmd,
+            0,
+            &serde_json::to_vec(msg).unwrap_or_default(),
+            self.seq,
+        );
+        self.sink.send_bytes(&frame).map_err(stream_io)?;
+        self.seq = self.seq.wrapping_add(1);
+        self.bytes += frame.len() as u64;
+        Ok(())
+    }
+}
+
+fn stream_io(e: crate::transport::uring::UringError) -> MigrateError {
+    MigrateError::Protocol(protocol::ProtocolError::Io(std::io::Error::other(
+        e.to_string(),
+    )))
+}
+
+/// A `Pages` frame being built in a pool buffer: header space, then records.
+struct PagesFrame {
+    pos: usize,
+    count: u32,
+}
+
+fn finish_frame(c: &mut DataConn, f: &mut Option<PagesFrame>) -> Result<(), MigrateError> {
+    let Some(fr) = f.take() else { return Ok(()) };
+    if fr.count == 0 {
+        return Ok(());
+    }
+    let buf = c.sink.buffer().map_err(stream_io)?;
+    let h = protocol::FrameHeader::new(
+        Command::Pages,
+        fr.count,
+        &buf[protocol::HEADER_LEN..fr.pos],
+        c.seq,
+    );
+    buf[..protocol::HEADER_LEN].copy_from_slice(zerocopy::IntoBytes::as_bytes(&h));
+    c.sink.send_buffer(fr.pos).map_err(stream_io)?;
+    c.seq = c.seq.wrapping_add(1);
+    c.bytes += fr.pos as u64;
+    Ok(())
+}
 
 fn worker_loop(
     stream: u32,
-    (mut w, mut acks): StreamConn,
+    mut c: DataConn,
     mem: Arc<GuestMemory>,
     cache_pages: usize,
     rx: Receiver<Work>,
@@ -107,57 +170,73 @@ fn worker_loop(
     sent: Arc<AtomicU64>,
 ) {
     let mut enc = Encoder::default();
+    let mut adaptive = Adaptive::default();
     let mut cache = DeltaCache::new(cache_pages);
-    let mut page = Box::new([0u8; PAGE]);
-    let mut buf: Vec<u8> = Vec::with_capacity(protocol::PAGES_FRAME_TARGET + 2 * PAGE);
-    let mut count = 0u32;
+    let mut scratch = Box::new([0u8; PAGE]);
+    let mut frame: Option<PagesFrame> = None;
     let mut t = Totals::default();
-    let mut wire_mark = w.bytes;
+    let mut wire_mark = c.bytes;
+    let mut stats_mark = c.sink.stats;
+    let cap = c.sink.buffer_size();
     let result = (|| -> Result<(), MigrateError> {
         for work in rx {
             match work {
                 Work::Pages { round, last, gpas } => {
                     for gpa in gpas {
-                        mem.read(gpa, &mut page[..])?;
-                        if round == 0 && is_zero(&page[..]) {
+                        if frame.as_ref().is_some_and(|f| {
+                            f.pos + RECORD_LEN + PAGE > cap || f.pos >= protocol::PAGES_FRAME_TARGET
+                        }) {
+                            finish_frame(&mut c, &mut frame)?;
+                        }
+                        let fr = frame.get_or_insert(PagesFrame {
+                            pos: protocol::HEADER_LEN,
+                            count: 0,
+                        });
+                        let buf = c.sink.buffer().map_err(stream_io)?;
+                        let slot = &mut buf[fr.pos + RECORD_LEN..fr.pos + RECORD_LEN + PAGE];
+                        // One copy out of guest memory: the snapshot that is checked,
+                        // compressed, checksummed and (if raw) sent as it is.
+                        mem.read(gpa, slot)?;
+                        if round == 0 && is_zero(slot) {
                             // The destination's fresh memory is zero already.
                             t.skipped += 1;
                             sent.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
                         let cached = cache.contains(gpa);
-                        {
-                            let base = if cached { cache.get(gpa) } else { None };
-                            let (e, payload) = enc.encode(&page, base);
-                            protocol::push_record(&mut buf, gpa, e, payload);
-                            t.enc.add(e, payload.len());
-                        }
                         // The cache must always hold what the destination holds.
-                        if cached || (round >= 1 && !last) {
-                            cache.put(gpa, &page);
+                        let keep = cached || (round >= 1 && !last);
+                        if keep {
+                            scratch.copy_from_slice(slot);
                         }
+                        let (e, n) = {
+                            let base = if cached { cache.get(gpa) } else { None };
+                            enc.encode_adaptive(slot, base, &mut adaptive)
+                        };
+                        if keep {
+                            cache.put(gpa, &scratch);
+                        }
+                        protocol::write_record_header(
+                            &mut buf[fr.pos..fr.pos + RECORD_LEN],
+                            gpa,
+                            e,
+                            n,
+                        );
+                        fr.pos += RECORD_LEN + n;
+                        fr.count += 1;
+                        t.enc.add(e, n);
                         t.pages += 1;
-                        count += 1;
                         sent.fetch_add(1, Ordering::Relaxed);
-                        if buf.len() >= protocol::PAGES_FRAME_TARGET {
-                            w.send(Command::Pages, count, &buf)?;
-                            buf.clear();
-                            count = 0;
-                        }
                     }
                 }
                 Work::End { round, last } => {
-                    if count > 0 {
-                        w.send(Command::Pages, count, &buf)?;
-                        buf.clear();
-                        count = 0;
-                    }
+                    finish_frame(&mut c, &mut frame)?;
                     let cmd = if last {
                         Command::StreamEnd
                     } else {
                         Command::RoundEnd
                     };
-                    w.send_msg(
+                    c.send_control(
                         cmd,
                         &RoundEnd {
                             round,
@@ -166,7 +245,7 @@ fn worker_loop(
                     )?;
                     // Wait until the destination has applied the round: its rate is what the
                     // round really achieved, and nothing is in flight at the switchover.
-                    let ack: RoundEnd = acks.read_frame()?.msg(Command::RoundAck)?;
+                    let ack: RoundEnd = c.acks.read_frame()?.msg(Command::RoundAck)?;
                     if ack.round != round {
                         return Err(protocol::ProtocolError::Malformed {
                             what: "RoundAck",
@@ -174,8 +253,20 @@ fn worker_loop(
                         }
                         .into());
                     }
-                    t.wire_bytes = w.bytes - wire_mark;
-                    wire_mark = w.bytes;
+                    if last {
+                        c.sink.flush(Duration::from_secs(10)).map_err(stream_io)?;
+                    }
+                    t.wire_bytes = c.bytes - wire_mark;
+                    wire_mark = c.bytes;
+                    let now = c.sink.stats;
+                    t.send = SendStats {
+                        zero_copy_bytes: now.zero_copy_bytes - stats_mark.zero_copy_bytes,
+                        zc_copied_bytes: now.zc_copied_bytes - stats_mark.zc_copied_bytes,
+                        uring_bytes: now.uring_bytes - stats_mark.uring_bytes,
+                        std_bytes: now.std_bytes - stats_mark.std_bytes,
+                        fell_back: now.fell_back,
+                    };
+                    stats_mark = now;
                     let _ = reports.send(Report {
                         stream,
                         result: Ok(std::mem::take(&mut t)),
@@ -209,6 +300,7 @@ struct Engine<'a> {
     guest_pages: u64,
     throttle: u8,
     max_throttle: u8,
+    send: SendStats,
 }
 
 impl Engine<'_> {
@@ -336,6 +428,7 @@ impl Engine<'_> {
                     totals.skipped += tt.skipped;
                     totals.wire_bytes += tt.wire_bytes;
                     totals.enc.merge(&tt.enc);
+                    totals.send.merge(&tt.send);
                 }
                 Ok(Report {
                     stream,
@@ -353,6 +446,7 @@ impl Engine<'_> {
             }
         }
         self.enc.merge(&totals.enc);
+        self.send.merge(&totals.send);
         self.skipped += totals.skipped;
         self.wire_bytes += totals.wire_bytes;
         self.guest_pages += totals.pages + totals.skipped;
@@ -548,7 +642,7 @@ fn precopy_and_prepare(
         let acks = FrameReader::new(BufReader::new(
             sock.try_clone().map_err(protocol::ProtocolError::from)?,
         ));
-        let mut w = FrameWriter::new(sock);
+        let mut w = FrameWriter::new(sock.try_clone().map_err(protocol::ProtocolError::from)?);
         w.send_msg(
             Command::StreamHello,
             &StreamHello {
@@ -557,12 +651,24 @@ fn precopy_and_prepare(
                 token: ready.token.clone(),
             },
         )?;
+        let conn = DataConn {
+            sink: FrameSink::new(
+                sock,
+                job.options.send_mode,
+                SEND_BUFFERS,
+                SEND_BUFFER_SIZE,
+                job.options.poison_buffers,
+            ),
+            seq: 1,
+            bytes: w.bytes,
+            acks,
+        };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let sent = Arc::new(AtomicU64::new(0));
         let (m, r, s2) = (mem.clone(), rep_tx.clone(), sent.clone());
         let join = std::thread::Builder::new()
             .name(format!("mig-tx{i}"))
-            .spawn(move || worker_loop(i, (w, acks), m, cache_pages, rx, r, s2))
+            .spawn(move || worker_loop(i, conn, m, cache_pages, rx, r, s2))
             .map_err(|e| MigrateError::Other(format!("cannot start a stream worker: {e}")))?;
         workers.push(Worker {
             tx: Some(tx),
@@ -586,6 +692,7 @@ fn precopy_and_prepare(
         guest_pages: 0,
         throttle: 0,
         max_throttle: 0,
+        send: SendStats::default(),
     };
     let r = eng_run(&mut eng, cw, cr, paused_here, t0);
     if r.is_err() {
@@ -724,6 +831,8 @@ fn eng_run(
         max_throttle: eng.max_throttle,
         verified: prepared.verified,
         digest,
+        send_mode: eng.job.options.send_mode,
+        transport: eng.send,
     };
     Ok((summary, SwitchoverMark { paused_at }))
 }

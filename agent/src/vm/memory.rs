@@ -463,6 +463,31 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// A mutable view of one guest page, for decoding straight into guest memory. Marks it dirty.
+    ///
+    /// # Safety
+    /// The vCPUs must not run, and no other reference to this page may exist while the returned
+    /// one lives (an incoming migration gives each page to exactly one stream).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn page_mut(&self, gpa: u64) -> Result<&mut [u8; PAGE_SIZE as usize], MemoryError> {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::OutOfRange {
+                gpa,
+                len: PAGE_SIZE,
+            });
+        }
+        let (r, off) = self.find(gpa, PAGE_SIZE)?;
+        Self::mark_range(r, off, PAGE_SIZE);
+        // SAFETY: bounds and alignment checked above; exclusivity is the caller's promise.
+        Ok(unsafe {
+            &mut *r
+                .host
+                .as_ptr()
+                .add(off as usize)
+                .cast::<[u8; PAGE_SIZE as usize]>()
+        })
+    }
+
     /// Make a page-aligned range zero by giving its memory back to the host
     /// (`MADV_DONTNEED`): it reads as zero and is no longer populated. Marks it dirty.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
