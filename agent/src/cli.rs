@@ -129,6 +129,13 @@ pub struct MigrateArgs {
     /// Delta cache size in percent of guest memory [default: 5]
     #[arg(long, value_name = "PERCENT")]
     pub cache_percent: Option<f64>,
+    /// How data streams send: zero-copy-fixed (default; falls back to uring where the kernel
+    /// copies), zero-copy, uring, std
+    #[arg(long, value_name = "MODE")]
+    pub send_mode: Option<String>,
+    /// Overwrite send buffers when released (tests)
+    #[arg(long, hide = true)]
+    pub poison_buffers: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -545,6 +552,13 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
         options.policy.max_rounds = r;
     }
     options.policy.auto_converge = !m.no_auto_converge;
+    options.poison_buffers = m.poison_buffers;
+    if let Some(mode) = &m.send_mode {
+        options.send_mode = mode.parse().map_err(|e: String| Failure {
+            code: 2,
+            message: e,
+        })?;
+    }
     let started: MigrationRecord = c.post(
         "/v1/migrations",
         &MigrateRequest {
@@ -684,6 +698,16 @@ fn human_record(r: &MigrationRecord) -> String {
             s += &format!(
                 "  streams       {}, max throttle {} %\n",
                 sm.streams, sm.max_throttle
+            );
+            let t = &sm.transport;
+            s += &format!(
+                "  transport     {:?}: {} zero-copy, {} copied by the kernel, {} plain io_uring send, {} write(2){}\n",
+                sm.send_mode,
+                mib(t.zero_copy_bytes),
+                mib(t.zc_copied_bytes),
+                mib(t.uring_bytes),
+                mib(t.std_bytes),
+                if t.fell_back { " (the kernel copied zero-copy sends, so streams fell back to plain send)" } else { "" }
             );
             if sm.verified {
                 s += &format!(

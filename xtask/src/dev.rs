@@ -347,3 +347,105 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32) -> Result<()> 
     );
     lab.down()
 }
+
+/// `bench transport`: in a fresh lab, 4 GiB of raw page frames from host a to host b with each
+/// send mode and 1 and 2 streams, next to the raw TCP blast; then a 2 GiB `random` guest
+/// migrated a→b, compared with the blast measured in the same run.
+pub fn bench_transport(gib: u64) -> Result<()> {
+    use ferry::control::agent::{MigrateRequest, PingRequest};
+    use ferry::migrate::blast::{BlastMode, BlastRequest, BlastResult};
+    use ferry::migrate::{MigrateOptions, MigrationRecord, Phase};
+    let bin = build_ferry()?;
+    let lab = Lab::up(LabOptions::for_test("bench-tr").with_ferry_bin(bin))?;
+    let a = Client::new(&lab.host("a").context("lab host a")?.socket);
+    let out_dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut jsonl = String::new();
+    let blast = |mode: BlastMode, streams: u32, bytes: u64| -> Result<BlastResult> {
+        Ok(a.post(
+            "/v1/ping",
+            &PingRequest {
+                to: "b".into(),
+                throughput: BlastRequest {
+                    streams,
+                    secs: 0.0,
+                    bytes,
+                    mode,
+                },
+            },
+        )?)
+    };
+    println!(
+        "{:<16} {:>7} {:>9} {:>8} {:>14} {:>14}",
+        "MODE", "STREAMS", "GB/s", "Gbit/s", "SEND CPU s/GiB", "RECV CPU s/GiB"
+    );
+    for mode in [
+        BlastMode::Tcp,
+        BlastMode::Std,
+        BlastMode::Uring,
+        BlastMode::ZeroCopy,
+        BlastMode::ZeroCopyFixed,
+    ] {
+        for streams in [1, 2] {
+            let r = blast(mode, streams, gib << 30)?;
+            println!(
+                "{:<16} {:>7} {:>9.2} {:>8.1} {:>14.2} {:>14.2}",
+                format!("{mode:?}"),
+                streams,
+                r.gbytes_per_s,
+                r.gbits_per_s,
+                r.send_cpu_s_per_gib,
+                r.recv_cpu_s_per_gib
+            );
+            jsonl += &serde_json::json!({ "bench": "transport", "result": r }).to_string();
+            jsonl.push('\n');
+        }
+    }
+    // The migration goal, in the same run: a 2 GiB incompressible guest vs the raw blast.
+    let before = blast(BlastMode::Tcp, 2, 4 << 30)?;
+    let _: VmInfo = a.post("/v1/vms", &workload("rnd", 2048, 2, Profile::Random, 0))?;
+    wait("fill", 300, || filled(&a, "rnd"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rec: MigrationRecord = a.post(
+        "/v1/migrations",
+        &MigrateRequest {
+            vm: "rnd".into(),
+            to: "b".into(),
+            options: MigrateOptions::default(),
+        },
+    )?;
+    let path = format!("/v1/migrations/{}", rec.id);
+    let rec: MigrationRecord = wait("migration", 600, || {
+        let r: MigrationRecord = a.get(&path)?;
+        Ok(r.phase.finished().then_some(r))
+    })?;
+    if rec.phase != Phase::Completed {
+        bail!("migration failed: {:?}", rec.error);
+    }
+    let s = rec.summary.context("summary")?;
+    let after = blast(BlastMode::Tcp, 2, 4 << 30)?;
+    let link = (before.gbytes_per_s + after.gbytes_per_s) / 2.0;
+    let mig = (2u64 << 30) as f64 / s.total_s / 1e9;
+    let wire = s.wire_bytes as f64 / s.total_s / 1e9;
+    println!(
+        "\n2 GiB random guest: {:.2} s, {:.2} GB/s of guest memory ({:.2} GB/s on the wire); raw TCP blast (2 streams) {:.2} GB/s before, {:.2} after: migration at {:.0} % of the link",
+        s.total_s, mig, wire, before.gbytes_per_s, after.gbytes_per_s, 100.0 * mig / link
+    );
+    jsonl += &serde_json::json!({
+        "bench": "transport-migration",
+        "guest_mib": 2048, "profile": "random",
+        "total_s": s.total_s,
+        "guest_gbytes_per_s": mig,
+        "wire_gbytes_per_s": wire,
+        "blast_before_gbytes_per_s": before.gbytes_per_s,
+        "blast_after_gbytes_per_s": after.gbytes_per_s,
+        "ratio": mig / link,
+        "summary": s,
+    })
+    .to_string();
+    jsonl.push('\n');
+    let path = out_dir.join("transport.jsonl");
+    std::fs::write(&path, jsonl)?;
+    println!("results: {}", path.display());
+    lab.down()
+}

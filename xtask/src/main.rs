@@ -56,6 +56,14 @@ enum BenchWhat {
         #[arg(long, default_value_t = 5)]
         secs: u64,
     },
+    /// Data path in the lab: 4 GiB of raw page frames per send mode (std, uring, zero-copy,
+    /// zero-copy-fixed) with 1 and 2 streams against the raw TCP blast, then a 2 GiB random
+    /// guest's migration against the blast (table, and target/bench/transport.jsonl).
+    Transport {
+        /// GiB per measurement.
+        #[arg(long, default_value_t = 4)]
+        gib: u64,
+    },
     /// Live migration a→b in the lab of a mixed 2-vCPU guest at several dirty rates: total time,
     /// downtime, guest-observed pause, rounds, bytes (table, and target/bench/migrate.jsonl).
     Migrate {
@@ -141,6 +149,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo => xtask::dev::demo(),
         Command::Bench { what } => match what {
             BenchWhat::Guest { secs } => xtask::dev::bench_guest(secs),
+            BenchWhat::Transport { gib } => xtask::dev::bench_transport(gib),
             BenchWhat::Migrate {
                 memory_mib,
                 rates,

@@ -8,6 +8,7 @@
 //!
 //! [limits]
 //! memory_reserve_mib = 1024               # host memory never promised to guests
+//! huge_pages = true                       # guest memory on transparent huge pages
 //!
 //! [management]                            # control traffic between agents
 //! address = "198.18.0.1"
@@ -105,12 +106,17 @@ pub struct LimitsSection {
     /// Host memory (MiB) that is never promised to guests.
     #[serde(default = "default_reserve")]
     pub memory_reserve_mib: u64,
+    /// Back guest memory with transparent huge pages (faster to fill and to receive; a guest
+    /// that touches one byte of a 2 MiB range costs 2 MiB).
+    #[serde(default = "yes")]
+    pub huge_pages: bool,
 }
 
 impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             memory_reserve_mib: default_reserve(),
+            huge_pages: true,
         }
     }
 }

@@ -82,6 +82,10 @@ async fn shutdown_signal() {
 /// Run the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let hv = Hypervisor::open()?;
+    hv.huge_pages.store(
+        config.limits.huge_pages,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     std::fs::create_dir_all(&config.agent.state_dir).map_err(io_err(
         "cannot create state directory",
         &config.agent.state_dir,

@@ -157,6 +157,8 @@ pub struct Hypervisor {
     cpuid: CpuId,
     /// TSC frequency a fresh vCPU gets.
     pub tsc_khz: u32,
+    /// Back guest memory with transparent huge pages (`[limits] huge_pages`, default on).
+    pub huge_pages: std::sync::atomic::AtomicBool,
     /// Whether KVM honours a written IA32_TSC (false on backends where the guest reads the
     /// host's TSC directly; then a restored guest's TSC continues at host time instead).
     pub tsc_settable: bool,
@@ -221,6 +223,7 @@ impl Hypervisor {
             msr_list: Arc::new(usable),
             cpuid,
             tsc_khz,
+            huge_pages: std::sync::atomic::AtomicBool::new(true),
             tsc_settable,
         }))
     }
@@ -326,9 +329,13 @@ impl Vm {
         vm_fd
             .create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let memory = Arc::new(GuestMemory::new(vm_fd.clone(), regions)?);
-        let yield_port =
-            matches!(spec.kind, GuestKind::Workload(_)).then_some(workload::YIELD_PORT);
+        let memory = Arc::new(GuestMemory::new(
+            vm_fd.clone(),
+            regions,
+            hv.huge_pages.load(Ordering::Relaxed),
+        )?);
+        // Every kind may yield on the port (a raw long-user image sleeps with `out 0xf0, eax`).
+        let yield_port = Some(workload::YIELD_PORT);
         let shared = Arc::new(VmShared {
             devices: Arc::new(Devices::new(&spec.name, yield_port)),
             tsc_khz: hv.tsc_khz,
