@@ -396,9 +396,12 @@ impl FrameSink {
             return Ok(());
         };
         if wait {
-            match ring.submit_and_wait(1) {
+            // Bounded, so callers can give up on a stream whose operations never complete.
+            let ts = types::Timespec::from(Duration::from_millis(200));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ETIME)) => {}
                 Err(e) => return Err(UringError::Wait(e)),
             }
         }
@@ -451,6 +454,10 @@ impl FrameSink {
                     continue;
                 }
                 self.current = None;
+                // The buffer still owes its notification if the CQE says one follows.
+                if self.ledger.sent(b, more) {
+                    self.release(b);
+                }
                 return Err(UringError::Send(err));
             }
             let n = res as usize;
@@ -470,6 +477,9 @@ impl FrameSink {
                 }
             } else if n == 0 {
                 self.current = None;
+                if self.ledger.sent(b, more) {
+                    self.release(b);
+                }
                 return Err(UringError::Send(io::Error::new(
                     io::ErrorKind::WriteZero,
                     "the peer stopped receiving",
