@@ -26,6 +26,7 @@ use crate::control::client::{Client, ClientError};
 use crate::control::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
 use crate::migrate::blast::{BlastMode, BlastRequest, BlastResult};
 use crate::migrate::{MigrateOptions, MigrationRecord, Phase};
+use crate::netpin::StatsReport;
 use crate::vm::{GuestKind, Profile, RawMode, RawParams, WorkloadParams};
 
 /// Default root of the lab made by `cargo xtask lab up`.
@@ -74,6 +75,12 @@ pub enum Command {
     },
     /// Probe the migration link to a peer: a throughput blast between the agents
     Ping(PingArgs),
+    /// Link utilization per interface and class (migration / other) and pinning counters (eBPF)
+    Stats {
+        /// Refresh every second until interrupted
+        #[arg(long, short)]
+        watch: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -411,6 +418,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Vm(v) => run_vm(&cli, v),
         Command::Migrate(m) => run_migrate(&cli, m),
         Command::Ping(p) => run_ping(&cli, p),
+        Command::Stats { watch } => run_stats(&cli, *watch),
         Command::Migrations { id } => {
             let c = Client::new(socket_path(&cli));
             match id {
@@ -465,6 +473,74 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+    }
+}
+
+fn bits(b: f64) -> String {
+    if b >= 1e9 {
+        format!("{:.2} Gbit/s", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} Mbit/s", b / 1e6)
+    } else {
+        format!("{:.0} kbit/s", b / 1e3)
+    }
+}
+
+fn human_stats(r: &StatsReport) -> String {
+    if !r.available {
+        return format!(
+            "eBPF link statistics and pinning are unavailable: {}\n",
+            r.reason.as_deref().unwrap_or("unknown reason")
+        );
+    }
+    let mut s = format!(
+        "{:<10} {:>12} {:>3} {:>15} {:>7} {:>15} {:>15} {:>7} {:>15}\n",
+        "INTERFACE", "SPEED", "", "TX MIGRATION", "%", "TX OTHER", "RX MIGRATION", "%", "RX OTHER"
+    );
+    for i in &r.interfaces {
+        let pct = |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{p:.1}"));
+        s += &format!(
+            "{:<10} {:>12} {:>3} {:>15} {:>7} {:>15} {:>15} {:>7} {:>15}\n",
+            i.name,
+            i.speed_bps.map_or("?".to_string(), |b| bits(b as f64)),
+            if i.migration { "mig" } else { "" },
+            bits(i.tx.migration.bits_per_s),
+            pct(i.tx.migration.percent),
+            bits(i.tx.other.bits_per_s),
+            bits(i.rx.migration.bits_per_s),
+            pct(i.rx.migration.percent),
+            bits(i.rx.other.bits_per_s),
+        );
+    }
+    let p = &r.pinning;
+    s += &format!(
+        "pinning {} (mark {:#x}{}): {} packets redirected to the migration NIC, {} leaked, {} dropped as not migration\n",
+        if p.enabled { "on" } else { "off" },
+        p.mark,
+        if p.dedicated { ", dedicated" } else { "" },
+        p.redirected_packets,
+        p.leaked_packets,
+        p.dedicated_dropped_packets
+    );
+    s
+}
+
+fn run_stats(cli: &Cli, watch: bool) -> Result<(), Failure> {
+    let c = Client::new(socket_path(cli));
+    loop {
+        let r: StatsReport = c.get("/v1/stats")?;
+        if cli.json && watch {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+        } else {
+            if watch && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                print!("\x1b[2J\x1b[H");
+            }
+            out(cli, &r, human_stats);
+        }
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
@@ -591,14 +667,15 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
             );
         } else if tty || last_line.elapsed() >= Duration::from_secs(1) {
             let line = format!(
-                "{} {:<10} round {:<3} {:>9} pages left {:>9.1} MiB/s  ETA {:>6}  throttle {:>2} %",
+                "{} {:<10} round {:<3} {:>9} pages left {:>9.1} MiB/s  ETA {:>6}  throttle {:>2} %  link {}",
                 r.id,
                 format!("{:?}", r.phase).to_lowercase(),
                 r.round,
                 r.pages_left,
                 r.rate_mib_s,
                 r.eta_s.map_or("-".into(), |e| format!("{e:.1}s")),
-                r.throttle
+                r.throttle,
+                r.link_percent.map_or("-".into(), |p| format!("{p:.0} %"))
             );
             if tty {
                 eprint!("\r\x1b[K{line}");
@@ -709,6 +786,18 @@ fn human_record(r: &MigrationRecord) -> String {
                 mib(t.std_bytes),
                 if t.fell_back { " (the kernel copied zero-copy sends, so streams fell back to plain send)" } else { "" }
             );
+            if let Some(l) = &sm.link {
+                s += &format!(
+                    "  link          migration NIC {} average, {} peak{}\n",
+                    bits(l.avg_bits_per_s),
+                    bits(l.peak_bits_per_s),
+                    match (l.avg_percent, l.peak_percent, l.interface_speed_bps) {
+                        (Some(a), Some(p), Some(sp)) =>
+                            format!(" ({a:.0} % / {p:.0} % of {})", bits(sp as f64)),
+                        _ => String::new(),
+                    }
+                );
+            }
             if sm.verified {
                 s += &format!(
                     "  verified      memory digest equal ({})\n",

@@ -13,5 +13,6 @@
 pub mod cli;
 pub mod control;
 pub mod migrate;
+pub mod netpin;
 pub mod transport;
 pub mod vm;

@@ -13,8 +13,65 @@ use ferry::vm::{GuestKind, Profile, WorkloadParams};
 
 use crate::lab::{self, Lab, LabOptions};
 
-/// Debian packages the project needs, with a command that proves each is present.
-pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("procps", "ps")];
+/// Debian packages the project needs, with a command that proves each is present: iproute2 for
+/// the lab, clang-19 to check the committed BPF object, bpftool for the tests that look at what
+/// is attached.
+pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("procps", "ps"),
+    ("clang-19", "clang-19"),
+    ("bpftool", "bpftool"),
+];
+
+/// Where the BPF program and its committed object live.
+fn ebpf_dir() -> PathBuf {
+    workspace_root().join("ebpf")
+}
+
+/// Compile `ebpf/netpin.bpf.c` with clang-19 into `out`. The build is reproducible: paths are
+/// mapped so the object does not depend on where the checkout is.
+fn compile_ebpf(out: &Path) -> Result<()> {
+    let dir = ebpf_dir();
+    let mut cmd = Command::new("clang-19");
+    cmd.current_dir(&dir)
+        .args([
+            "-O2",
+            "-g",
+            "-target",
+            "bpf",
+            "-I/usr/include/x86_64-linux-gnu",
+        ])
+        .arg(format!("-fdebug-prefix-map={}=.", dir.display()))
+        .args(["-c", "netpin.bpf.c", "-o"])
+        .arg(out);
+    run(&mut cmd).context(
+        "clang-19 could not build ebpf/netpin.bpf.c (`cargo xtask deps` installs clang-19)",
+    )
+}
+
+/// `build-ebpf`: rebuild `ebpf/netpin.bpf.o` (committed; the agent embeds it). With `check`,
+/// build into a temporary file and fail if it differs from the committed object.
+pub fn build_ebpf(check: bool) -> Result<()> {
+    let committed = ebpf_dir().join("netpin.bpf.o");
+    if !check {
+        compile_ebpf(&committed)?;
+        println!("built {}", committed.display());
+        return Ok(());
+    }
+    let tmp = std::env::temp_dir().join(format!("ferry-netpin-{}.o", std::process::id()));
+    compile_ebpf(&tmp)?;
+    let fresh = std::fs::read(&tmp)?;
+    let _ = std::fs::remove_file(&tmp);
+    let old =
+        std::fs::read(&committed).with_context(|| format!("reading {}", committed.display()))?;
+    if fresh != old {
+        bail!(
+            "ebpf/netpin.bpf.o is stale: it does not match ebpf/netpin.bpf.c; run `cargo xtask build-ebpf` and commit the object"
+        );
+    }
+    println!("ebpf/netpin.bpf.o matches its source");
+    Ok(())
+}
 
 /// The workspace root (the directory holding the top-level Cargo.toml).
 pub fn workspace_root() -> PathBuf {
@@ -79,6 +136,7 @@ pub fn test(extra: &[String]) -> Result<()> {
     deps()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
+    build_ebpf(true)?;
     run(cargo().args([
         "clippy",
         "--workspace",

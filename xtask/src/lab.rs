@@ -51,6 +51,9 @@ pub const DEFAULT_ROOT: &str = "/run/ferry/lab";
 /// File under the lab root that records a running lab (see [`LabState`]).
 pub const STATE_FILE: &str = "lab.json";
 /// Management interface in each host namespace.
+/// The speed the lab's agents assume for the veth migration link (veth reports none): about
+/// what two streams of a raw TCP blast reach on the lab machines (~34 Gbit/s).
+pub const LAB_LINK_SPEED: &str = "40gbit";
 pub const MGMT_IFACE: &str = "mgmt0";
 /// Dedicated migration interface in each host namespace.
 pub const MIGRATION_IFACE: &str = "mig0";
@@ -1027,6 +1030,7 @@ fn render_agent_config(
          [migration]\n\
          interface = \"{MIGRATION_IFACE}\"\n\
          address = \"{migration}\"\n\
+         link_speed = \"{LAB_LINK_SPEED}\"\n\
          \n\
          [datastores]\n\
          shared = {shared}\n\
@@ -2217,6 +2221,7 @@ address = "198.18.0.1"
 [migration]
 interface = "mig0"
 address = "198.18.1.1"
+link_speed = "40gbit"
 
 [datastores]
 shared = "/run/ferry/lab/datastores/shared"

@@ -32,6 +32,12 @@ enum Command {
     },
     /// Install the Debian packages the project needs (apt-get; root).
     Deps,
+    /// Rebuild ebpf/netpin.bpf.o from ebpf/netpin.bpf.c (clang-19); --check compares instead.
+    BuildEbpf {
+        /// Fail if the committed object does not match a fresh build.
+        #[arg(long)]
+        check: bool,
+    },
     /// Run everything CI runs: deps, fmt check, clippy, build, all tests (root, /dev/kvm).
     Test {
         /// Extra arguments for `cargo test`, e.g. `-- --test-threads 1`.
@@ -145,6 +151,7 @@ fn run(cli: Cli) -> Result<()> {
             LabAction::Status { target, json } => lab_status(&target, json),
         },
         Command::Deps => xtask::dev::deps(),
+        Command::BuildEbpf { check } => xtask::dev::build_ebpf(check),
         Command::Test { args } => xtask::dev::test(&args),
         Command::Demo => xtask::dev::demo(),
         Command::Bench { what } => match what {

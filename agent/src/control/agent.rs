@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::migrate::dest::Host;
 use crate::migrate::source::{self, SourceJob};
 use crate::migrate::{self as mig, MigrateOptions, MigrationHandle, MigrationRecord};
+use crate::netpin::{NetPin, StatsReport};
 use crate::vm::devices::ExitStats;
 use crate::vm::memory::RegionLayout;
 use crate::vm::snapshot::{self, SaveReport, SnapshotError};
@@ -317,6 +318,8 @@ pub struct Agent {
     migrations: Mutex<std::collections::VecDeque<Arc<MigrationHandle>>>,
     /// Owned op locks of VMs arriving by migration, held until they are committed or gone.
     incoming_ops: Mutex<BTreeMap<String, tokio::sync::OwnedMutexGuard<()>>>,
+    /// The eBPF programs on this host's NICs, or why there are none.
+    netpin: Result<Arc<NetPin>, String>,
 }
 
 /// How many finished migrations `ferry migrations` remembers.
@@ -336,10 +339,15 @@ pub fn host_memory() -> (u64, u64) {
 }
 
 impl Agent {
-    pub fn new(config: Config, hv: Arc<Hypervisor>) -> Arc<Agent> {
+    pub fn new(
+        config: Config,
+        hv: Arc<Hypervisor>,
+        netpin: Result<Arc<NetPin>, String>,
+    ) -> Arc<Agent> {
         Arc::new(Agent {
             config,
             hv,
+            netpin,
             vms: Mutex::new(BTreeMap::new()),
             reserving: Mutex::new(0),
             migrations: Mutex::new(std::collections::VecDeque::new()),
@@ -741,6 +749,18 @@ impl Agent {
         }
     }
 
+    /// Link counters and pinning (`ferry stats`).
+    pub fn stats(&self) -> StatsReport {
+        match &self.netpin {
+            Ok(np) => np.report(),
+            Err(reason) => StatsReport {
+                available: false,
+                reason: Some(reason.clone()),
+                ..StatsReport::default()
+            },
+        }
+    }
+
     /// Path helper for messages.
     pub fn socket(&self) -> &Path {
         &self.config.agent.socket
@@ -868,6 +888,7 @@ impl Agent {
             local_migration: mig_cfg.address,
             agent_name: self.config.agent.name.clone(),
             options: req.options,
+            link: self.netpin.as_ref().ok().cloned(),
         };
         tracing::info!(vm = %req.vm, id = %handle.id, to = %req.to, peer = %peer, "migration starting");
         let agent = self.clone();

@@ -17,6 +17,7 @@
 //! | GET | `/v1/migrations` | | `[MigrationRecord]` (running and past, both directions) |
 //! | GET | `/v1/migrations/{id}` | | [`MigrationRecord`] (progress, then summary or error) |
 //! | POST | `/v1/migrations/{id}/cancel` | | [`MigrationRecord`] |
+//! | GET | `/v1/stats` | | link counters, rates and pinning (eBPF) |
 //! | POST | `/v1/ping` | `{"to": "b", "throughput": {"streams": 2, "secs": 3, "bytes": 0, "mode": "tcp"}}` | throughput probe result |
 //!
 //! Errors are `{"error": {"status": 404, "code": "not_found", "message": "..."}}` with a 4xx
@@ -145,6 +146,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations/{id}", get(migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .route("/v1/ping", post(ping))
+        .route("/v1/stats", get(stats))
         .fallback(|| async {
             ApiError(
                 404,
@@ -284,4 +286,8 @@ async fn cancel_migration(
 async fn ping(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<impl IntoResponse> {
     let req: PingRequest = parse(&body)?;
     Ok(Json(a.ping_throughput(req).await?))
+}
+
+async fn stats(State(a): State<Arc<Agent>>) -> impl IntoResponse {
+    Json(a.stats())
 }

@@ -18,6 +18,10 @@
 //! interface = "mig0"
 //! address = "198.18.1.1"
 //! enabled = true
+//! ebpf = true                             # load the eBPF programs (pinning, utilization)
+//! pin = true                              # keep migration traffic on `interface`
+//! dedicated = false                       # keep other IPv4 traffic off `interface`
+//! link_speed = "10gbit"                   # where the NIC does not report its speed (veth)
 //!
 //! [datastores]                            # name -> directory
 //! shared = "/srv/ferry/shared"
@@ -140,13 +144,25 @@ fn default_port() -> u16 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationSection {
-    /// The dedicated migration NIC.
+    /// The dedicated migration NIC (eBPF pinning and utilization work on it).
     #[serde(default)]
     pub interface: Option<String>,
     /// This host's address on the migration network.
     pub address: IpAddr,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Load the eBPF programs on this host's NICs (needs `interface`).
+    #[serde(default = "yes")]
+    pub ebpf: bool,
+    /// Redirect migration traffic that would leave through another NIC to the migration NIC.
+    #[serde(default = "yes")]
+    pub pin: bool,
+    /// Keep every other IPv4 traffic off the migration NIC (dropped and counted).
+    #[serde(default)]
+    pub dedicated: bool,
+    /// The migration link's speed where the NIC cannot tell (veth), e.g. "10gbit".
+    #[serde(default)]
+    pub link_speed: Option<String>,
 }
 
 fn yes() -> bool {
@@ -234,6 +250,17 @@ impl Config {
                     "[datastores] {name} = {:?} must be an absolute path",
                     dir.display()
                 )));
+            }
+        }
+        if let Some(m) = &self.migration {
+            if let Some(sp) = &m.link_speed {
+                crate::netpin::parse_speed(sp)
+                    .map_err(|e| bad(format!("[migration] link_speed: {e}")))?;
+            }
+            if m.dedicated && m.interface.is_none() {
+                return Err(bad(
+                    "[migration] dedicated = true needs [migration] interface".into(),
+                ));
             }
         }
         for (name, iface) in &self.port_groups {

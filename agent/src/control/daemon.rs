@@ -79,6 +79,36 @@ async fn shutdown_signal() {
     }
 }
 
+/// Load the eBPF programs where the configuration asks for them; say once why not otherwise.
+fn start_netpin(config: &Config) -> Result<Arc<crate::netpin::NetPin>, String> {
+    let Some(m) = &config.migration else {
+        return Err("no [migration] section in the configuration".into());
+    };
+    if !m.ebpf {
+        return Err("disabled by [migration] ebpf = false".into());
+    }
+    let Some(iface) = &m.interface else {
+        return Err("no [migration] interface configured".into());
+    };
+    let cfg = crate::netpin::NetpinConfig {
+        migration_interface: iface.clone(),
+        migration_addr: match m.address {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(_) => None,
+        },
+        pin: m.pin,
+        dedicated: m.dedicated,
+        link_speed_bps: m
+            .link_speed
+            .as_deref()
+            .and_then(|s| crate::netpin::parse_speed(s).ok()),
+    };
+    crate::netpin::NetPin::start(cfg).map_err(|e| {
+        tracing::warn!(error = %e, "eBPF is unavailable here: migration traffic is not pinned to the migration NIC and link utilization is not measured");
+        e.to_string()
+    })
+}
+
 /// Run the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let hv = Hypervisor::open()?;
@@ -91,15 +121,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         &config.agent.state_dir,
     ))?;
     let socket = config.agent.socket.clone();
-    let listener = bind(&socket)?;
-    let agent = Agent::new(config, hv.clone());
-    tracing::info!(
-        name = %agent.config.agent.name,
-        socket = %socket.display(),
-        tsc_khz = hv.tsc_khz,
-        version = env!("CARGO_PKG_VERSION"),
-        "agent ready"
-    );
+    let netpin = start_netpin(&config);
+    let agent = Agent::new(config, hv.clone(), netpin);
 
     if let Some(m) = &agent.config.management {
         let addr = std::net::SocketAddr::new(m.address, m.port);
@@ -130,6 +153,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             .map_err(|source| DaemonError::Listen { addr, source })?;
         tracing::info!(%addr, "listening for peer agents");
     }
+
+    // The local API last: once it answers, the agent is fully up.
+    let listener = bind(&socket)?;
+    tracing::info!(
+        name = %agent.config.agent.name,
+        socket = %socket.display(),
+        tsc_khz = hv.tsc_khz,
+        version = env!("CARGO_PKG_VERSION"),
+        "agent ready"
+    );
 
     let sampler = {
         let agent = agent.clone();

@@ -243,13 +243,14 @@ pub fn run(
     req: &BlastRequest,
 ) -> Result<BlastResult, MigrateError> {
     req.validate().map_err(MigrateError::Config)?;
-    let ctl = transport::connect_from(None, peer, Duration::from_secs(5)).map_err(|source| {
-        MigrateError::Connect {
-            what: "the peer agent at",
-            addr: peer.to_string(),
-            source,
-        }
-    })?;
+    let ctl =
+        transport::connect_from(None, peer, Duration::from_secs(5), false).map_err(|source| {
+            MigrateError::Connect {
+                what: "the peer agent at",
+                addr: peer.to_string(),
+                source,
+            }
+        })?;
     let _ = ctl.set_read_timeout(Some(Duration::from_secs(30 + req.secs as u64)));
     let mut cw = FrameWriter::new(ctl.try_clone().map_err(protocol::ProtocolError::from)?);
     let mut cr = FrameReader::new(BufReader::new(
@@ -279,7 +280,7 @@ pub fn run(
     let deadline = t0 + Duration::from_secs_f64(req.secs.max(0.0));
     let mut joins = Vec::new();
     for i in 0..req.streams {
-        let s = transport::connect_from(Some(local_migration), data, Duration::from_secs(5))
+        let s = transport::connect_from(Some(local_migration), data, Duration::from_secs(5), true)
             .map_err(|source| MigrateError::Connect {
                 what: "the peer's migration address",
                 addr: data.to_string(),

@@ -236,6 +236,8 @@ pub struct Summary {
     pub send_mode: crate::transport::uring::SendMode,
     /// Bytes by send path (zero-copy, copied by the kernel, plain io_uring, write(2)).
     pub transport: crate::transport::uring::SendStats,
+    /// Migration NIC utilization while memory was copied (eBPF counters; None without them).
+    pub link: Option<crate::netpin::LinkUtilization>,
 }
 
 /// What `ferry migrations` shows.
@@ -258,6 +260,8 @@ pub struct MigrationRecord {
     /// Estimated seconds to the end of the current round.
     pub eta_s: Option<f64>,
     pub throttle: u8,
+    /// Migration NIC utilization now, in percent of its speed (eBPF; None when unknown).
+    pub link_percent: Option<f64>,
     pub summary: Option<Summary>,
     /// Why it failed or was cancelled.
     pub error: Option<String>,
@@ -289,6 +293,7 @@ impl MigrationHandle {
                 rate_mib_s: 0.0,
                 eta_s: None,
                 throttle: 0,
+                link_percent: None,
                 summary: None,
                 error: None,
             }),

@@ -52,6 +52,8 @@ pub struct SourceJob {
     pub local_migration: IpAddr,
     pub agent_name: String,
     pub options: MigrateOptions,
+    /// The eBPF link counters, for utilization in progress and summary.
+    pub link: Option<Arc<crate::netpin::NetPin>>,
 }
 
 /// How a failed migration left things.
@@ -323,7 +325,13 @@ impl Engine<'_> {
         let left = total.saturating_sub(done);
         let rate = converge::page_rate(&self.rounds);
         let throttle = self.throttle;
+        let link = self
+            .job
+            .link
+            .as_ref()
+            .and_then(|l| l.migration_tx_percent());
         self.job.handle.update(|r| {
+            r.link_percent = link;
             r.round = round;
             r.pages_left = left;
             r.rate_mib_s = rate.map_or(0.0, |p| p * PAGE as f64 / (1 << 20) as f64);
@@ -494,14 +502,15 @@ pub fn run(job: &SourceJob) -> Result<Summary, Failure> {
         error,
         after_commit: false,
     };
-    let ctl =
-        transport::connect_from(None, job.peer, Duration::from_secs(5)).map_err(|source| {
+    let ctl = transport::connect_from(None, job.peer, Duration::from_secs(5), false).map_err(
+        |source| {
             before(MigrateError::Connect {
                 what: "the peer agent at",
                 addr: job.peer.to_string(),
                 source,
             })
-        })?;
+        },
+    )?;
     let _ = ctl.set_nodelay(true);
     let _ = ctl.set_read_timeout(Some(CONTROL_TIMEOUT));
     let io = |e: std::io::Error| before(MigrateError::Protocol(e.into()));
@@ -631,13 +640,17 @@ fn precopy_and_prepare(
     let (rep_tx, rep_rx) = mpsc::channel();
     let mut workers = Vec::new();
     for i in 0..n {
-        let sock =
-            transport::connect_from(Some(job.local_migration), data_addr, Duration::from_secs(5))
-                .map_err(|source| MigrateError::Connect {
-                what: "the destination's migration address",
-                addr: data_addr.to_string(),
-                source,
-            })?;
+        let sock = transport::connect_from(
+            Some(job.local_migration),
+            data_addr,
+            Duration::from_secs(5),
+            true,
+        )
+        .map_err(|source| MigrateError::Connect {
+            what: "the destination's migration address",
+            addr: data_addr.to_string(),
+            source,
+        })?;
         let cut = sock.try_clone().ok();
         let acks = FrameReader::new(BufReader::new(
             sock.try_clone().map_err(protocol::ProtocolError::from)?,
@@ -722,6 +735,7 @@ fn eng_run(
     // Round 0: every page that was ever touched. Dirty logging starts first, so a write after
     // a page was read shows up in round 1.
     job.handle.set_phase(Phase::Precopy);
+    let copy_started = Instant::now();
     mem.set_dirty_logging_all(true)?;
     let _ = mem.take_dirty()?;
     let populated = mem.populated();
@@ -833,6 +847,10 @@ fn eng_run(
         digest,
         send_mode: eng.job.options.send_mode,
         transport: eng.send,
+        link: job
+            .link
+            .as_ref()
+            .and_then(|l| l.migration_tx_between(copy_started, t_pages)),
     };
     Ok((summary, SwitchoverMark { paused_at }))
 }

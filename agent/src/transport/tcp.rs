@@ -20,11 +20,13 @@ fn tune(s: &Socket) {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
 }
 
-/// Connect from `local` (port chosen by the kernel) to `remote`, within `timeout`.
+/// Connect from `local` (port chosen by the kernel) to `remote`, within `timeout`; with
+/// `mark`, the socket carries the migration mark (SO_MARK) for eBPF pinning and accounting.
 pub fn connect_from(
     local: Option<IpAddr>,
     remote: SocketAddr,
     timeout: Duration,
+    mark: bool,
 ) -> io::Result<TcpStream> {
     let s = Socket::new(
         Domain::for_address(remote),
@@ -32,6 +34,9 @@ pub fn connect_from(
         Some(Protocol::TCP),
     )?;
     tune(&s);
+    if mark {
+        s.set_mark(crate::netpin::MIGRATION_MARK)?;
+    }
     if let Some(ip) = local {
         s.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
     }
@@ -53,7 +58,8 @@ pub fn listen(local: IpAddr) -> io::Result<TcpListener> {
     Ok(s.into())
 }
 
-/// Accept one connection before `deadline`.
+/// Accept one connection before `deadline`; it carries the migration mark (its replies are
+/// migration traffic too).
 pub fn accept_until(l: &TcpListener, deadline: Instant) -> io::Result<TcpStream> {
     l.set_nonblocking(true)?;
     loop {
@@ -61,6 +67,8 @@ pub fn accept_until(l: &TcpListener, deadline: Instant) -> io::Result<TcpStream>
             Ok((s, _)) => {
                 s.set_nonblocking(false)?;
                 let _ = s.set_nodelay(true);
+                use std::os::fd::AsRawFd;
+                crate::netpin::mark_socket(s.as_raw_fd())?;
                 return Ok(s);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
