@@ -114,9 +114,7 @@ int ferry_egress(struct __sk_buff *skb)
 	if (marked && ifindex != cfg->migration_ifindex) {
 		if ((cfg->flags & FLAG_PIN) && cfg->migration_ifindex != 0) {
 			event(EV_REDIRECTED, skb->len);
-			/* Leaves through the migration NIC (its own egress hook is not run again:
-			 * count it there now). */
-			count(cfg->migration_ifindex, DIR_EGRESS, CLASS_MIGRATION, skb->len);
+			/* The migration NIC's own egress hook counts it as it leaves. */
 			return bpf_redirect_neigh(cfg->migration_ifindex, 0, 0, 0);
 		}
 		event(EV_LEAKED, skb->len);

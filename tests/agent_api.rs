@@ -304,3 +304,16 @@ fn lifecycle_stop_start_destroy() {
     assert!(st.success(), "{st}");
     assert!(!a.socket.exists());
 }
+
+#[test]
+fn without_a_migration_nic_the_agent_runs_and_says_why_ebpf_is_off() {
+    if !can_run("without_a_migration_nic_the_agent_runs_and_says_why_ebpf_is_off") {
+        return;
+    }
+    let a = TestAgent::start("noebpf");
+    let s = a.json(&["stats"]);
+    assert_eq!(s["available"], false);
+    assert!(s["reason"].as_str().unwrap().contains("[migration]"), "{s}");
+    let o = a.cli(&["stats"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("unavailable"));
+}

@@ -14,13 +14,11 @@ use ferry::vm::{GuestKind, Profile, WorkloadParams};
 use crate::lab::{self, Lab, LabOptions};
 
 /// Debian packages the project needs, with a command that proves each is present: iproute2 for
-/// the lab, clang-19 to check the committed BPF object, bpftool for the tests that look at what
-/// is attached.
+/// the lab (ip, tc), clang-19 to check the committed BPF object.
 pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("procps", "ps"),
     ("clang-19", "clang-19"),
-    ("bpftool", "bpftool"),
 ];
 
 /// Where the BPF program and its committed object live.

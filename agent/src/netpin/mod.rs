@@ -159,6 +159,39 @@ pub struct StatsReport {
     pub sample_ms: u64,
     pub interfaces: Vec<InterfaceStats>,
     pub pinning: Pinning,
+    /// What the kernel has attached (TCX), per interface and hook: program names. Ferry's are
+    /// `ferry_egress` and `ferry_ingress`, exactly once each.
+    pub attached: Vec<Attachment>,
+}
+
+/// Programs attached to one hook of one interface, as the kernel reports them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub hook: String,
+    pub programs: Vec<String>,
+}
+
+/// Ask the kernel which TCX programs are attached to `iface`.
+pub fn attached(iface: &str) -> Vec<Attachment> {
+    [
+        ("egress", TcAttachType::Egress),
+        ("ingress", TcAttachType::Ingress),
+    ]
+    .into_iter()
+    .map(|(hook, t)| Attachment {
+        interface: iface.to_string(),
+        hook: hook.into(),
+        programs: SchedClassifier::query_tcx(iface, t)
+            .map(|(_, progs)| {
+                progs
+                    .iter()
+                    .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+    .collect()
 }
 
 /// Utilization of the migration NIC over a time span (sending side).
@@ -504,6 +537,7 @@ impl NetPin {
                 dedicated_dropped_bytes: now.events[2].0,
                 dedicated_dropped_packets: now.events[2].1,
             },
+            attached: self.ifaces.iter().flat_map(|i| attached(&i.name)).collect(),
         }
     }
 
