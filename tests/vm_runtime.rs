@@ -15,6 +15,9 @@ fn workload_spec(name: &str, memory_mib: u64, vcpus: u32, profile: Profile, rate
             dirty_rate_mib: rate,
             working_set_mib: None,
         }),
+        disks: vec![],
+        nics: vec![],
+        cpu: Default::default(),
     }
 }
 
@@ -195,6 +198,9 @@ fn dirty_log_matches_what_the_guest_wrote() {
             dirty_rate_mib: 200,
             working_set_mib: Some(16),
         }),
+        disks: vec![],
+        nics: vec![],
+        cpu: Default::default(),
     };
     let p = match &spec.kind {
         GuestKind::Workload(p) => p.clone(),
@@ -282,6 +288,9 @@ fn raw_image_prints_on_the_serial_console() {
             memory_mib: 16,
             vcpus: 1,
             kind: GuestKind::Raw(ferry::vm::RawParams::new(img.clone())),
+            disks: vec![],
+            nics: vec![],
+            cpu: Default::default(),
         },
     )
     .unwrap();
@@ -319,6 +328,9 @@ fn triple_fault_is_reported_as_crashed() {
             memory_mib: 16,
             vcpus: 2,
             kind: GuestKind::Raw(params),
+            disks: vec![],
+            nics: vec![],
+            cpu: Default::default(),
         },
     )
     .unwrap();
@@ -357,6 +369,9 @@ fn bad_shapes_are_refused() {
             memory_mib: 2,
             vcpus: 1,
             kind: GuestKind::Raw(ferry::vm::RawParams::new(img)),
+            disks: vec![],
+            nics: vec![],
+            cpu: Default::default(),
         },
     )
     .unwrap_err();

@@ -7,7 +7,7 @@
 //! `/run/ferry/agent.sock`.
 //!
 //! Exit codes: 0 success; 1 the agent refused or the operation failed (the message says why);
-//! 2 bad command line; 3 the agent cannot be reached.
+//! 2 bad command line; 3 the agent cannot be reached; 4 `ferry ping` lost some probes.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,8 +26,12 @@ use crate::control::client::{Client, ClientError};
 use crate::control::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
 use crate::migrate::blast::{BlastMode, BlastRequest, BlastResult};
 use crate::migrate::{MigrateOptions, MigrationRecord, Phase};
+use crate::checks::ping::PingReport;
+use crate::checks::CheckReport;
+use crate::control::agent::Baseline;
 use crate::netpin::StatsReport;
-use crate::vm::{GuestKind, Profile, RawMode, RawParams, WorkloadParams};
+use crate::checks::cpu::CpuPolicy;
+use crate::vm::{DiskSpec, GuestKind, NicSpec, Profile, RawMode, RawParams, WorkloadParams};
 
 /// Default root of the lab made by `cargo xtask lab up`.
 pub const DEFAULT_LAB_ROOT: &str = "/run/ferry/lab";
@@ -41,7 +45,7 @@ pub const DEFAULT_LAB_ROOT: &str = "/run/ferry/lab";
 `ferry agent` runs the host agent (normally as the systemd service `ferry`); every other \
 command talks to a running agent over its unix socket.\n\n\
 Exit codes: 0 success, 1 the request was refused or failed, 2 bad command line, 3 the agent \
-cannot be reached."
+cannot be reached; 4 `ferry ping` lost some probes."
 )]
 pub struct Cli {
     /// Agent API socket [default: /run/ferry/agent.sock]
@@ -80,6 +84,25 @@ pub enum Command {
         /// Refresh every second until interrupted
         #[arg(long, short)]
         watch: bool,
+    },
+    /// Check whether a VM can migrate to a peer: CPU, datastores, port groups, link, room
+    Check {
+        vm: String,
+        /// The peer: a name from [peers] or a management address
+        #[arg(long, value_name = "PEER")]
+        to: String,
+    },
+    /// CPU features
+    #[command(subcommand)]
+    Cpu(CpuCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CpuCommand {
+    /// The CPU baseline common to this host and the given peers
+    Baseline {
+        #[arg(required = true)]
+        peers: Vec<String>,
     },
 }
 
@@ -143,6 +166,9 @@ pub struct MigrateArgs {
     /// Overwrite send buffers when released (tests)
     #[arg(long, hide = true)]
     pub poison_buffers: bool,
+    /// Go ahead despite warnings from the pre-migration checks (never despite failures)
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -273,9 +299,64 @@ pub struct CreateArgs {
     /// Raw, real mode: entry point CS:IP in hex
     #[arg(long, default_value = "0000:7c00", value_parser = parse_entry, value_name = "CS:IP")]
     pub entry: (u16, u16),
+    /// A disk on a datastore, "[datastore] dir/file.img:SIZE" (created sparse if missing; repeat
+    /// for more)
+    #[arg(long, value_name = "PATH:SIZE")]
+    pub disk: Vec<String>,
+    /// A NIC on a port group: "PORT_GROUP" (MAC derived from the VM name) or "MAC@PORT_GROUP"
+    #[arg(long, value_name = "[MAC@]PORT_GROUP")]
+    pub nic: Vec<String>,
+    /// CPU model the guest sees: host, x86-64-v1 .. x86-64-v4
+    #[arg(long, default_value = "host", value_name = "MODEL")]
+    pub cpu_model: String,
+    /// CPU features hidden from the guest (names like avx512f, or leaf:subleaf:reg:bit)
+    #[arg(long, value_delimiter = ',', value_name = "FEATURE,...")]
+    pub cpu_mask: Vec<String>,
     /// Start it right away
     #[arg(long)]
     pub start: bool,
+}
+
+/// A stable, locally administered MAC for NIC `i` of VM `name`.
+pub fn derived_mac(name: &str, i: usize) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes().chain([i as u8]) {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[1], b[2], b[3])
+}
+
+fn parse_disks(args: &[String]) -> Result<Vec<DiskSpec>, Failure> {
+    args.iter()
+        .map(|d| {
+            let (path, size) = d.rsplit_once(':').ok_or_else(|| Failure {
+                code: 2,
+                message: format!("--disk {d:?}: write \"[datastore] dir/file.img:SIZE\""),
+            })?;
+            let size_mib = parse_size_mib(size).map_err(|m| Failure { code: 2, message: m })?;
+            Ok(DiskSpec {
+                path: path.trim().to_string(),
+                size_mib,
+            })
+        })
+        .collect()
+}
+
+fn parse_nics(vm: &str, args: &[String]) -> Vec<NicSpec> {
+    args.iter()
+        .enumerate()
+        .map(|(i, n)| match n.split_once('@') {
+            Some((mac, pg)) => NicSpec {
+                mac: mac.to_ascii_lowercase(),
+                port_group: pg.to_string(),
+            },
+            None => NicSpec {
+                mac: derived_mac(vm, i),
+                port_group: n.to_string(),
+            },
+        })
+        .collect()
 }
 
 /// Parse "1G", "512M", "2GiB", "1024" (MiB) into MiB.
@@ -419,6 +500,33 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Migrate(m) => run_migrate(&cli, m),
         Command::Ping(p) => run_ping(&cli, p),
         Command::Stats { watch } => run_stats(&cli, *watch),
+        Command::Check { vm, to } => {
+            let c = Client::new(socket_path(&cli));
+            let r: CheckReport = c.get(&vm_path(vm, &format!("/check?to={}", enc(to))))?;
+            out(&cli, &r, human_check);
+            if r.passed {
+                Ok(())
+            } else {
+                Err(fail(format!("{vm} cannot migrate to {to}")))
+            }
+        }
+        Command::Cpu(CpuCommand::Baseline { peers }) => {
+            let c = Client::new(socket_path(&cli));
+            let b: Baseline = c.post(
+                "/v1/cpu/baseline",
+                &serde_json::json!({ "peers": peers }),
+            )?;
+            out(&cli, &b, |b| {
+                format!(
+                    "hosts:      {}\nlevel:      {}\ncommon:     {}\nmask these: {}\n",
+                    b.hosts.join(", "),
+                    b.level.as_deref().unwrap_or("(below x86-64-v1)"),
+                    b.common.join(" "),
+                    if b.mask.is_empty() { "(nothing: all hosts offer the same)".to_string() } else { b.mask.join(",") }
+                )
+            });
+            Ok(())
+        }
         Command::Migrations { id } => {
             let c = Client::new(socket_path(&cli));
             match id {
@@ -544,25 +652,92 @@ fn run_stats(cli: &Cli, watch: bool) -> Result<(), Failure> {
     }
 }
 
+fn human_check(r: &CheckReport) -> String {
+    let mut s = format!("{:<16} {:<8} {}\n", "REQUIREMENT", "RESULT", "DETAIL (FIX)");
+    for i in &r.items {
+        s += &format!(
+            "{:<16} {:<8} {}{}\n",
+            i.requirement,
+            format!("{:?}", i.result).to_lowercase(),
+            i.detail,
+            i.fix.as_ref().map(|f| format!(" (fix: {f})")).unwrap_or_default()
+        );
+    }
+    s += &format!(
+        "{} {} migrate to {}{}\n",
+        r.vm,
+        if r.passed { "can" } else { "cannot" },
+        r.peer,
+        if r.warnings > 0 {
+            format!(
+                " ({} warning{}: ferry migrate needs --force)",
+                r.warnings,
+                if r.warnings == 1 { "" } else { "s" }
+            )
+        } else {
+            String::new()
+        }
+    );
+    s
+}
+
+fn run_icmp_ping(cli: &Cli, peer: &str) -> Result<(), Failure> {
+    let c = Client::new(socket_path(cli));
+    let r: PingReport = c.post("/v1/ping", &serde_json::json!({ "to": peer }))?;
+    out(cli, &r, |r| {
+        let mut s = format!(
+            "{} -> {} via {}: {} sent, {} received, {:.0} % loss",
+            r.local,
+            r.remote,
+            r.interface.as_deref().unwrap_or("any NIC"),
+            r.sent,
+            r.received,
+            r.loss_percent
+        );
+        if let (Some(a), Some(b), Some(c)) = (r.rtt_min_ms, r.rtt_avg_ms, r.rtt_max_ms) {
+            s += &format!(", rtt min/avg/max {a:.3}/{b:.3}/{c:.3} ms");
+        }
+        s.push('\n');
+        for m in &r.mtu {
+            s += &format!(
+                "  {} bytes, don't fragment: {} ({})\n",
+                m.size,
+                if m.ok { "passes" } else { "fails" },
+                m.detail
+            );
+        }
+        s
+    });
+    match r.received {
+        0 => Err(fail(format!(
+            "no reply from {} over the migration network",
+            r.remote
+        ))),
+        n if n < r.sent => Err(Failure {
+            code: 4,
+            message: format!("{} of {} probes lost", r.sent - n, r.sent),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn run_ping(cli: &Cli, p: &PingArgs) -> Result<(), Failure> {
     let usage = |m: String| Failure {
         code: 2,
         message: m,
     };
     let Some(secs) = p.throughput.or(p.bytes.map(|_| 0.0)) else {
-        return Err(usage(
-            "give --throughput SECS (or --bytes SIZE); round-trip and MTU probes are not implemented yet".into(),
-        ));
+        return run_icmp_ping(cli, &p.peer);
     };
     let mode: BlastMode = p.mode.parse().map_err(usage)?;
     let req = PingRequest {
         to: p.peer.clone(),
-        throughput: BlastRequest {
+        throughput: Some(BlastRequest {
             streams: p.streams,
             secs,
             bytes: p.bytes.map_or(0, |m| m << 20),
             mode,
-        },
+        }),
     };
     let c = Client::new(socket_path(cli));
     let r: BlastResult = c.post("/v1/ping", &req)?;
@@ -641,6 +816,7 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
             vm: vm.clone(),
             to: to.clone(),
             options,
+            force: m.force,
         },
     )?;
     if m.detach {
@@ -1043,6 +1219,12 @@ fn create_request(a: &CreateArgs) -> Result<CreateRequest, Failure> {
         memory_mib: a.memory,
         vcpus: a.vcpus,
         kind,
+        disks: parse_disks(&a.disk)?,
+        nics: parse_nics(&a.name, &a.nic),
+        cpu: CpuPolicy {
+            model: a.cpu_model.clone(),
+            mask: a.cpu_mask.clone(),
+        },
         start: a.start,
     })
 }

@@ -10,6 +10,8 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod announce;
+pub mod checks;
 pub mod cli;
 pub mod control;
 pub mod migrate;

@@ -182,6 +182,9 @@ fn workload(name: &str, memory_mib: u64, vcpus: u32, profile: Profile, rate: u64
             working_set_mib: None,
         }),
         start: true,
+        disks: vec![],
+        nics: vec![],
+        cpu: Default::default(),
     }
 }
 
@@ -359,6 +362,7 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32) -> Result<()> 
                     vm: name.clone(),
                     to: "b".into(),
                     options: MigrateOptions::default(),
+                    force: false,
                 },
             )?;
             let path = format!("/v1/migrations/{}", rec.id);
@@ -422,12 +426,12 @@ pub fn bench_transport(gib: u64) -> Result<()> {
             "/v1/ping",
             &PingRequest {
                 to: "b".into(),
-                throughput: BlastRequest {
+                throughput: Some(BlastRequest {
                     streams,
                     secs: 0.0,
                     bytes,
                     mode,
-                },
+                }),
             },
         )?)
     };
@@ -468,6 +472,7 @@ pub fn bench_transport(gib: u64) -> Result<()> {
             vm: "rnd".into(),
             to: "b".into(),
             options: MigrateOptions::default(),
+            force: false,
         },
     )?;
     let path = format!("/v1/migrations/{}", rec.id);

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::announce::Announcement;
+use crate::checks::datastore::Datastores;
+use crate::checks::{CheckReport, HostFacts, LinkProbe, Requirements};
 use crate::migrate::dest::Host;
 use crate::migrate::source::{self, SourceJob};
 use crate::migrate::{self as mig, MigrateOptions, MigrationHandle, MigrationRecord};
@@ -320,6 +323,7 @@ pub struct Agent {
     incoming_ops: Mutex<BTreeMap<String, tokio::sync::OwnedMutexGuard<()>>>,
     /// The eBPF programs on this host's NICs, or why there are none.
     netpin: Result<Arc<NetPin>, String>,
+    datastores: Datastores,
 }
 
 /// How many finished migrations `ferry migrations` remembers.
@@ -343,11 +347,13 @@ impl Agent {
         config: Config,
         hv: Arc<Hypervisor>,
         netpin: Result<Arc<NetPin>, String>,
+        datastores: Datastores,
     ) -> Arc<Agent> {
         Arc::new(Agent {
             config,
             hv,
             netpin,
+            datastores,
             vms: Mutex::new(BTreeMap::new()),
             reserving: Mutex::new(0),
             migrations: Mutex::new(std::collections::VecDeque::new()),
@@ -417,6 +423,77 @@ impl Agent {
         Ok(Reservation { agent: self, mib })
     }
 
+    /// Disks must be on datastores of this host, NICs on its port groups.
+    fn check_devices(&self, spec: &VmSpec) -> Result<(), AgentError> {
+        for d in &spec.disks {
+            self.datastores
+                .resolve(&d.path)
+                .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        }
+        for n in &spec.nics {
+            if !self.config.port_groups.contains_key(&n.port_group) {
+                return Err(AgentError::Invalid(format!(
+                    "NIC {}: port group {:?} is not configured on this host (add it to [port_groups])",
+                    n.mac, n.port_group
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Announce every NIC of a guest that just started or resumed here.
+    pub fn announce(&self, spec: &VmSpec) -> Vec<Announcement> {
+        spec.nics
+            .iter()
+            .map(|n| {
+                let iface = self
+                    .config
+                    .port_groups
+                    .get(&n.port_group)
+                    .cloned()
+                    .unwrap_or_default();
+                let a = crate::announce::announce(&n.mac, &n.port_group, &iface);
+                if let Some(e) = &a.error {
+                    tracing::warn!(vm = %spec.name, mac = %n.mac, error = %e, "MAC announcement failed");
+                }
+                a
+            })
+            .collect()
+    }
+
+    /// This host, as a peer sees it; with the sizes of the given disk paths.
+    pub fn host_facts(&self, disks: &[String]) -> HostFacts {
+        let (total, avail) = host_memory();
+        let reserve = self.config.limits.memory_reserve_mib;
+        let committed = self.committed_mib();
+        let room = total
+            .saturating_sub(reserve)
+            .saturating_sub(committed)
+            .min(avail.saturating_sub(reserve));
+        let iface_exists = |i: &str| std::path::Path::new("/sys/class/net").join(i).exists();
+        HostFacts {
+            name: self.config.agent.name.clone(),
+            cpuid: self.hv.offered_cpuid(),
+            datastores: self.datastores.identities(),
+            disks: disks
+                .iter()
+                .map(|d| (d.clone(), self.datastores.disk_size(d)))
+                .collect(),
+            port_groups: self
+                .config
+                .port_groups
+                .iter()
+                .filter(|(_, i)| iface_exists(i))
+                .map(|(n, _)| n.clone())
+                .collect(),
+            migration_enabled: self.config.migration.as_ref().is_some_and(|m| m.enabled),
+            migration_address: self.config.migration.as_ref().map(|m| m.address.to_string()),
+            migration_interface: self.config.migration.as_ref().and_then(|m| m.interface.clone()),
+            room_mib: room,
+            vms: self.entries().iter().map(|e| e.name.clone()).collect(),
+        }
+    }
+
     fn check_new_name(&self, name: &str) -> Result<(), AgentError> {
         if !valid_name(name) {
             return Err(AgentError::Invalid(format!(
@@ -463,10 +540,17 @@ impl Agent {
             }
             crate::vm::raw::check(p, spec.memory_mib << 20).map_err(VmError::from)?;
         }
+        self.check_devices(&spec)?;
+        for d in &spec.disks {
+            self.datastores
+                .ensure_disk(d)
+                .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        }
         let _r = self.reserve(spec.memory_mib)?;
         let vm = Vm::create(&self.hv, spec)?;
         if start {
             vm.start()?;
+            self.announce(&vm.spec);
         }
         let e = self.insert(vm)?;
         Ok(self.info(&e))
@@ -574,7 +658,12 @@ impl Agent {
                 let fresh =
                     blocking(move || Vm::create(&hv, spec).map_err(AgentError::from)).await?;
                 fresh.start()?;
+                self.announce(&fresh.spec);
                 e.replace(fresh);
+            }
+            VmStatus::Created => {
+                vm.start()?;
+                self.announce(&vm.spec);
             }
             _ => vm.start()?,
         }
@@ -685,6 +774,7 @@ impl Agent {
                 .await?;
         if !paused {
             vm.resume()?;
+            self.announce(&vm.spec);
         }
         let e = self.insert(vm)?;
         Ok(self.info(&e))
@@ -776,6 +866,9 @@ pub struct MigrateRequest {
     pub to: String,
     #[serde(default)]
     pub options: MigrateOptions,
+    /// Go ahead despite warnings of the pre-migration checks (never despite failures).
+    #[serde(default)]
+    pub force: bool,
 }
 
 impl Agent {
@@ -864,6 +957,15 @@ impl Agent {
         let peer = self.peer_addr(&req.to)?;
         let e = self.entry(&req.vm)?;
         e.not_migrating()?;
+        if e.vm().status() == VmStatus::Running {
+            let report = self.check(&req.vm, &req.to).await?;
+            if let Some(why) = report.refusal(req.force) {
+                return Err(AgentError::Conflict(format!(
+                    "{} cannot migrate to {}: {why}",
+                    req.vm, req.to
+                )));
+            }
+        }
         let guard = e.op.clone().try_lock_owned().map_err(|_| {
             AgentError::Conflict(format!(
                 "{} is busy with another operation; try again when it is done",
@@ -927,14 +1029,175 @@ impl Agent {
     }
 }
 
+/// CPU features common to a set of hosts (`ferry cpu baseline`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Baseline {
+    pub hosts: Vec<String>,
+    /// The highest psABI level every host offers in full.
+    pub level: Option<String>,
+    /// Named features every host offers.
+    pub common: Vec<String>,
+    /// Features some hosts offer and others do not: mask these on guests that must move
+    /// between all of them.
+    pub mask: Vec<String>,
+}
+
+impl Agent {
+    fn local_probe(&self, peer: &HostFacts) -> Result<LinkProbe, String> {
+        let m = self.config.migration.as_ref().ok_or("migration is not configured here")?;
+        let std::net::IpAddr::V4(local) = m.address else {
+            return Err("the migration address is not IPv4".into());
+        };
+        let remote: std::net::Ipv4Addr = peer
+            .migration_address
+            .as_deref()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("{} has no IPv4 migration address", peer.name))?;
+        let r = crate::checks::ping::ping(
+            local,
+            remote,
+            m.interface.as_deref(),
+            3,
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_millis(500),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(LinkProbe {
+            sent: r.sent,
+            received: r.received,
+            detail: format!(
+                "{} -> {} via {}: {}/{} replies{}",
+                r.local,
+                r.remote,
+                r.interface.as_deref().unwrap_or("any NIC"),
+                r.received,
+                r.sent,
+                r.rtt_avg_ms.map(|a| format!(", {a:.2} ms average")).unwrap_or_default()
+            ),
+        })
+    }
+
+    /// Every pre-migration check of `vm` against peer `to`.
+    pub async fn check(&self, vm: &str, to: &str) -> Result<CheckReport, AgentError> {
+        let e = self.entry(vm)?;
+        let v = e.vm();
+        let spec = v.spec.clone();
+        let disks: std::collections::BTreeMap<String, u64> = spec
+            .disks
+            .iter()
+            .map(|d| {
+                (
+                    d.path.clone(),
+                    self.datastores.disk_size(&d.path).unwrap_or(d.size_mib << 20),
+                )
+            })
+            .collect();
+        let req = Requirements {
+            vm: spec.name.clone(),
+            memory_mib: spec.memory_mib,
+            cpuid: v.cpuid(),
+            disks,
+            port_groups: spec.nics.iter().map(|n| n.port_group.clone()).collect(),
+        };
+        let peer = self.peer_addr(to)?;
+        let name = self.config.agent.name.clone();
+        let query = mig::query::Query {
+            disks: spec.disks.iter().map(|d| d.path.clone()).collect(),
+        };
+        let pf = tokio::task::spawn_blocking(move || mig::query::facts(peer, &name, &query))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+            .map_err(|e| {
+                AgentError::Conflict(format!(
+                    "cannot ask {to} about itself: {}",
+                    crate::control::error_chain(&e)
+                ))
+            })?;
+        let local = self.host_facts(&[]);
+        let probe = if local.migration_enabled && pf.migration_enabled {
+            self.local_probe(&pf)
+        } else {
+            Err("migration is not enabled on both hosts".into())
+        };
+        let items = crate::checks::evaluate(&req, &local, &pf, probe.as_ref().map_err(Clone::clone));
+        Ok(CheckReport::new(vm, to, items))
+    }
+
+    /// ICMP probes over the migration network to a peer (`ferry ping PEER`).
+    pub async fn ping(&self, to: &str) -> Result<crate::checks::ping::PingReport, AgentError> {
+        let m = self.config.migration.clone().ok_or_else(|| {
+            AgentError::Invalid("migration is not configured here: add [migration]".into())
+        })?;
+        let std::net::IpAddr::V4(local) = m.address else {
+            return Err(AgentError::Invalid("the migration address is not IPv4".into()));
+        };
+        let peer = self.peer_addr(to)?;
+        let name = self.config.agent.name.clone();
+        let pf = tokio::task::spawn_blocking(move || {
+            mig::query::facts(peer, &name, &mig::query::Query::default())
+        })
+        .await
+        .map_err(|e| AgentError::Internal(e.to_string()))?
+        .map_err(|e| AgentError::Conflict(format!("cannot reach {to}: {}", crate::control::error_chain(&e))))?;
+        let remote: std::net::Ipv4Addr = pf
+            .migration_address
+            .as_deref()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| AgentError::Conflict(format!("{to} has no IPv4 migration address")))?;
+        blocking(move || {
+            crate::checks::ping::ping(
+                local,
+                remote,
+                m.interface.as_deref(),
+                5,
+                std::time::Duration::from_millis(200),
+                std::time::Duration::from_secs(1),
+            )
+            .map_err(|e| AgentError::Internal(e.to_string()))
+        })
+        .await
+    }
+
+    /// The CPU baseline common to this host and `peers`.
+    pub async fn cpu_baseline(&self, peers: Vec<String>) -> Result<Baseline, AgentError> {
+        use crate::checks::cpu;
+        let mut all = vec![self.host_facts(&[])];
+        for p in peers {
+            let addr = self.peer_addr(&p)?;
+            let name = self.config.agent.name.clone();
+            let f = tokio::task::spawn_blocking(move || {
+                mig::query::facts(addr, &name, &mig::query::Query::default())
+            })
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+            .map_err(|e| AgentError::Conflict(format!("cannot ask {p}: {}", crate::control::error_chain(&e))))?;
+            all.push(f);
+        }
+        let sets: Vec<_> = all.iter().map(|f| cpu::features(&f.cpuid)).collect();
+        let mut common = sets[0].clone();
+        let mut any = sets[0].clone();
+        for s in &sets[1..] {
+            common = common.intersection(s).copied().collect();
+            any.extend(s.iter().copied());
+        }
+        Ok(Baseline {
+            hosts: all.iter().map(|f| f.name.clone()).collect(),
+            level: cpu::level(&common).map(str::to_string),
+            common: common.iter().map(|f| f.to_string()).collect(),
+            mask: any.difference(&common).map(|f| f.to_string()).collect(),
+        })
+    }
+}
+
 /// Body of `POST /v1/ping`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PingRequest {
     /// A name from `[peers]` or a management address.
     pub to: String,
+    /// A throughput blast; without it, ICMP probes (RTT, loss, path MTU).
     #[serde(default)]
-    pub throughput: mig::blast::BlastRequest,
+    pub throughput: Option<mig::blast::BlastRequest>,
 }
 
 impl Agent {
@@ -943,12 +1206,16 @@ impl Agent {
         &self,
         req: PingRequest,
     ) -> Result<mig::blast::BlastResult, AgentError> {
-        req.throughput.validate().map_err(AgentError::Invalid)?;
+        let throughput = req
+            .throughput
+            .clone()
+            .ok_or_else(|| AgentError::Invalid("no throughput request".into()))?;
+        throughput.validate().map_err(AgentError::Invalid)?;
         let local = self.migration_addr().map_err(AgentError::Invalid)?;
         let peer = self.peer_addr(&req.to)?;
         let name = self.config.agent.name.clone();
         blocking(move || {
-            mig::blast::run(peer, local, &name, &req.throughput).map_err(|e| match e {
+            mig::blast::run(peer, local, &name, &throughput).map_err(|e| match e {
                 mig::MigrateError::Config(m) => AgentError::Invalid(m),
                 other => AgentError::Conflict(format!(
                     "the throughput probe failed: {}",
@@ -1013,6 +1280,14 @@ impl Host for Agent {
 
     fn register(&self, handle: Arc<MigrationHandle>) {
         self.register_migration(handle);
+    }
+
+    fn facts(&self, disks: &[String]) -> HostFacts {
+        self.host_facts(disks)
+    }
+
+    fn announce(&self, spec: &VmSpec) -> Vec<Announcement> {
+        Agent::announce(self, spec)
     }
 }
 

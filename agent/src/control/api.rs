@@ -18,7 +18,9 @@
 //! | GET | `/v1/migrations/{id}` | | [`MigrationRecord`] (progress, then summary or error) |
 //! | POST | `/v1/migrations/{id}/cancel` | | [`MigrationRecord`] |
 //! | GET | `/v1/stats` | | link counters, rates and pinning (eBPF) |
-//! | POST | `/v1/ping` | `{"to": "b", "throughput": {"streams": 2, "secs": 3, "bytes": 0, "mode": "tcp"}}` | throughput probe result |
+//! | GET | `/v1/vms/{name}/check?to=PEER` | | pre-migration checks ([`crate::checks::CheckReport`]) |
+//! | POST | `/v1/cpu/baseline` | `{"peers": ["b"]}` | CPU features common to this host and the peers |
+//! | POST | `/v1/ping` | `{"to": "b"}` (ICMP over the migration NIC) or with `"throughput": {"streams": 2, "secs": 3, "bytes": 0, "mode": "tcp"}` | probe result |
 //!
 //! Errors are `{"error": {"status": 404, "code": "not_found", "message": "..."}}` with a 4xx
 //! status for requests that are wrong (malformed JSON with its line and column, unknown fields,
@@ -50,6 +52,12 @@ pub struct CreateRequest {
     pub memory_mib: u64,
     pub vcpus: u32,
     pub kind: GuestKind,
+    #[serde(default)]
+    pub disks: Vec<crate::vm::DiskSpec>,
+    #[serde(default)]
+    pub nics: Vec<crate::vm::NicSpec>,
+    #[serde(default)]
+    pub cpu: crate::checks::cpu::CpuPolicy,
     /// Run it at once.
     #[serde(default)]
     pub start: bool,
@@ -147,6 +155,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .route("/v1/ping", post(ping))
         .route("/v1/stats", get(stats))
+        .route("/v1/vms/{name}/check", get(check))
+        .route("/v1/cpu/baseline", post(baseline))
         .fallback(|| async {
             ApiError(
                 404,
@@ -175,6 +185,9 @@ async fn create(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<impl Into
         memory_mib: req.memory_mib,
         vcpus: req.vcpus,
         kind: req.kind,
+        disks: req.disks,
+        nics: req.nics,
+        cpu: req.cpu,
     };
     let a2 = a.clone();
     let info = tokio::task::spawn_blocking(move || a2.create(spec, req.start))
@@ -283,9 +296,47 @@ async fn cancel_migration(
     Ok(Json(a.cancel_migration(&id)?))
 }
 
-async fn ping(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<impl IntoResponse> {
+async fn ping(
+    State(a): State<Arc<Agent>>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
     let req: PingRequest = parse(&body)?;
-    Ok(Json(a.ping_throughput(req).await?))
+    let v = if req.throughput.is_some() {
+        serde_json::to_value(a.ping_throughput(req).await?)
+    } else {
+        serde_json::to_value(a.ping(&req.to).await?)
+    };
+    v.map(Json)
+        .map_err(|e| ApiError(500, "internal", e.to_string()))
+}
+
+#[derive(Debug, Deserialize)]
+struct CheckQuery {
+    to: String,
+}
+
+async fn check(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    q: Result<Query<CheckQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<crate::checks::CheckReport>> {
+    let Query(q) = q.map_err(|e| ApiError(400, "invalid", format!("{}: give ?to=PEER", e.body_text())))?;
+    Ok(Json(a.check(&name, &q.to).await?))
+}
+
+/// Body of `POST /v1/cpu/baseline`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineRequest {
+    pub peers: Vec<String>,
+}
+
+async fn baseline(
+    State(a): State<Arc<Agent>>,
+    body: Bytes,
+) -> ApiResult<Json<super::agent::Baseline>> {
+    let req: BaselineRequest = parse(&body)?;
+    Ok(Json(a.cpu_baseline(req.peers).await?))
 }
 
 async fn stats(State(a): State<Arc<Agent>>) -> impl IntoResponse {

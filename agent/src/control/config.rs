@@ -32,6 +32,9 @@
 //!
 //! [peers]                                 # name -> management address
 //! b = "198.18.0.2"
+//!
+//! [cpu]
+//! mask = ["avx512f"]                      # features this host does not offer its guests
 //! ```
 //!
 //! Unknown keys are refused (a typo must not silently fall back to a default), and every error
@@ -187,6 +190,18 @@ pub struct Config {
     pub port_groups: BTreeMap<String, String>,
     #[serde(default)]
     pub peers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cpu: CpuSection,
+}
+
+/// `[cpu]`: what this host offers guests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CpuSection {
+    /// CPU features this host does not offer its guests (and so will not accept in a
+    /// migration): names like avx512f or leaf:subleaf:reg:bit. A cluster-wide baseline.
+    #[serde(default)]
+    pub mask: Vec<String>,
 }
 
 /// 1-based line and column of byte offset `pos` in `text`.
@@ -251,6 +266,9 @@ impl Config {
                     dir.display()
                 )));
             }
+        }
+        for f in &self.cpu.mask {
+            crate::checks::cpu::parse_feature(f).map_err(|e| bad(format!("[cpu] mask: {e}")))?;
         }
         if let Some(m) = &self.migration {
             if let Some(sp) = &m.link_speed {

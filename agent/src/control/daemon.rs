@@ -16,6 +16,8 @@ use crate::vm::{Hypervisor, VmError};
 pub enum DaemonError {
     #[error(transparent)]
     Kvm(#[from] VmError),
+    #[error(transparent)]
+    Datastore(#[from] crate::checks::datastore::DatastoreError),
     #[error("another agent is already serving {0}; stop it first (or use another [agent] socket)")]
     AlreadyRunning(PathBuf),
     #[error("{what} {path}: {source}")]
@@ -120,9 +122,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "cannot create state directory",
         &config.agent.state_dir,
     ))?;
+    let mask = config
+        .cpu
+        .mask
+        .iter()
+        .filter_map(|f| crate::checks::cpu::parse_feature(f).ok())
+        .collect();
+    hv.set_host_mask(mask);
+    let datastores = crate::checks::datastore::Datastores::open(&config.datastores)?;
     let socket = config.agent.socket.clone();
     let netpin = start_netpin(&config);
-    let agent = Agent::new(config, hv.clone(), netpin);
+    let agent = Agent::new(config, hv.clone(), netpin, datastores);
 
     if let Some(m) = &agent.config.management {
         let addr = std::net::SocketAddr::new(m.address, m.port);

@@ -47,6 +47,10 @@ pub trait Host: Send + Sync {
     fn incoming_done(&self, name: &str, ok: bool);
     /// Remember a migration for `ferry migrations`.
     fn register(&self, handle: Arc<MigrationHandle>);
+    /// This host's facts for a peer's checks (with the sizes of the given disks).
+    fn facts(&self, disks: &[String]) -> crate::checks::HostFacts;
+    /// Announce a guest's MACs on their port groups (it now runs here).
+    fn announce(&self, spec: &VmSpec) -> Vec<crate::announce::Announcement>;
 }
 
 /// Destroys the incoming VM unless the migration got past the commit.
@@ -122,6 +126,11 @@ fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateErr
         },
     )?;
     let first = cr.read_frame()?;
+    if first.command == Command::Query {
+        let q: super::query::Query = first.msg(Command::Query)?;
+        cw.send_msg(Command::Facts, &host.facts(&q.disks))?;
+        return Ok(());
+    }
     if first.command == Command::Blast {
         let req: super::blast::BlastRequest = first.msg(Command::Blast)?;
         return super::blast::serve(&mut cw, req, host.migration_addr());
@@ -349,8 +358,15 @@ fn receive(
         handle.set_phase(Phase::Committed);
         cw.send_msg(Command::Resumed, &Resumed { resume_us })?;
         tracing::info!(vm = %setup.spec.name, id = %setup.migration_id, resume_us, "incoming migration committed; guest running here");
+        let announcements = host.announce(&setup.spec);
         let guest_pause_us = before.and_then(|b| observed_pause(&vm, &b));
-        let _ = cw.send_msg(Command::Observed, &Observed { guest_pause_us });
+        let _ = cw.send_msg(
+            Command::Observed,
+            &Observed {
+                guest_pause_us,
+                announcements: announcements.clone(),
+            },
+        );
         Ok(Summary {
             total_s: t0.elapsed().as_secs_f64(),
             guest_pause_ms: guest_pause_us.map(|u| u as f64 / 1000.0),
@@ -360,6 +376,7 @@ fn receive(
             verified,
             digest: complete.digest.clone(),
             guest_bytes: enc.pages() * PAGE as u64,
+            announcements,
             ..Summary::default()
         })
     })();

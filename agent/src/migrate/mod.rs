@@ -20,6 +20,7 @@ pub mod codec;
 pub mod converge;
 pub mod dest;
 pub mod protocol;
+pub mod query;
 pub mod source;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -238,6 +239,8 @@ pub struct Summary {
     pub transport: crate::transport::uring::SendStats,
     /// Migration NIC utilization while memory was copied (eBPF counters; None without them).
     pub link: Option<crate::netpin::LinkUtilization>,
+    /// MAC announcements made by the destination after the guest resumed there.
+    pub announcements: Vec<crate::announce::Announcement>,
 }
 
 /// What `ferry migrations` shows.

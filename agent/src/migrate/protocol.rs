@@ -126,6 +126,10 @@ pub enum Command {
     Blast = 17,
     /// Destination → source: what the probe's receivers measured.
     BlastDone = 18,
+    /// Source → peer instead of `Setup`: tell me about yourself (checks).
+    Query = 19,
+    /// Peer → source: its host facts.
+    Facts = 20,
 }
 
 impl Command {
@@ -150,6 +154,8 @@ impl Command {
             16 => RoundAck,
             17 => Blast,
             18 => BlastDone,
+            19 => Query,
+            20 => Facts,
             _ => return None,
         })
     }
@@ -587,6 +593,9 @@ pub struct Observed {
     /// The largest gap between two heartbeats of the guest around the switchover, in
     /// microseconds (None when the guest has no heartbeat).
     pub guest_pause_us: Option<u64>,
+    /// The MAC announcements the destination made.
+    #[serde(default)]
+    pub announcements: Vec<crate::announce::Announcement>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -570,6 +570,7 @@ pub fn run(job: &SourceJob) -> Result<Summary, Failure> {
         .and_then(|f| f.msg::<Observed>(Command::Observed))
     {
         summary.guest_pause_ms = o.guest_pause_us.map(|us| us as f64 / 1000.0);
+        summary.announcements = o.announcements;
     }
     summary.total_s = t0.elapsed().as_secs_f64();
     tracing::info!(
@@ -851,6 +852,7 @@ fn eng_run(
             .link
             .as_ref()
             .and_then(|l| l.migration_tx_between(copy_started, t_pages)),
+        announcements: Vec::new(),
     };
     Ok((summary, SwitchoverMark { paused_at }))
 }

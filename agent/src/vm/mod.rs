@@ -28,7 +28,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeSet;
+
 use kvm_bindings::{kvm_irqchip, CpuId, KVM_MAX_CPUID_ENTRIES};
+
+use crate::checks::cpu::{self, CpuPolicy, CpuidEntry, FeatureBit};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +80,8 @@ pub enum VmError {
     State(VmStatus, &'static str),
     #[error("the saved state does not fit this VM: {0}")]
     Mismatch(String),
+    #[error("{0}")]
+    Device(String),
 }
 
 /// Which program the guest runs.
@@ -105,6 +111,62 @@ pub struct VmSpec {
     pub memory_mib: u64,
     pub vcpus: u32,
     pub kind: GuestKind,
+    /// Files the guest owns, by datastore path (`[shared] vm1/disk0.img`).
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    /// Network interfaces: a MAC on a port group.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    /// What CPU the guest sees.
+    #[serde(default)]
+    pub cpu: crate::checks::cpu::CpuPolicy,
+}
+
+/// A disk: a file on a datastore, vSphere style (`[datastore] relative/path`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub path: String,
+    pub size_mib: u64,
+}
+
+impl DiskSpec {
+    /// Split `[store] rel/path` into the datastore name and the relative path.
+    pub fn parse_path(path: &str) -> Option<(&str, &str)> {
+        let rest = path.trim().strip_prefix('[')?;
+        let (store, rel) = rest.split_once(']')?;
+        let rel = rel.trim();
+        let ok = !store.is_empty()
+            && !rel.is_empty()
+            && !rel.starts_with('/')
+            && !rel.split('/').any(|c| c == ".." || c.is_empty());
+        ok.then_some((store.trim(), rel))
+    }
+}
+
+/// A NIC: its MAC address on a port group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    pub mac: String,
+    pub port_group: String,
+}
+
+/// Parse "52:54:00:12:34:56".
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut m = [0u8; 6];
+    for (o, p) in m.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *o = u8::from_str_radix(p, 16).ok()?;
+    }
+    // Unicast only.
+    (m[0] & 1 == 0).then_some(m)
 }
 
 impl VmSpec {
@@ -119,6 +181,25 @@ impl VmSpec {
         if self.memory_mib > MAX_MEMORY_MIB {
             return Err(VmError::MemoryTooLarge(self.memory_mib));
         }
+        for d in &self.disks {
+            if DiskSpec::parse_path(&d.path).is_none() {
+                return Err(VmError::Device(format!(
+                    "disk path {:?} is not of the form \"[datastore] dir/file.img\"",
+                    d.path
+                )));
+            }
+        }
+        for n in &self.nics {
+            if parse_mac(&n.mac).is_none() {
+                return Err(VmError::Device(format!(
+                    "NIC MAC {:?} is not a unicast MAC like 52:54:00:12:34:56",
+                    n.mac
+                )));
+            }
+        }
+        self.cpu
+            .hidden()
+            .map_err(|e| VmError::Device(e.to_string()))?;
         Ok(())
     }
 }
@@ -159,6 +240,8 @@ pub struct Hypervisor {
     pub tsc_khz: u32,
     /// Back guest memory with transparent huge pages (`[limits] huge_pages`, default on).
     pub huge_pages: std::sync::atomic::AtomicBool,
+    /// CPU features this host does not offer to guests (`[cpu] mask`).
+    host_mask: Mutex<BTreeSet<FeatureBit>>,
     /// Whether KVM honours a written IA32_TSC (false on backends where the guest reads the
     /// host's TSC directly; then a restored guest's TSC continues at host time instead).
     pub tsc_settable: bool,
@@ -224,6 +307,7 @@ impl Hypervisor {
             cpuid,
             tsc_khz,
             huge_pages: std::sync::atomic::AtomicBool::new(true),
+            host_mask: Mutex::new(BTreeSet::new()),
             tsc_settable,
         }))
     }
@@ -233,7 +317,27 @@ impl Hypervisor {
         &self.msr_list
     }
 
-    fn vcpu_cpuid(&self, id: u32) -> CpuId {
+    /// Hide `features` from every guest this host runs or receives (`[cpu] mask`).
+    pub fn set_host_mask(&self, features: BTreeSet<FeatureBit>) {
+        if let Ok(mut m) = self.host_mask.lock() {
+            *m = features;
+        }
+    }
+
+    fn host_mask(&self) -> BTreeSet<FeatureBit> {
+        self.host_mask.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// The CPUID this host offers guests (KVM's supported CPUID less the host mask).
+    pub fn offered_cpuid(&self) -> Vec<CpuidEntry> {
+        let mut v = to_entries(self.cpuid.as_slice());
+        cpu::apply(&mut v, &self.host_mask());
+        v
+    }
+
+    fn vcpu_cpuid(&self, id: u32, policy: &CpuPolicy) -> Result<CpuId, VmError> {
+        let mut hidden = self.host_mask();
+        hidden.extend(policy.hidden().map_err(|e| VmError::Device(e.to_string()))?);
         let mut c = self.cpuid.clone();
         for e in c.as_mut_slice() {
             match e.function {
@@ -241,8 +345,41 @@ impl Hypervisor {
                 0xb | 0x1f => e.edx = id,
                 _ => {}
             }
+            for f in hidden
+                .iter()
+                .filter(|f| f.leaf == e.function && f.subleaf == e.index)
+            {
+                let r = match f.reg {
+                    cpu::Reg::Eax => &mut e.eax,
+                    cpu::Reg::Ebx => &mut e.ebx,
+                    cpu::Reg::Ecx => &mut e.ecx,
+                    cpu::Reg::Edx => &mut e.edx,
+                };
+                *r &= !(1u32 << f.bit);
+            }
         }
-        c
+        Ok(c)
+    }
+}
+
+/// KVM CPUID entries as plain [`CpuidEntry`]s.
+pub fn to_entries(e: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<CpuidEntry> {
+    e.iter()
+        .map(|e| CpuidEntry {
+            function: e.function,
+            index: e.index,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect()
+}
+
+impl Vm {
+    /// The CPUID the guest sees (its first vCPU's).
+    pub fn cpuid(&self) -> Vec<CpuidEntry> {
+        self.guest_cpuid.lock().map(|c| c.clone()).unwrap_or_default()
     }
 }
 
@@ -303,6 +440,8 @@ pub struct Vm {
     vm_fd: Arc<VmFd>,
     status: Mutex<VmStatus>,
     last_pause_ns: AtomicU64,
+    /// The CPUID the guest sees (vCPU 0), for migration checks.
+    guest_cpuid: Mutex<Vec<CpuidEntry>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -344,11 +483,12 @@ impl Vm {
             vcpus: OnceLock::new(),
         });
         let mut fds = Vec::new();
+        let guest_cpuid = to_entries(hv.vcpu_cpuid(0, &spec.cpu)?.as_slice());
         for id in 0..spec.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&hv.vcpu_cpuid(id))
+            fd.set_cpuid2(&hv.vcpu_cpuid(id, &spec.cpu)?)
                 .map_err(kvm_err("KVM_SET_CPUID2"))?;
             fds.push(fd);
         }
@@ -362,6 +502,7 @@ impl Vm {
                 vm_fd,
                 status: Mutex::new(VmStatus::Created),
                 last_pause_ns: AtomicU64::new(0),
+                guest_cpuid: Mutex::new(guest_cpuid),
             },
             fds,
         ))
@@ -467,6 +608,9 @@ impl Vm {
         }
         for v in &self.vcpus {
             v.restore_wait()?;
+        }
+        if let (Some(v0), Ok(mut c)) = (state.vcpus.first(), self.guest_cpuid.lock()) {
+            *c = to_entries(&v0.cpuid);
         }
         self.shared.devices.restore(&state.devices);
         Ok(())

@@ -28,8 +28,8 @@ use super::memory::RegionLayout;
 use super::VmSpec;
 
 pub const STATE_MAGIC: [u8; 8] = *b"FERRYST\0";
-/// Current format version.
-pub const STATE_VERSION: u32 = 1;
+/// Current format version (2: the VM spec carries disks, NICs and a CPU policy).
+pub const STATE_VERSION: u32 = 2;
 /// Oldest version this build can read.
 pub const STATE_MIN_VERSION: u32 = 1;
 
@@ -195,7 +195,52 @@ impl VmState {
         if found != expected {
             return Err(StateError::Checksum { found, expected });
         }
+        if version == 1 {
+            let v1: VmStateV1 = postcard::from_bytes(body)?;
+            return Ok(v1.into());
+        }
         Ok(postcard::from_bytes(body)?)
+    }
+}
+
+/// Version 1 of [`VmSpec`]: no disks, NICs or CPU policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmSpecV1 {
+    name: String,
+    memory_mib: u64,
+    vcpus: u32,
+    kind: super::GuestKind,
+}
+
+/// Version 1 of [`VmState`] (still read).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmStateV1 {
+    spec: VmSpecV1,
+    regions: Vec<RegionLayout>,
+    vcpus: Vec<VcpuState>,
+    irqchips: Vec<kvm_irqchip>,
+    clock: Option<kvm_clock_data>,
+    devices: DeviceState,
+}
+
+impl From<VmStateV1> for VmState {
+    fn from(v: VmStateV1) -> VmState {
+        VmState {
+            spec: VmSpec {
+                name: v.spec.name,
+                memory_mib: v.spec.memory_mib,
+                vcpus: v.spec.vcpus,
+                kind: v.spec.kind,
+                disks: Vec::new(),
+                nics: Vec::new(),
+                cpu: Default::default(),
+            },
+            regions: v.regions,
+            vcpus: v.vcpus,
+            irqchips: v.irqchips,
+            clock: v.clock,
+            devices: v.devices,
+        }
     }
 }
 
@@ -211,6 +256,9 @@ mod tests {
                 memory_mib: 64,
                 vcpus: 1,
                 kind: GuestKind::Workload(Default::default()),
+                disks: vec![],
+                nics: vec![],
+                cpu: Default::default(),
             },
             regions: vec![RegionLayout {
                 gpa: 0,
@@ -258,6 +306,34 @@ mod tests {
         assert_eq!(d.vcpus[0].msrs[0].data, 123456);
         assert_eq!(d.spec, s.spec);
         assert_eq!(d.encode().unwrap(), b);
+    }
+
+    #[test]
+    fn previous_version_is_still_read() {
+        let s = sample();
+        let v1 = VmStateV1 {
+            spec: VmSpecV1 {
+                name: s.spec.name.clone(),
+                memory_mib: s.spec.memory_mib,
+                vcpus: s.spec.vcpus,
+                kind: s.spec.kind.clone(),
+            },
+            regions: s.regions.clone(),
+            vcpus: s.vcpus.clone(),
+            irqchips: vec![],
+            clock: None,
+            devices: s.devices.clone(),
+        };
+        let body = postcard::to_allocvec(&v1).unwrap();
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&STATE_MAGIC);
+        blob.extend_from_slice(&1u32.to_le_bytes());
+        blob.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        blob.extend_from_slice(&body);
+        blob.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        let d = VmState::decode(&blob).unwrap();
+        assert_eq!(d.spec, s.spec);
+        assert_eq!(d.vcpus[0].regs.rax, 42);
     }
 
     #[test]
