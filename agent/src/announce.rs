@@ -81,8 +81,14 @@ fn send_once(ifindex: i32, frame: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Announce `mac` on `interface`: the first round now, the rest in a background thread.
-pub fn announce(mac: &str, port_group: &str, interface: &str) -> Announcement {
+/// Announce `mac` on `interface`: the first round now, the rest in a background thread, which
+/// stops early once `cancel` is set (the guest has left this host).
+pub fn announce(
+    mac: &str,
+    port_group: &str,
+    interface: &str,
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Announcement {
     let mut a = Announcement {
         mac: mac.into(),
         port_group: port_group.into(),
@@ -117,6 +123,9 @@ pub fn announce(mac: &str, port_group: &str, interface: &str) -> Announcement {
             for _ in 1..ROUNDS {
                 std::thread::sleep(gap);
                 gap += GAP_STEP;
+                if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
                 if let Err(e) = send_once(ifindex, &frame) {
                     tracing::warn!(mac = %mac_s, interface = %iface, error = %e, "announcement round failed");
                     return;
@@ -126,7 +135,13 @@ pub fn announce(mac: &str, port_group: &str, interface: &str) -> Announcement {
     if spawned.is_err() {
         a.rounds = 1;
     }
-    tracing::info!(mac, port_group, interface, rounds = a.rounds, "MAC announced (RARP)");
+    tracing::info!(
+        mac,
+        port_group,
+        interface,
+        rounds = a.rounds,
+        "MAC announced (RARP)"
+    );
     a
 }
 

@@ -17,6 +17,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
+use crate::checks::cpu::CpuPolicy;
+use crate::checks::ping::PingReport;
+use crate::checks::CheckReport;
+use crate::control::agent::Baseline;
 use crate::control::agent::PingRequest;
 use crate::control::agent::{
     ConsoleChunk, HostInfo, MigrateRequest, SaveOutcome, VerifyOutcome, VmInfo, VmSummary,
@@ -26,11 +30,7 @@ use crate::control::client::{Client, ClientError};
 use crate::control::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
 use crate::migrate::blast::{BlastMode, BlastRequest, BlastResult};
 use crate::migrate::{MigrateOptions, MigrationRecord, Phase};
-use crate::checks::ping::PingReport;
-use crate::checks::CheckReport;
-use crate::control::agent::Baseline;
 use crate::netpin::StatsReport;
-use crate::checks::cpu::CpuPolicy;
 use crate::vm::{DiskSpec, GuestKind, NicSpec, Profile, RawMode, RawParams, WorkloadParams};
 
 /// Default root of the lab made by `cargo xtask lab up`.
@@ -334,7 +334,10 @@ fn parse_disks(args: &[String]) -> Result<Vec<DiskSpec>, Failure> {
                 code: 2,
                 message: format!("--disk {d:?}: write \"[datastore] dir/file.img:SIZE\""),
             })?;
-            let size_mib = parse_size_mib(size).map_err(|m| Failure { code: 2, message: m })?;
+            let size_mib = parse_size_mib(size).map_err(|m| Failure {
+                code: 2,
+                message: m,
+            })?;
             Ok(DiskSpec {
                 path: path.trim().to_string(),
                 size_mib,
@@ -512,17 +515,18 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Cpu(CpuCommand::Baseline { peers }) => {
             let c = Client::new(socket_path(&cli));
-            let b: Baseline = c.post(
-                "/v1/cpu/baseline",
-                &serde_json::json!({ "peers": peers }),
-            )?;
+            let b: Baseline = c.post("/v1/cpu/baseline", &serde_json::json!({ "peers": peers }))?;
             out(&cli, &b, |b| {
                 format!(
                     "hosts:      {}\nlevel:      {}\ncommon:     {}\nmask these: {}\n",
                     b.hosts.join(", "),
                     b.level.as_deref().unwrap_or("(below x86-64-v1)"),
                     b.common.join(" "),
-                    if b.mask.is_empty() { "(nothing: all hosts offer the same)".to_string() } else { b.mask.join(",") }
+                    if b.mask.is_empty() {
+                        "(nothing: all hosts offer the same)".to_string()
+                    } else {
+                        b.mask.join(",")
+                    }
                 )
             });
             Ok(())
@@ -660,7 +664,10 @@ fn human_check(r: &CheckReport) -> String {
             i.requirement,
             format!("{:?}", i.result).to_lowercase(),
             i.detail,
-            i.fix.as_ref().map(|f| format!(" (fix: {f})")).unwrap_or_default()
+            i.fix
+                .as_ref()
+                .map(|f| format!(" (fix: {f})"))
+                .unwrap_or_default()
         );
     }
     s += &format!(

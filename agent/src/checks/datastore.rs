@@ -34,7 +34,9 @@ pub enum DatastoreError {
     },
     #[error("disk {0:?}: the path must look like \"[datastore] dir/file.img\"")]
     BadPath(String),
-    #[error("disk {path:?}: datastore {name:?} is not configured on this host (add it to [datastores])")]
+    #[error(
+        "disk {path:?}: datastore {name:?} is not configured on this host (add it to [datastores])"
+    )]
     Unknown { path: String, name: String },
     #[error("disk {path:?} exists with {found} bytes, not the {want} asked for")]
     Size { path: String, found: u64, want: u64 },
@@ -132,10 +134,13 @@ impl Datastores {
     pub fn resolve(&self, path: &str) -> Result<PathBuf, DatastoreError> {
         let (store, rel) =
             DiskSpec::parse_path(path).ok_or_else(|| DatastoreError::BadPath(path.to_string()))?;
-        let (dir, _) = self.stores.get(store).ok_or_else(|| DatastoreError::Unknown {
-            path: path.to_string(),
-            name: store.to_string(),
-        })?;
+        let (dir, _) = self
+            .stores
+            .get(store)
+            .ok_or_else(|| DatastoreError::Unknown {
+                path: path.to_string(),
+                name: store.to_string(),
+            })?;
         Ok(dir.join(rel))
     }
 
@@ -149,7 +154,9 @@ impl Datastores {
     pub fn ensure_disk(&self, d: &DiskSpec) -> Result<PathBuf, DatastoreError> {
         let p = self.resolve(&d.path)?;
         let want = d.size_mib << 20;
-        let store = DiskSpec::parse_path(&d.path).map_or("?", |x| x.0).to_string();
+        let store = DiskSpec::parse_path(&d.path)
+            .map_or("?", |x| x.0)
+            .to_string();
         match std::fs::metadata(&p) {
             Ok(m) if m.len() == want => Ok(p),
             Ok(m) => Err(DatastoreError::Size {

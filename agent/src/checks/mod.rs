@@ -83,7 +83,10 @@ impl CheckReport {
             vm: vm.into(),
             peer: peer.into(),
             passed: !items.iter().any(|i| i.result == Outcome::Failure),
-            warnings: items.iter().filter(|i| i.result == Outcome::Warning).count(),
+            warnings: items
+                .iter()
+                .filter(|i| i.result == Outcome::Warning)
+                .count(),
             items,
         }
     }
@@ -99,7 +102,10 @@ impl CheckReport {
                     "{}: {}{}",
                     i.requirement,
                     i.detail,
-                    i.fix.as_ref().map(|f| format!(" (fix: {f})")).unwrap_or_default()
+                    i.fix
+                        .as_ref()
+                        .map(|f| format!(" (fix: {f})"))
+                        .unwrap_or_default()
                 )
             })
             .collect();
@@ -160,7 +166,12 @@ pub fn evaluate(
 
     // Datastores and disks.
     if req.disks.is_empty() {
-        items.push(item("Datastores", Outcome::Ok, "the VM has no disks".into(), None));
+        items.push(item(
+            "Datastores",
+            Outcome::Ok,
+            "the VM has no disks".into(),
+            None,
+        ));
     }
     for (path, size) in &req.disks {
         let store = crate::vm::DiskSpec::parse_path(path).map_or("?", |p| p.0);
@@ -208,7 +219,12 @@ pub fn evaluate(
 
     // Port groups.
     if req.port_groups.is_empty() {
-        items.push(item("Port groups", Outcome::Ok, "the VM has no NICs".into(), None));
+        items.push(item(
+            "Port groups",
+            Outcome::Ok,
+            "the VM has no NICs".into(),
+            None,
+        ));
     }
     for pg in &req.port_groups {
         items.push(if peer.port_groups.contains(pg) {
@@ -342,7 +358,11 @@ mod tests {
     }
 
     fn outcome(items: &[CheckItem], what: &str) -> Outcome {
-        items.iter().find(|i| i.requirement.starts_with(what)).unwrap().result
+        items
+            .iter()
+            .find(|i| i.requirement.starts_with(what))
+            .unwrap()
+            .result
     }
 
     #[test]
@@ -363,19 +383,33 @@ mod tests {
 
         let mut b = facts("b");
         b.datastores.insert("shared".into(), "other".into());
-        assert_eq!(outcome(&evaluate(&req(), &facts("a"), &b, Ok(&ok_link())), "Datastore"), Outcome::Failure);
+        assert_eq!(
+            outcome(
+                &evaluate(&req(), &facts("a"), &b, Ok(&ok_link())),
+                "Datastore"
+            ),
+            Outcome::Failure
+        );
 
         let mut b = facts("b");
         b.port_groups.clear();
         let i = evaluate(&req(), &facts("a"), &b, Ok(&ok_link()));
-        assert!(i.iter().any(|x| x.result == Outcome::Failure && x.detail.contains("vm-net")));
+        assert!(i
+            .iter()
+            .any(|x| x.result == Outcome::Failure && x.detail.contains("vm-net")));
 
         let lost = LinkProbe {
             sent: 3,
             received: 0,
             detail: "".into(),
         };
-        assert_eq!(outcome(&evaluate(&req(), &facts("a"), &facts("b"), Ok(&lost)), "Migration"), Outcome::Failure);
+        assert_eq!(
+            outcome(
+                &evaluate(&req(), &facts("a"), &facts("b"), Ok(&lost)),
+                "Migration"
+            ),
+            Outcome::Failure
+        );
         let some = LinkProbe {
             sent: 3,
             received: 2,
@@ -388,9 +422,15 @@ mod tests {
 
         let mut b = facts("b");
         b.room_mib = 10;
-        assert_eq!(outcome(&evaluate(&req(), &facts("a"), &b, Ok(&ok_link())), "Room"), Outcome::Failure);
+        assert_eq!(
+            outcome(&evaluate(&req(), &facts("a"), &b, Ok(&ok_link())), "Room"),
+            Outcome::Failure
+        );
         let mut b = facts("b");
         b.vms.push("v".into());
-        assert_eq!(outcome(&evaluate(&req(), &facts("a"), &b, Ok(&ok_link())), "Room"), Outcome::Failure);
+        assert_eq!(
+            outcome(&evaluate(&req(), &facts("a"), &b, Ok(&ok_link())), "Room"),
+            Outcome::Failure
+        );
     }
 }

@@ -100,7 +100,13 @@ struct Icmp {
 impl Icmp {
     fn open(local: Ipv4Addr, remote: Ipv4Addr, iface: Option<&str>) -> Result<Icmp, PingError> {
         // SAFETY: plain socket(2); the result is checked.
-        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMP,
+            )
+        };
         if raw < 0 {
             return Err(PingError::Socket(std::io::Error::last_os_error()));
         }
@@ -127,7 +133,12 @@ impl Icmp {
                 });
             }
         }
-        let _ = setsockopt(f, libc::SOL_SOCKET, libc::SO_MARK, &(crate::netpin::MIGRATION_MARK as libc::c_int));
+        let _ = setsockopt(
+            f,
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            &(crate::netpin::MIGRATION_MARK as libc::c_int),
+        );
         let sa = |a: Ipv4Addr| libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
@@ -204,7 +215,8 @@ impl Icmp {
                 continue;
             }
             // SAFETY: recv into our buffer of the given length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n <= 0 {
                 continue;
             }

@@ -133,9 +133,28 @@ pub struct VmEntry {
     samples: Mutex<(Option<Sample>, Option<Sample>)>,
     /// "out m-…" or "in m-…" while the VM migrates.
     migration: Mutex<Option<String>>,
+    /// Set when the guest stops running here: pending MAC announcements stop.
+    announce_cancel: Mutex<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl VmEntry {
+    /// A fresh cancel flag for the announcements of a (re)start.
+    fn announce_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        let f = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Ok(mut g) = self.announce_cancel.lock() {
+            g.store(true, std::sync::atomic::Ordering::SeqCst);
+            *g = f.clone();
+        }
+        f
+    }
+
+    /// The guest no longer runs here: stop announcing it.
+    fn stop_announcing(&self) {
+        if let Ok(g) = self.announce_cancel.lock() {
+            g.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     fn migration(&self) -> Option<String> {
         self.migration.lock().ok().and_then(|m| m.clone())
     }
@@ -443,6 +462,10 @@ impl Agent {
 
     /// Announce every NIC of a guest that just started or resumed here.
     pub fn announce(&self, spec: &VmSpec) -> Vec<Announcement> {
+        let cancel = match self.entry(&spec.name) {
+            Ok(e) => e.announce_flag(),
+            Err(_) => Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
         spec.nics
             .iter()
             .map(|n| {
@@ -452,7 +475,7 @@ impl Agent {
                     .get(&n.port_group)
                     .cloned()
                     .unwrap_or_default();
-                let a = crate::announce::announce(&n.mac, &n.port_group, &iface);
+                let a = crate::announce::announce(&n.mac, &n.port_group, &iface, cancel.clone());
                 if let Some(e) = &a.error {
                     tracing::warn!(vm = %spec.name, mac = %n.mac, error = %e, "MAC announcement failed");
                 }
@@ -487,8 +510,16 @@ impl Agent {
                 .map(|(n, _)| n.clone())
                 .collect(),
             migration_enabled: self.config.migration.as_ref().is_some_and(|m| m.enabled),
-            migration_address: self.config.migration.as_ref().map(|m| m.address.to_string()),
-            migration_interface: self.config.migration.as_ref().and_then(|m| m.interface.clone()),
+            migration_address: self
+                .config
+                .migration
+                .as_ref()
+                .map(|m| m.address.to_string()),
+            migration_interface: self
+                .config
+                .migration
+                .as_ref()
+                .and_then(|m| m.interface.clone()),
             room_mib: room,
             vms: self.entries().iter().map(|e| e.name.clone()).collect(),
         }
@@ -515,6 +546,7 @@ impl Agent {
             created: SystemTime::now(),
             samples: Mutex::new((None, None)),
             migration: Mutex::new(None),
+            announce_cancel: Mutex::new(Arc::new(std::sync::atomic::AtomicBool::new(false))),
         });
         let mut m = self
             .vms
@@ -550,9 +582,11 @@ impl Agent {
         let vm = Vm::create(&self.hv, spec)?;
         if start {
             vm.start()?;
-            self.announce(&vm.spec);
         }
         let e = self.insert(vm)?;
+        if start {
+            self.announce(&e.vm().spec);
+        }
         Ok(self.info(&e))
     }
 
@@ -688,6 +722,7 @@ impl Agent {
     pub async fn stop(&self, name: &str) -> Result<VmInfo, AgentError> {
         let e = self.entry(name)?;
         let _op = e.begin().await?;
+        e.stop_announcing();
         let vm = e.vm();
         blocking(move || {
             vm.stop();
@@ -703,6 +738,7 @@ impl Agent {
         if let Ok(mut m) = self.vms.lock() {
             m.remove(name);
         }
+        e.stop_announcing();
         let vm = e.vm();
         blocking(move || {
             vm.stop();
@@ -774,9 +810,11 @@ impl Agent {
                 .await?;
         if !paused {
             vm.resume()?;
-            self.announce(&vm.spec);
         }
         let e = self.insert(vm)?;
+        if !paused {
+            self.announce(&e.vm().spec);
+        }
         Ok(self.info(&e))
     }
 
@@ -1004,6 +1042,7 @@ impl Agent {
                 match source::run(&job) {
                     Ok(summary) => {
                         // The destination runs the guest: this copy goes.
+                        entry.stop_announcing();
                         job.vm.stop();
                         if let Ok(mut m) = agent.vms.lock() {
                             m.remove(&job.vm.spec.name);
@@ -1044,7 +1083,11 @@ pub struct Baseline {
 
 impl Agent {
     fn local_probe(&self, peer: &HostFacts) -> Result<LinkProbe, String> {
-        let m = self.config.migration.as_ref().ok_or("migration is not configured here")?;
+        let m = self
+            .config
+            .migration
+            .as_ref()
+            .ok_or("migration is not configured here")?;
         let std::net::IpAddr::V4(local) = m.address else {
             return Err("the migration address is not IPv4".into());
         };
@@ -1072,7 +1115,9 @@ impl Agent {
                 r.interface.as_deref().unwrap_or("any NIC"),
                 r.received,
                 r.sent,
-                r.rtt_avg_ms.map(|a| format!(", {a:.2} ms average")).unwrap_or_default()
+                r.rtt_avg_ms
+                    .map(|a| format!(", {a:.2} ms average"))
+                    .unwrap_or_default()
             ),
         })
     }
@@ -1088,7 +1133,9 @@ impl Agent {
             .map(|d| {
                 (
                     d.path.clone(),
-                    self.datastores.disk_size(&d.path).unwrap_or(d.size_mib << 20),
+                    self.datastores
+                        .disk_size(&d.path)
+                        .unwrap_or(d.size_mib << 20),
                 )
             })
             .collect();
@@ -1119,7 +1166,8 @@ impl Agent {
         } else {
             Err("migration is not enabled on both hosts".into())
         };
-        let items = crate::checks::evaluate(&req, &local, &pf, probe.as_ref().map_err(Clone::clone));
+        let items =
+            crate::checks::evaluate(&req, &local, &pf, probe.as_ref().map_err(Clone::clone));
         Ok(CheckReport::new(vm, to, items))
     }
 
@@ -1129,7 +1177,9 @@ impl Agent {
             AgentError::Invalid("migration is not configured here: add [migration]".into())
         })?;
         let std::net::IpAddr::V4(local) = m.address else {
-            return Err(AgentError::Invalid("the migration address is not IPv4".into()));
+            return Err(AgentError::Invalid(
+                "the migration address is not IPv4".into(),
+            ));
         };
         let peer = self.peer_addr(to)?;
         let name = self.config.agent.name.clone();
@@ -1138,7 +1188,12 @@ impl Agent {
         })
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))?
-        .map_err(|e| AgentError::Conflict(format!("cannot reach {to}: {}", crate::control::error_chain(&e))))?;
+        .map_err(|e| {
+            AgentError::Conflict(format!(
+                "cannot reach {to}: {}",
+                crate::control::error_chain(&e)
+            ))
+        })?;
         let remote: std::net::Ipv4Addr = pf
             .migration_address
             .as_deref()
@@ -1170,7 +1225,12 @@ impl Agent {
             })
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?
-            .map_err(|e| AgentError::Conflict(format!("cannot ask {p}: {}", crate::control::error_chain(&e))))?;
+            .map_err(|e| {
+                AgentError::Conflict(format!(
+                    "cannot ask {p}: {}",
+                    crate::control::error_chain(&e)
+                ))
+            })?;
             all.push(f);
         }
         let sets: Vec<_> = all.iter().map(|f| cpu::features(&f.cpuid)).collect();

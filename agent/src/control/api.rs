@@ -296,10 +296,7 @@ async fn cancel_migration(
     Ok(Json(a.cancel_migration(&id)?))
 }
 
-async fn ping(
-    State(a): State<Arc<Agent>>,
-    body: Bytes,
-) -> ApiResult<Json<serde_json::Value>> {
+async fn ping(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Json<serde_json::Value>> {
     let req: PingRequest = parse(&body)?;
     let v = if req.throughput.is_some() {
         serde_json::to_value(a.ping_throughput(req).await?)
@@ -320,7 +317,8 @@ async fn check(
     Path(name): Path<String>,
     q: Result<Query<CheckQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<crate::checks::CheckReport>> {
-    let Query(q) = q.map_err(|e| ApiError(400, "invalid", format!("{}: give ?to=PEER", e.body_text())))?;
+    let Query(q) =
+        q.map_err(|e| ApiError(400, "invalid", format!("{}: give ?to=PEER", e.body_text())))?;
     Ok(Json(a.check(&name, &q.to).await?))
 }
 

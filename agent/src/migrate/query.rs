@@ -22,13 +22,14 @@ pub struct Query {
 
 /// Ask the agent at `peer` for its [`HostFacts`].
 pub fn facts(peer: SocketAddr, agent: &str, q: &Query) -> Result<HostFacts, MigrateError> {
-    let ctl = transport::connect_from(None, peer, Duration::from_secs(5), false).map_err(|source| {
-        MigrateError::Connect {
-            what: "the peer agent at",
-            addr: peer.to_string(),
-            source,
-        }
-    })?;
+    let ctl =
+        transport::connect_from(None, peer, Duration::from_secs(5), false).map_err(|source| {
+            MigrateError::Connect {
+                what: "the peer agent at",
+                addr: peer.to_string(),
+                source,
+            }
+        })?;
     let _ = ctl.set_read_timeout(Some(Duration::from_secs(10)));
     let mut w = FrameWriter::new(ctl.try_clone().map_err(protocol::ProtocolError::from)?);
     let mut r = FrameReader::new(BufReader::new(ctl));

@@ -337,7 +337,11 @@ impl Hypervisor {
 
     fn vcpu_cpuid(&self, id: u32, policy: &CpuPolicy) -> Result<CpuId, VmError> {
         let mut hidden = self.host_mask();
-        hidden.extend(policy.hidden().map_err(|e| VmError::Device(e.to_string()))?);
+        hidden.extend(
+            policy
+                .hidden()
+                .map_err(|e| VmError::Device(e.to_string()))?,
+        );
         let mut c = self.cpuid.clone();
         for e in c.as_mut_slice() {
             match e.function {
@@ -379,7 +383,10 @@ pub fn to_entries(e: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<CpuidEntry> {
 impl Vm {
     /// The CPUID the guest sees (its first vCPU's).
     pub fn cpuid(&self) -> Vec<CpuidEntry> {
-        self.guest_cpuid.lock().map(|c| c.clone()).unwrap_or_default()
+        self.guest_cpuid
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
     }
 }
 
