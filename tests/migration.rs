@@ -338,15 +338,15 @@ fn cancel_and_refusals_leave_the_guest_on_the_source() {
     assert_eq!(f.json("a", &["vm", "inspect", "c"])["state"], "running");
     wait_for("b cleaned up", 20, || f.vms("b").is_empty().then_some(()));
 
-    // The name is taken on b: refused, guest stays.
+    // The name is taken on b: refused by the checks before anything moves, guest stays.
     lab.exec("a", &["tc", "qdisc", "del", "dev", "mig0", "root"])
         .unwrap();
     f.json("b", &["vm", "create", "c", "--memory", "64M"]);
-    let rec = f.migrate("a", "c", "b", &[]);
-    assert_eq!(rec["phase"], "failed");
+    let o = f.cli("a", &["migrate", "c", "--to", "b"]);
+    assert_eq!(o.status.code(), Some(1));
     assert!(
-        rec["error"].as_str().unwrap().contains("already exists"),
-        "{rec}"
+        String::from_utf8_lossy(&o.stderr).contains("already has a VM named c"),
+        "{o:?}"
     );
     assert_eq!(f.json("a", &["vm", "inspect", "c"])["state"], "running");
 

@@ -449,6 +449,9 @@ pub struct Vm {
     last_pause_ns: AtomicU64,
     /// The CPUID the guest sees (vCPU 0), for migration checks.
     guest_cpuid: Mutex<Vec<CpuidEntry>>,
+    /// The CPUID Ferry set on each vCPU. Captured state records these rather than what
+    /// KVM_GET_CPUID2 returns: on the lab's paravirtual KVM that returns the host's raw values.
+    set_cpuids: Mutex<Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -491,12 +494,14 @@ impl Vm {
         });
         let mut fds = Vec::new();
         let guest_cpuid = to_entries(hv.vcpu_cpuid(0, &spec.cpu)?.as_slice());
+        let mut set_cpuids = Vec::new();
         for id in 0..spec.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&hv.vcpu_cpuid(id, &spec.cpu)?)
-                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            let c = hv.vcpu_cpuid(id, &spec.cpu)?;
+            fd.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            set_cpuids.push(c.as_slice().to_vec());
             fds.push(fd);
         }
         Ok((
@@ -510,6 +515,7 @@ impl Vm {
                 status: Mutex::new(VmStatus::Created),
                 last_pause_ns: AtomicU64::new(0),
                 guest_cpuid: Mutex::new(guest_cpuid),
+                set_cpuids: Mutex::new(set_cpuids),
             },
             fds,
         ))
@@ -619,6 +625,9 @@ impl Vm {
         if let (Some(v0), Ok(mut c)) = (state.vcpus.first(), self.guest_cpuid.lock()) {
             *c = to_entries(&v0.cpuid);
         }
+        if let Ok(mut s) = self.set_cpuids.lock() {
+            *s = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
+        }
         self.shared.devices.restore(&state.devices);
         Ok(())
     }
@@ -636,6 +645,11 @@ impl Vm {
         let mut vcpus: Vec<VcpuState> = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
             vcpus.push(*v.capture_wait()?);
+        }
+        if let Ok(set) = self.set_cpuids.lock() {
+            for (st, c) in vcpus.iter_mut().zip(set.iter()) {
+                st.cpuid = c.clone();
+            }
         }
         let mut irqchips = Vec::new();
         for chip_id in 0..3 {
@@ -758,11 +772,17 @@ impl Vm {
             let spawned = std::thread::Builder::new()
                 .name(format!("throttle-{}", self.spec.name))
                 .spawn(move || loop {
-                    std::thread::sleep(vcpu::THROTTLE_PERIOD / 2);
-                    let Some(vm) = weak.upgrade() else { return };
-                    if vm.throttle.load(Ordering::SeqCst) == 0 {
+                    // Kick at half the run budget, so a guest that never exits on its own runs
+                    // no longer than its share before its throttle point.
+                    let pct = weak.upgrade().map_or(0, |vm| {
+                        u32::from(vm.throttle.load(Ordering::SeqCst).min(99))
+                    });
+                    if pct == 0 {
                         return;
                     }
+                    let budget = vcpu::THROTTLE_PERIOD * (100 - pct) / 100;
+                    std::thread::sleep((budget / 2).max(std::time::Duration::from_micros(50)));
+                    let Some(vm) = weak.upgrade() else { return };
                     vcpu::kick_all(&vm);
                 });
             if let Err(e) = spawned {
