@@ -4,7 +4,8 @@
 // agent with aya, attached with TCX to every monitored interface of the host).
 //
 // - ferry_egress: counts bytes and packets per interface and class (migration = packets whose
-//   skb->mark is Ferry's mark, set with SO_MARK on every migration socket). A marked packet that
+//   skb->mark is Ferry's mark, set with SO_MARK on every migration socket, or whose IPv4 source
+//   is the host's migration address). A marked packet that
 //   is about to leave through another NIC is redirected to the migration NIC with
 //   bpf_redirect_neigh (pinning), or counted as a leak when that is off or impossible. With
 //   "dedicated", unmarked IPv4 traffic is kept off the migration NIC (dropped and counted).
@@ -111,6 +112,15 @@ int ferry_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	__u32 ifindex = skb->ifindex;
 	int marked = cfg->mark != 0 && skb->mark == cfg->mark;
+	/* Traffic from the migration address is migration traffic too, marked or not (the
+	 * kernel's own replies, e.g. ICMP echo replies to `ferry ping`, carry no mark). */
+	if (!marked && cfg->migration_addr != 0 && skb->protocol == __constant_htons(ETH_P_IP)) {
+		__u32 saddr = 0;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + __builtin_offsetof(struct iphdr, saddr),
+				       &saddr, sizeof(saddr)) == 0 &&
+		    saddr == cfg->migration_addr)
+			marked = 1;
+	}
 	if (marked && ifindex != cfg->migration_ifindex) {
 		if ((cfg->flags & FLAG_PIN) && cfg->migration_ifindex != 0) {
 			event(EV_REDIRECTED, skb->len);
