@@ -782,7 +782,28 @@ impl Lab {
         }
     }
 
+    /// The cluster key both lab agents share (created once per lab, mode 0600).
+    pub fn cluster_key(&self) -> PathBuf {
+        self.root.join("cluster.key")
+    }
+
     fn write_configs(&self) -> Result<()> {
+        let key = self.cluster_key();
+        if !key.exists() {
+            let mut bytes = [0u8; 32];
+            fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                .context("cannot read /dev/urandom for the lab's cluster key")?;
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&key)
+                .with_context(|| format!("cannot create {}", key.display()))?;
+            std::io::Write::write_all(&mut f, hex.as_bytes())?;
+        }
         for h in &self.hosts {
             let peers: Vec<(&str, Ipv4Addr)> = self
                 .hosts
@@ -795,7 +816,7 @@ impl Lab {
                 &self.shared_datastore(),
                 &local_datastore(&self.root, &h.name),
                 &peers,
-            )?;
+            )? + &format!("\n[cluster]\nkey_file = {}\n", toml_path(&key)?);
             fs::write(&h.config, text)
                 .with_context(|| format!("cannot write agent config {}", h.config.display()))?;
         }

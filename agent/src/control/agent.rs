@@ -343,6 +343,8 @@ pub struct Agent {
     /// The eBPF programs on this host's NICs, or why there are none.
     netpin: Result<Arc<NetPin>, String>,
     datastores: Datastores,
+    /// The cluster key peers must prove (and this agent proves to them).
+    key: Option<Arc<mig::session::ClusterKey>>,
 }
 
 /// How many finished migrations `ferry migrations` remembers.
@@ -367,12 +369,14 @@ impl Agent {
         hv: Arc<Hypervisor>,
         netpin: Result<Arc<NetPin>, String>,
         datastores: Datastores,
+        key: Option<Arc<mig::session::ClusterKey>>,
     ) -> Arc<Agent> {
         Arc::new(Agent {
             config,
             hv,
             netpin,
             datastores,
+            key,
             vms: Mutex::new(BTreeMap::new()),
             reserving: Mutex::new(0),
             migrations: Mutex::new(std::collections::VecDeque::new()),
@@ -877,6 +881,14 @@ impl Agent {
         }
     }
 
+    /// This agent's name and cluster key.
+    pub fn identity(&self) -> mig::session::Identity {
+        mig::session::Identity {
+            agent: self.config.agent.name.clone(),
+            key: self.key.clone(),
+        }
+    }
+
     /// Link counters and pinning (`ferry stats`).
     pub fn stats(&self) -> StatsReport {
         match &self.netpin {
@@ -1026,7 +1038,7 @@ impl Agent {
             vm,
             peer,
             local_migration: mig_cfg.address,
-            agent_name: self.config.agent.name.clone(),
+            identity: self.identity(),
             options: req.options,
             link: self.netpin.as_ref().ok().cloned(),
         };
@@ -1147,11 +1159,11 @@ impl Agent {
             port_groups: spec.nics.iter().map(|n| n.port_group.clone()).collect(),
         };
         let peer = self.peer_addr(to)?;
-        let name = self.config.agent.name.clone();
+        let me = self.identity();
         let query = mig::query::Query {
             disks: spec.disks.iter().map(|d| d.path.clone()).collect(),
         };
-        let pf = tokio::task::spawn_blocking(move || mig::query::facts(peer, &name, &query))
+        let pf = tokio::task::spawn_blocking(move || mig::query::facts(peer, &me, &query))
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?
             .map_err(|e| {
@@ -1182,9 +1194,9 @@ impl Agent {
             ));
         };
         let peer = self.peer_addr(to)?;
-        let name = self.config.agent.name.clone();
+        let me = self.identity();
         let pf = tokio::task::spawn_blocking(move || {
-            mig::query::facts(peer, &name, &mig::query::Query::default())
+            mig::query::facts(peer, &me, &mig::query::Query::default())
         })
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))?
@@ -1219,9 +1231,9 @@ impl Agent {
         let mut all = vec![self.host_facts(&[])];
         for p in peers {
             let addr = self.peer_addr(&p)?;
-            let name = self.config.agent.name.clone();
+            let me = self.identity();
             let f = tokio::task::spawn_blocking(move || {
-                mig::query::facts(addr, &name, &mig::query::Query::default())
+                mig::query::facts(addr, &me, &mig::query::Query::default())
             })
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?
@@ -1273,9 +1285,9 @@ impl Agent {
         throughput.validate().map_err(AgentError::Invalid)?;
         let local = self.migration_addr().map_err(AgentError::Invalid)?;
         let peer = self.peer_addr(&req.to)?;
-        let name = self.config.agent.name.clone();
+        let me = self.identity();
         blocking(move || {
-            mig::blast::run(peer, local, &name, &throughput).map_err(|e| match e {
+            mig::blast::run(peer, local, &me, &throughput).map_err(|e| match e {
                 mig::MigrateError::Config(m) => AgentError::Invalid(m),
                 other => AgentError::Conflict(format!(
                     "the throughput probe failed: {}",
@@ -1290,6 +1302,10 @@ impl Agent {
 impl Host for Agent {
     fn name(&self) -> String {
         self.config.agent.name.clone()
+    }
+
+    fn identity(&self) -> mig::session::Identity {
+        Agent::identity(self)
     }
 
     fn migration_addr(&self) -> Result<std::net::IpAddr, String> {

@@ -35,6 +35,9 @@
 //!
 //! [cpu]
 //! mask = ["avx512f"]                      # features this host does not offer its guests
+//!
+//! [cluster]
+//! key_file = "/etc/ferry/cluster.key"     # shared secret of the cluster (>= 32 bytes, 0600)
 //! ```
 //!
 //! Unknown keys are refused (a typo must not silently fall back to a default), and every error
@@ -192,6 +195,19 @@ pub struct Config {
     pub peers: BTreeMap<String, String>,
     #[serde(default)]
     pub cpu: CpuSection,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+}
+
+/// `[cluster]`: how agents trust each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// The cluster key (a file of at least 32 bytes, mode 0600) every agent of the cluster
+    /// holds: peers prove it to each other before anything is accepted. Without it peers are
+    /// not authenticated (a warning at start).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[cpu]`: what this host offers guests.

@@ -18,6 +18,8 @@ pub enum DaemonError {
     Kvm(#[from] VmError),
     #[error(transparent)]
     Datastore(#[from] crate::checks::datastore::DatastoreError),
+    #[error(transparent)]
+    Key(#[from] crate::migrate::session::KeyError),
     #[error("another agent is already serving {0}; stop it first (or use another [agent] socket)")]
     AlreadyRunning(PathBuf),
     #[error("{what} {path}: {source}")]
@@ -130,9 +132,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .collect();
     hv.set_host_mask(mask);
     let datastores = crate::checks::datastore::Datastores::open(&config.datastores)?;
+    let key = match &config.cluster.key_file {
+        Some(p) => Some(Arc::new(crate::migrate::session::ClusterKey::load(p)?)),
+        None => {
+            if config.management.is_some() {
+                tracing::warn!("no [cluster] key_file: peer agents are not authenticated; anyone who can reach the management address can send or take guests");
+            }
+            None
+        }
+    };
     let socket = config.agent.socket.clone();
     let netpin = start_netpin(&config);
-    let agent = Agent::new(config, hv.clone(), netpin, datastores);
+    let agent = Agent::new(config, hv.clone(), netpin, datastores, key);
 
     if let Some(m) = &agent.config.management {
         let addr = std::net::SocketAddr::new(m.address, m.port);

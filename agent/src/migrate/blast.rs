@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::protocol::{
-    self, Abort, Command, FrameReader, FrameWriter, Hello, HelloAck, Ready, StreamHello,
-};
+use super::protocol::{self, Abort, Command, FrameReader, FrameWriter, Ready, StreamHello};
 use super::MigrateError;
 use crate::transport::tcp as transport;
 use crate::transport::uring::{thread_cpu_time, FrameSink, SendMode, SendStats, UringReader};
@@ -239,32 +237,15 @@ fn send_stream(
 pub fn run(
     peer: SocketAddr,
     local_migration: IpAddr,
-    agent: &str,
+    me: &super::session::Identity,
     req: &BlastRequest,
 ) -> Result<BlastResult, MigrateError> {
     req.validate().map_err(MigrateError::Config)?;
-    let ctl =
-        transport::connect_from(None, peer, Duration::from_secs(5), false).map_err(|source| {
-            MigrateError::Connect {
-                what: "the peer agent at",
-                addr: peer.to_string(),
-                source,
-            }
-        })?;
-    let _ = ctl.set_read_timeout(Some(Duration::from_secs(30 + req.secs as u64)));
-    let mut cw = FrameWriter::new(ctl.try_clone().map_err(protocol::ProtocolError::from)?);
-    let mut cr = FrameReader::new(BufReader::new(
-        ctl.try_clone().map_err(protocol::ProtocolError::from)?,
-    ));
-    cw.send_msg(
-        Command::Hello,
-        &Hello {
-            min_version: protocol::MIN_VERSION,
-            max_version: protocol::VERSION,
-            agent: agent.into(),
-        },
-    )?;
-    let _: HelloAck = cr.read_frame()?.msg(Command::HelloAck)?;
+    let super::session::Session {
+        w: mut cw,
+        r: mut cr,
+        ..
+    } = super::session::connect(peer, me, Duration::from_secs(30 + req.secs as u64))?;
     cw.send_msg(Command::Blast, req)?;
     let ready: Ready = match cr.read_frame()?.msg(Command::Ready) {
         Err(protocol::ProtocolError::Aborted(r)) => return Err(MigrateError::Refused(r)),

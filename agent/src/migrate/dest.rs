@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use super::codec::{self, PAGE};
 use super::protocol::{
-    self, Abort, Command, Complete, FrameReader, FrameWriter, Hello, HelloAck, Observed, Prepared,
-    Ready, Resumed, RoundEnd, Setup, StreamHello,
+    self, Abort, Command, Complete, FrameReader, FrameWriter, Observed, Prepared, Ready, Resumed,
+    RoundEnd, Setup, StreamHello,
 };
 use super::{EncodingStats, MigrateError, MigrationHandle, Phase, Summary};
 use crate::transport::tcp as transport;
@@ -33,6 +33,8 @@ const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
 pub trait Host: Send + Sync {
     /// This agent's name.
     fn name(&self) -> String;
+    /// This agent's name and cluster key, for sessions.
+    fn identity(&self) -> super::session::Identity;
     /// This host's migration address, if migration is enabled here.
     fn migration_addr(&self) -> Result<IpAddr, String>;
     /// Create and register an empty VM for an incoming migration (refusing a taken name or a
@@ -98,33 +100,7 @@ fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateErr
     let mut cr = FrameReader::new(BufReader::new(
         conn.try_clone().map_err(protocol::ProtocolError::from)?,
     ));
-    let hello: Hello = cr.read_frame()?.msg(Command::Hello)?;
-    let Some(version) = protocol::negotiate(
-        (hello.min_version, hello.max_version),
-        (protocol::MIN_VERSION, protocol::VERSION),
-    ) else {
-        let reason = format!(
-            "no common protocol version: the source speaks {}..={}, this agent {}..={}",
-            hello.min_version,
-            hello.max_version,
-            protocol::MIN_VERSION,
-            protocol::VERSION
-        );
-        let _ = cw.send_msg(
-            Command::Abort,
-            &Abort {
-                reason: reason.clone(),
-            },
-        );
-        return Err(MigrateError::Refused(reason));
-    };
-    cw.send_msg(
-        Command::HelloAck,
-        &HelloAck {
-            version,
-            agent: host.name(),
-        },
-    )?;
+    let (hello, _version) = super::session::accept(&mut cw, &mut cr, &host.identity())?;
     let first = cr.read_frame()?;
     if first.command == Command::Query {
         let q: super::query::Query = first.msg(Command::Query)?;

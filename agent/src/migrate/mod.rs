@@ -21,6 +21,7 @@ pub mod converge;
 pub mod dest;
 pub mod protocol;
 pub mod query;
+pub mod session;
 pub mod source;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,6 +72,8 @@ pub enum MigrateError {
     },
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    #[error("authentication: {0}")]
+    Auth(String),
     #[error("{0}")]
     Other(String),
 }

@@ -10,8 +10,9 @@
 //!
 //! ```text
 //! source                                   destination
-//!   │── control: Hello {versions} ──────────▶│
-//!   │◀──────────────── HelloAck {version} ───│  (highest version both speak)
+//!   │── control: Hello {versions, nonce} ───▶│
+//!   │◀── HelloAck {version, nonce, proof} ───│  (highest version both speak; session.rs)
+//!   │── Auth {proof} ───────────────────────▶│  (mutual HMAC-SHA256 with the cluster key)
 //!   │── Setup {id, spec, regions, streams} ─▶│  creates an empty VM, listens on its migration addr
 //!   │◀───────────── Ready {data addr, token} ─│  (or Abort {reason}: no room, name taken, ...)
 //!   │══ data i: StreamHello {id, i, token} ══▶│  × N
@@ -130,6 +131,8 @@ pub enum Command {
     Query = 19,
     /// Peer → source: its host facts.
     Facts = 20,
+    /// Client → server: proof of the cluster key (see `session.rs`).
+    Auth = 21,
 }
 
 impl Command {
@@ -156,6 +159,7 @@ impl Command {
             18 => BlastDone,
             19 => Query,
             20 => Facts,
+            21 => Auth,
             _ => return None,
         })
     }
@@ -517,12 +521,18 @@ pub struct Hello {
     pub max_version: u16,
     /// The sending agent's name.
     pub agent: String,
+    /// 32 random bytes (hex) for the authentication (see `session.rs`).
+    pub nonce: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HelloAck {
     pub version: u16,
     pub agent: String,
+    /// The server's nonce (hex).
+    pub nonce: String,
+    /// The server's proof that it holds the cluster key; None when it has none.
+    pub proof: Option<String>,
 }
 
 /// Pick the version both sides speak, if any.

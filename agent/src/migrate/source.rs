@@ -21,8 +21,8 @@ use super::codec::{Adaptive, DeltaCache, Encoder, PAGE};
 use super::converge::{self, Decision, RoundStats};
 use super::protocol::RECORD_LEN;
 use super::protocol::{
-    self, Abort, Command, Complete, FrameReader, FrameWriter, Hello, HelloAck, Observed, Prepared,
-    Ready, Resumed, RoundEnd, Setup, StreamHello,
+    self, Abort, Command, Complete, FrameReader, FrameWriter, Observed, Prepared, Ready, Resumed,
+    RoundEnd, Setup, StreamHello,
 };
 use super::{
     stream_of, EncodingStats, MigrateError, MigrateOptions, MigrationHandle, Phase, Summary,
@@ -50,7 +50,8 @@ pub struct SourceJob {
     pub peer: SocketAddr,
     /// This host's migration address (data connections leave from it).
     pub local_migration: IpAddr,
-    pub agent_name: String,
+    /// This agent's name and cluster key.
+    pub identity: super::session::Identity,
     pub options: MigrateOptions,
     /// The eBPF link counters, for utilization in progress and summary.
     pub link: Option<Arc<crate::netpin::NetPin>>,
@@ -502,20 +503,15 @@ pub fn run(job: &SourceJob) -> Result<Summary, Failure> {
         error,
         after_commit: false,
     };
-    let ctl = transport::connect_from(None, job.peer, Duration::from_secs(5), false).map_err(
-        |source| {
-            before(MigrateError::Connect {
-                what: "the peer agent at",
-                addr: job.peer.to_string(),
-                source,
-            })
-        },
-    )?;
-    let _ = ctl.set_nodelay(true);
-    let _ = ctl.set_read_timeout(Some(CONTROL_TIMEOUT));
-    let io = |e: std::io::Error| before(MigrateError::Protocol(e.into()));
-    let mut cw = FrameWriter::new(ctl.try_clone().map_err(io)?);
-    let mut cr = FrameReader::new(BufReader::new(ctl.try_clone().map_err(io)?));
+    let session =
+        super::session::connect(job.peer, &job.identity, CONTROL_TIMEOUT).map_err(before)?;
+    tracing::debug!(peer = %session.peer_agent, version = session.version, "session open");
+    let super::session::Session {
+        w: mut cw,
+        r: mut cr,
+        conn: ctl,
+        ..
+    } = session;
 
     let mut paused_here = false;
     let vm = &job.vm;
@@ -604,16 +600,6 @@ fn precopy_and_prepare(
     let vm = &job.vm;
     let mem = vm.memory().clone();
     let n = job.options.stream_count();
-    cw.send_msg(
-        Command::Hello,
-        &Hello {
-            min_version: protocol::MIN_VERSION,
-            max_version: protocol::VERSION,
-            agent: job.agent_name.clone(),
-        },
-    )?;
-    let ack: HelloAck = cr.read_frame()?.msg(Command::HelloAck)?;
-    tracing::debug!(peer = %ack.agent, version = ack.version, "peer speaks the protocol");
     cw.send_msg(
         Command::Setup,
         &Setup {

@@ -1,0 +1,222 @@
+//! Peers authenticate each other: no key, a wrong key, a replayed proof and a data connection
+//! without the session's token get nothing and change nothing.
+
+use std::io::BufReader;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::migrate::protocol::{self, Command, FrameReader, FrameWriter, Hello, HelloAck};
+use ferry::migrate::session::{self, Auth, ClusterKey, Identity};
+use ferry_tests::{ferry_bin, require, LabFerry, Need};
+use xtask::lab::{Lab, LabOptions};
+
+fn lab(test: &str) -> Option<Lab> {
+    if !require(test, &[Need::Root, Need::Kvm, Need::Netns]) {
+        return None;
+    }
+    Some(Lab::up(LabOptions::for_test(test).with_ferry_bin(ferry_bin())).expect("lab up"))
+}
+
+/// Run `f` on a thread inside network namespace `netns`.
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).expect("open netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this thread only, with a namespace fd we hold open.
+        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+const B: &str = "198.18.0.2:7720";
+
+fn raw_hello(
+    agent: &str,
+    nonce: &str,
+) -> (
+    FrameWriter<TcpStream>,
+    FrameReader<BufReader<TcpStream>>,
+    HelloAck,
+) {
+    let c = TcpStream::connect_timeout(&B.parse::<SocketAddr>().unwrap(), Duration::from_secs(5))
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = FrameWriter::new(c.try_clone().unwrap());
+    let mut r = FrameReader::new(BufReader::new(c));
+    w.send_msg(
+        Command::Hello,
+        &Hello {
+            min_version: protocol::MIN_VERSION,
+            max_version: protocol::VERSION,
+            agent: agent.into(),
+            nonce: nonce.into(),
+        },
+    )
+    .unwrap();
+    let ack: HelloAck = r.read_frame().unwrap().msg(Command::HelloAck).unwrap();
+    (w, r, ack)
+}
+
+/// After a refused attempt: the server answers Abort or hangs up, never a Facts/Ready.
+fn refused(r: &mut FrameReader<BufReader<TcpStream>>) {
+    match r.read_frame() {
+        Ok(f) => assert_eq!(
+            f.command,
+            Command::Abort,
+            "the server answered {:?}",
+            f.command
+        ),
+        Err(_) => {}
+    }
+}
+
+#[test]
+fn unauthenticated_wrong_key_and_replayed_peers_get_nothing() {
+    let Some(lab) = lab("auth") else { return };
+    let key = std::fs::read(lab.cluster_key()).unwrap();
+    let ns = lab.host("a").unwrap().netns.clone();
+    let right = ClusterKey::from_bytes(key.trim_ascii());
+    let wrong = ClusterKey::from_bytes(&[0x42u8; 32]);
+    let r2 = right.clone();
+    in_netns(&ns, move || {
+        // The right key works: the server proves itself and answers a Query.
+        let me = Identity {
+            agent: "tester".into(),
+            key: Some(Arc::new(r2.clone())),
+        };
+        let mut s =
+            session::connect(B.parse().unwrap(), &me, Duration::from_secs(5)).expect("session");
+        s.w.send_msg(Command::Query, &ferry::migrate::query::Query::default())
+            .unwrap();
+        s.r.read_frame().unwrap().expect(Command::Facts).unwrap();
+
+        // A client with a wrong key refuses the server (its proof does not verify)...
+        let bad = Identity {
+            agent: "tester".into(),
+            key: Some(Arc::new(wrong.clone())),
+        };
+        let e = session::connect(B.parse().unwrap(), &bad, Duration::from_secs(5))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("cluster key"), "{e}");
+        // ...and a client without a key is told the server requires one.
+        let none = Identity {
+            agent: "tester".into(),
+            key: None,
+        };
+        let e = session::connect(B.parse().unwrap(), &none, Duration::from_secs(5))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("requires the cluster key"), "{e}");
+
+        // A client that skips Auth and asks straight away gets nothing.
+        let (mut w, mut r, ack) = raw_hello("intruder", &session::nonce());
+        assert!(ack.proof.is_some());
+        w.send_msg(Command::Query, &ferry::migrate::query::Query::default())
+            .unwrap();
+        refused(&mut r);
+
+        // A wrong proof gets nothing.
+        let nc = session::nonce();
+        let (mut w, mut r, ack) = raw_hello("intruder", &nc);
+        let proof = wrong.proof("ferry-client", &ack.nonce, &nc, "intruder");
+        w.send_msg(Command::Auth, &Auth { proof }).unwrap();
+        w.send_msg(Command::Query, &ferry::migrate::query::Query::default())
+            .unwrap();
+        refused(&mut r);
+
+        // A replayed proof (valid for an earlier session with the same client nonce) gets nothing.
+        let nc = session::nonce();
+        let (mut w, mut r, ack) = raw_hello("tester", &nc);
+        let proof = right.proof("ferry-client", &ack.nonce, &nc, "tester");
+        w.send_msg(
+            Command::Auth,
+            &Auth {
+                proof: proof.clone(),
+            },
+        )
+        .unwrap();
+        w.send_msg(Command::Query, &ferry::migrate::query::Query::default())
+            .unwrap();
+        r.read_frame().unwrap().expect(Command::Facts).unwrap();
+        let (mut w, mut r, _ack2) = raw_hello("tester", &nc);
+        w.send_msg(Command::Auth, &Auth { proof }).unwrap();
+        w.send_msg(Command::Query, &ferry::migrate::query::Query::default())
+            .unwrap();
+        refused(&mut r);
+
+        // A data connection without the session's token is refused: a probe's stream with a
+        // made-up token makes the probe fail on the server.
+        let mut s =
+            session::connect(B.parse().unwrap(), &me, Duration::from_secs(5)).expect("session");
+        s.w.send_msg(
+            Command::Blast,
+            &ferry::migrate::blast::BlastRequest {
+                streams: 1,
+                secs: 1.0,
+                bytes: 0,
+                mode: ferry::migrate::blast::BlastMode::Tcp,
+            },
+        )
+        .unwrap();
+        let ready: protocol::Ready = s.r.read_frame().unwrap().msg(Command::Ready).unwrap();
+        let d = TcpStream::connect(ready.data_addr.as_str()).unwrap();
+        let mut dw = FrameWriter::new(d);
+        dw.send_msg(
+            Command::StreamHello,
+            &protocol::StreamHello {
+                migration_id: "blast".into(),
+                index: 0,
+                token: "0123456789abcdef".into(),
+            },
+        )
+        .unwrap();
+        // The server gives up on the probe: no BlastDone ever comes.
+        refused(&mut s.r);
+    });
+    // Nothing was created on b by any of this.
+    let f = LabFerry { lab: &lab };
+    assert!(f.vms("b").is_empty());
+    assert!(f.json("b", &["migrations"]).as_array().unwrap().is_empty());
+    // The agents themselves still migrate with the key.
+    f.json("a", &["vm", "create", "v", "--memory", "64M", "--start"]);
+    let rec = f.migrate("a", "v", "b", &[]);
+    assert_eq!(rec["phase"], "completed", "{rec}");
+    // The local API socket is for root (and its group) only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&lab.host("a").unwrap().socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o007, 0, "socket mode {mode:o}");
+    lab.down().unwrap();
+}
+
+#[test]
+fn agents_without_the_key_cannot_migrate_to_a_keyed_peer() {
+    let Some(mut lab) = lab("auth-nokey") else {
+        return;
+    };
+    let path = lab.host("a").unwrap().config.clone();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cut = text.find("\n[cluster]").unwrap();
+    std::fs::write(&path, &text[..cut]).unwrap();
+    lab.stop_agent("a").unwrap();
+    lab.start_agent("a").unwrap();
+    let f = LabFerry { lab: &lab };
+    f.json("a", &["vm", "create", "v", "--memory", "64M", "--start"]);
+    let o = f.cli("a", &["migrate", "v", "--to", "b"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("requires the cluster key"),
+        "{o:?}"
+    );
+    assert!(f.vms("b").is_empty());
+    assert_eq!(f.json("a", &["vm", "inspect", "v"])["state"], "running");
+    lab.down().unwrap();
+}
