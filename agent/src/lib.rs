@@ -14,6 +14,7 @@ pub mod announce;
 pub mod checks;
 pub mod cli;
 pub mod control;
+pub mod faults;
 pub mod migrate;
 pub mod netpin;
 pub mod transport;

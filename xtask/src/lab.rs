@@ -816,7 +816,11 @@ impl Lab {
                 &self.shared_datastore(),
                 &local_datastore(&self.root, &h.name),
                 &peers,
-            )? + &format!("\n[cluster]\nkey_file = {}\n", toml_path(&key)?);
+            )? + &format!(
+                "\n[cluster]\nkey_file = {}\nownership_datastore = \"shared\"\n\n\
+                 # The lab is a test bench: it accepts fault injection.\n[debug]\nfaults = true\n",
+                toml_path(&key)?
+            );
             fs::write(&h.config, text)
                 .with_context(|| format!("cannot write agent config {}", h.config.display()))?;
         }

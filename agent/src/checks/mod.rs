@@ -33,7 +33,11 @@ pub struct HostFacts {
     pub migration_interface: Option<String>,
     /// Memory this host can still give a guest, MiB.
     pub room_mib: u64,
+    /// Every VM here, incoming ones included.
     pub vms: Vec<String>,
+    /// The VMs whose vCPUs run here.
+    #[serde(default)]
+    pub running: Vec<String>,
 }
 
 /// What the VM needs from a destination.
@@ -331,6 +335,7 @@ mod tests {
             datastores: [("shared".to_string(), "id1".to_string())].into(),
             disks: [("[shared] v/d.img".to_string(), Some(1024))].into(),
             port_groups: vec!["vm-net".into()],
+            running: Vec::new(),
             migration_enabled: true,
             migration_address: Some("198.18.1.2".into()),
             migration_interface: Some("mig0".into()),
@@ -389,6 +394,15 @@ mod tests {
                 "Datastore"
             ),
             Outcome::Failure
+        );
+
+        let mut b = facts("b");
+        b.vms.push("v".into());
+        let i = evaluate(&req(), &facts("a"), &b, Ok(&ok_link()));
+        assert!(
+            i.iter()
+                .any(|x| x.result == Outcome::Failure
+                    && x.detail.contains("already has a VM named v"))
         );
 
         let mut b = facts("b");

@@ -16,6 +16,7 @@ use crate::announce::Announcement;
 use crate::checks::datastore::Datastores;
 use crate::checks::{CheckReport, HostFacts, LinkProbe, Requirements};
 use crate::migrate::dest::Host;
+use crate::migrate::ownership::Ownership;
 use crate::migrate::source::{self, SourceJob};
 use crate::migrate::{self as mig, MigrateOptions, MigrationHandle, MigrationRecord};
 use crate::netpin::{NetPin, StatsReport};
@@ -345,6 +346,8 @@ pub struct Agent {
     datastores: Datastores,
     /// The cluster key peers must prove (and this agent proves to them).
     key: Option<Arc<mig::session::ClusterKey>>,
+    /// Guest ownership records on the shared datastore (`[cluster] ownership_datastore`).
+    ownership: Option<Ownership>,
 }
 
 /// How many finished migrations `ferry migrations` remembers.
@@ -371,7 +374,22 @@ impl Agent {
         datastores: Datastores,
         key: Option<Arc<mig::session::ClusterKey>>,
     ) -> Arc<Agent> {
+        let ownership = config
+            .cluster
+            .ownership_datastore
+            .as_ref()
+            .and_then(|d| config.datastores.get(d))
+            .map(|dir| Ownership::new(dir.clone()));
+        if let Some(o) = &ownership {
+            // Guests this host owns that do not run here were lost when the agent stopped.
+            for r in o.all() {
+                if r.owned_by(&config.agent.name) {
+                    tracing::warn!(vm = %r.vm, generation = r.generation, "this host owns a guest that is not running here (lost when the agent stopped); `ferry destroy` releases it");
+                }
+            }
+        }
         Arc::new(Agent {
+            ownership,
             config,
             hv,
             netpin,
@@ -526,6 +544,12 @@ impl Agent {
                 .and_then(|m| m.interface.clone()),
             room_mib: room,
             vms: self.entries().iter().map(|e| e.name.clone()).collect(),
+            running: self
+                .entries()
+                .iter()
+                .filter(|e| e.vm().status() == VmStatus::Running)
+                .map(|e| e.name.clone())
+                .collect(),
         }
     }
 
@@ -584,6 +608,7 @@ impl Agent {
         }
         let _r = self.reserve(spec.memory_mib)?;
         let vm = Vm::create(&self.hv, spec)?;
+        self.adopt(&vm.spec.name)?;
         if start {
             vm.start()?;
         }
@@ -703,7 +728,10 @@ impl Agent {
                 vm.start()?;
                 self.announce(&vm.spec);
             }
-            _ => vm.start()?,
+            _ => {
+                self.may_run(name).await?;
+                vm.start()?
+            }
         }
         Ok(self.info(&e))
     }
@@ -719,8 +747,87 @@ impl Agent {
     pub async fn resume(&self, name: &str) -> Result<VmInfo, AgentError> {
         let e = self.entry(name)?;
         let _op = e.begin().await?;
+        self.may_run(name).await?;
         e.vm().resume()?;
         Ok(self.info(&e))
+    }
+
+    fn me(&self) -> &str {
+        &self.config.agent.name
+    }
+
+    /// A new guest here: its ownership record names this host (refused if another owns it).
+    fn adopt(&self, name: &str) -> Result<(), AgentError> {
+        let Some(o) = &self.ownership else {
+            return Ok(());
+        };
+        o.adopt(name, self.me()).map(|_| ()).map_err(|e| {
+            AgentError::Conflict(format!(
+                "{e}: a guest name is unique in the cluster; destroy it there or choose another name"
+            ))
+        })
+    }
+
+    /// Refuse to run a guest whose ownership record names another host, unless that host
+    /// answers and does not have it (then ownership comes back here).
+    async fn may_run(&self, name: &str) -> Result<(), AgentError> {
+        let Some(o) = self.ownership.clone() else {
+            return Ok(());
+        };
+        let me = self.me().to_string();
+        let rec = match o.current(name) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                o.adopt(name, &me)
+                    .map_err(|e| AgentError::Conflict(e.to_string()))?;
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(AgentError::Conflict(format!(
+                    "{e}: cannot tell who owns {name}, so it stays as it is"
+                )))
+            }
+        };
+        let Some(owner) = rec.owner.clone().filter(|o| *o != me) else {
+            if rec.owner.is_none() {
+                o.adopt(name, &me)
+                    .map_err(|e| AgentError::Conflict(e.to_string()))?;
+            }
+            return Ok(());
+        };
+        let refuse = |why: String| {
+            AgentError::Conflict(format!(
+                "{name} belongs to {owner} since generation {} ({}): this copy must not run ({why})",
+                rec.generation, rec.reason
+            ))
+        };
+        let peer = self.peer_addr(&owner).map_err(|e| refuse(e.to_string()))?;
+        let ident = self.identity();
+        let facts = tokio::task::spawn_blocking(move || {
+            mig::query::facts(peer, &ident, &mig::query::Query::default())
+        })
+        .await
+        .map_err(|e| AgentError::Internal(e.to_string()))?
+        .map_err(|e| {
+            refuse(format!(
+                "{owner} does not answer: {}",
+                crate::control::error_chain(&e)
+            ))
+        })?;
+        if facts.vms.iter().any(|v| v == name) {
+            return Err(refuse(format!("{owner} has it")));
+        }
+        o.claim(
+            name,
+            Some(&owner),
+            rec.generation,
+            Some(&me),
+            None,
+            "reclaimed",
+        )
+        .map_err(|e| refuse(e.to_string()))?;
+        tracing::warn!(vm = name, from = %owner, "reclaimed a guest its owner no longer has");
+        Ok(())
     }
 
     pub async fn stop(&self, name: &str) -> Result<VmInfo, AgentError> {
@@ -737,7 +844,24 @@ impl Agent {
     }
 
     pub async fn destroy(&self, name: &str) -> Result<(), AgentError> {
-        let e = self.entry(name)?;
+        let e = match self.entry(name) {
+            Ok(e) => e,
+            Err(AgentError::NotFound(n)) => {
+                // A guest this host owns but lost (agent restart): release its record.
+                if let Some(o) = &self.ownership {
+                    if let Ok(Some(r)) = o.current(name) {
+                        if r.owned_by(self.me()) {
+                            o.release(name, self.me())
+                                .map_err(|e| AgentError::Internal(e.to_string()))?;
+                            tracing::info!(vm = name, "released the ownership of a lost guest");
+                            return Ok(());
+                        }
+                    }
+                }
+                return Err(AgentError::NotFound(n));
+            }
+            Err(e) => return Err(e),
+        };
         let _op = e.begin().await?;
         if let Ok(mut m) = self.vms.lock() {
             m.remove(name);
@@ -749,6 +873,11 @@ impl Agent {
             Ok(())
         })
         .await?;
+        if let Some(o) = &self.ownership {
+            if let Err(err) = o.release(name, self.me()) {
+                tracing::warn!(vm = name, error = %err, "could not release the ownership record");
+            }
+        }
         tracing::info!(vm = name, "vm destroyed");
         Ok(())
     }
@@ -812,6 +941,7 @@ impl Agent {
         let vm =
             blocking(move || snapshot::restore(&hv, &dir, Some(&name)).map_err(AgentError::from))
                 .await?;
+        self.adopt(&vm.spec.name)?;
         if !paused {
             vm.resume()?;
         }
@@ -1041,6 +1171,7 @@ impl Agent {
             identity: self.identity(),
             options: req.options,
             link: self.netpin.as_ref().ok().cloned(),
+            ownership: self.ownership.clone(),
         };
         tracing::info!(vm = %req.vm, id = %handle.id, to = %req.to, peer = %peer, "migration starting");
         let agent = self.clone();
@@ -1048,7 +1179,8 @@ impl Agent {
         let spawned = std::thread::Builder::new()
             .name(format!("mig-{}", handle.id))
             .spawn(move || {
-                let span = tracing::info_span!("migration", id = %job.handle.id, vm = %job.vm.spec.name);
+                let span =
+                    tracing::info_span!("migration", id = %job.handle.id, vm = %job.vm.spec.name);
                 let _s = span.enter();
                 let _guard = guard;
                 match source::run(&job) {
@@ -1061,11 +1193,28 @@ impl Agent {
                         }
                         job.handle.complete(summary);
                     }
-                    Err(f) => {
-                        if f.after_commit {
-                            tracing::error!(error = %crate::control::error_chain(&f.error), "no answer after the commit: this copy stays paused; the destination may own the guest");
+                    Err(f) if f.guest_on == mig::GuestOn::Destination => {
+                        // Contact was lost after the commit, but the guest runs there.
+                        entry.stop_announcing();
+                        job.vm.stop();
+                        if let Ok(mut m) = agent.vms.lock() {
+                            m.remove(&job.vm.spec.name);
                         }
+                        job.handle.complete(f.summary.unwrap_or_default());
+                        job.handle.resolved(
+                            mig::GuestOn::Destination,
+                            format!(
+                                "{}; {}",
+                                crate::control::error_chain(&f.error),
+                                f.note.unwrap_or_default()
+                            ),
+                        );
+                    }
+                    Err(f) => {
                         job.handle.fail(&f.error);
+                        if let Some(note) = f.note {
+                            job.handle.resolved(f.guest_on, note);
+                        }
                         entry.set_migration(None);
                     }
                 }
@@ -1330,6 +1479,12 @@ impl Host for Agent {
     ) -> Result<Arc<Vm>, String> {
         self.check_new_name(&spec.name).map_err(|e| e.to_string())?;
         let _r = self.reserve(spec.memory_mib).map_err(|e| e.to_string())?;
+        if crate::faults::hit("dest:create").as_deref() == Some("fail") {
+            return Err(format!(
+                "cannot allocate {} MiB of guest memory: out of memory (injected fault)",
+                spec.memory_mib
+            ));
+        }
         let vm = Vm::create_empty(&self.hv, spec.clone(), regions).map_err(|e| e.to_string())?;
         let e = self.insert(vm).map_err(|e| e.to_string())?;
         e.set_migration(Some(format!("in {}", handle.id)));
@@ -1364,6 +1519,67 @@ impl Host for Agent {
 
     fn announce(&self, spec: &VmSpec) -> Vec<Announcement> {
         Agent::announce(self, spec)
+    }
+
+    fn claim(
+        &self,
+        vm: &str,
+        from: &str,
+        generation: Option<u64>,
+        migration: &str,
+    ) -> Result<(), String> {
+        let Some(o) = &self.ownership else {
+            return Ok(());
+        };
+        let g = match generation {
+            Some(g) => g,
+            // The source keeps no records (configurations differ): take it from the source.
+            None => match o.current(vm).map_err(|e| e.to_string())? {
+                Some(r) if r.owned_by(from) => r.generation,
+                Some(r) => {
+                    return Err(format!(
+                        "the record names {} (generation {}), not {from}",
+                        r.owner_name(),
+                        r.generation
+                    ))
+                }
+                None => 0,
+            },
+        };
+        let expect = if generation.is_none() && g == 0 {
+            None
+        } else {
+            Some(from)
+        };
+        let r = o
+            .claim(vm, expect, g, Some(self.me()), Some(migration), "migrated")
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            vm,
+            generation = r.generation,
+            "ownership taken over at the commit point"
+        );
+        Ok(())
+    }
+
+    fn give_back(&self, vm: &str, to: &str, migration: &str) {
+        let Some(o) = &self.ownership else { return };
+        let res = o.current(vm).and_then(|cur| match cur {
+            Some(r) if r.owned_by(self.me()) => o
+                .claim(
+                    vm,
+                    Some(self.me()),
+                    r.generation,
+                    Some(to),
+                    Some(migration),
+                    "returned",
+                )
+                .map(|_| ()),
+            _ => Ok(()),
+        });
+        if let Err(e) = res {
+            tracing::error!(vm, error = %e, "could not hand ownership back to the source");
+        }
     }
 }
 

@@ -20,6 +20,7 @@
 //! | GET | `/v1/stats` | | link counters, rates and pinning (eBPF) |
 //! | GET | `/v1/vms/{name}/check?to=PEER` | | pre-migration checks ([`crate::checks::CheckReport`]) |
 //! | POST | `/v1/cpu/baseline` | `{"peers": ["b"]}` | CPU features common to this host and the peers |
+//! | GET, POST, DELETE | `/v1/debug/faults` | POST: `{"point": "dest:round:1", "action": "kill"}` | armed faults (only with `[debug] faults = true`; see [`crate::faults`]) |
 //! | POST | `/v1/ping` | `{"to": "b"}` (ICMP over the migration NIC) or with `"throughput": {"streams": 2, "secs": 3, "bytes": 0, "mode": "tcp"}` | probe result |
 //!
 //! Errors are `{"error": {"status": 404, "code": "not_found", "message": "..."}}` with a 4xx
@@ -157,6 +158,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/vms/{name}/check", get(check))
         .route("/v1/cpu/baseline", post(baseline))
+        .route(
+            "/v1/debug/faults",
+            get(faults_list).post(faults_arm).delete(faults_clear),
+        )
         .fallback(|| async {
             ApiError(
                 404,
@@ -168,6 +173,39 @@ pub fn router(agent: Arc<Agent>) -> Router {
             ApiError(405, "method", "method not allowed on this path".into())
         })
         .with_state(agent)
+}
+
+fn faults_enabled(a: &Agent) -> ApiResult<()> {
+    if a.config.debug.faults {
+        Ok(())
+    } else {
+        Err(ApiError(
+            403,
+            "forbidden",
+            "fault injection is off on this agent: it needs [debug] faults = true in its config (tests only)".into(),
+        ))
+    }
+}
+
+async fn faults_list(State(a): State<Arc<Agent>>) -> ApiResult<Json<Vec<crate::faults::Fault>>> {
+    faults_enabled(&a)?;
+    Ok(Json(crate::faults::list()))
+}
+
+async fn faults_arm(
+    State(a): State<Arc<Agent>>,
+    body: Bytes,
+) -> ApiResult<Json<Vec<crate::faults::Fault>>> {
+    faults_enabled(&a)?;
+    let f: crate::faults::Fault = parse(&body)?;
+    crate::faults::arm(f).map_err(|e| ApiError(400, "invalid", e.to_string()))?;
+    Ok(Json(crate::faults::list()))
+}
+
+async fn faults_clear(State(a): State<Arc<Agent>>) -> ApiResult<StatusCode> {
+    faults_enabled(&a)?;
+    crate::faults::clear();
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn host(State(a): State<Arc<Agent>>) -> impl IntoResponse {

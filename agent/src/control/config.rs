@@ -38,6 +38,10 @@
 //!
 //! [cluster]
 //! key_file = "/etc/ferry/cluster.key"     # shared secret of the cluster (>= 32 bytes, 0600)
+//! ownership_datastore = "shared"          # where guest ownership records live (the commit point)
+//!
+//! [debug]
+//! faults = false                          # accept fault injection (POST /v1/debug/faults); tests only
 //! ```
 //!
 //! Unknown keys are refused (a typo must not silently fall back to a default), and every error
@@ -197,6 +201,8 @@ pub struct Config {
     pub cpu: CpuSection,
     #[serde(default)]
     pub cluster: ClusterSection,
+    #[serde(default)]
+    pub debug: DebugSection,
 }
 
 /// `[cluster]`: how agents trust each other.
@@ -208,6 +214,20 @@ pub struct ClusterSection {
     /// not authenticated (a warning at start).
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// The datastore (a name from `[datastores]`, shared by every host) that holds the guests'
+    /// ownership records, the commit point of migrations. Without it the commit point is the
+    /// `Commit` frame alone, and a source that hears nothing after it can only ask the peer.
+    #[serde(default)]
+    pub ownership_datastore: Option<String>,
+}
+
+/// `[debug]`: switches for tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DebugSection {
+    /// Accept fault injection through the API (`POST /v1/debug/faults`). Never in production.
+    #[serde(default)]
+    pub faults: bool,
 }
 
 /// `[cpu]`: what this host offers guests.
@@ -280,6 +300,18 @@ impl Config {
                 return Err(bad(format!(
                     "[datastores] {name} = {:?} must be an absolute path",
                     dir.display()
+                )));
+            }
+        }
+        if let Some(ds) = &self.cluster.ownership_datastore {
+            if !self.datastores.contains_key(ds) {
+                return Err(bad(format!(
+                    "[cluster] ownership_datastore = {ds:?} is not one of [datastores] ({})",
+                    self.datastores
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }

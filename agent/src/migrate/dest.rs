@@ -53,6 +53,18 @@ pub trait Host: Send + Sync {
     fn facts(&self, disks: &[String]) -> crate::checks::HostFacts;
     /// Announce a guest's MACs on their port groups (it now runs here).
     fn announce(&self, spec: &VmSpec) -> Vec<crate::announce::Announcement>;
+    /// The commit point: make this host the owner of `vm`, taking it from `from` at
+    /// `generation` (None: the source keeps no records). An error means this host must not
+    /// run the guest.
+    fn claim(
+        &self,
+        vm: &str,
+        from: &str,
+        generation: Option<u64>,
+        migration: &str,
+    ) -> Result<(), String>;
+    /// The guest could not start after [`Host::claim`]: hand ownership back to `to`.
+    fn give_back(&self, vm: &str, to: &str, migration: &str);
 }
 
 /// Destroys the incoming VM unless the migration got past the commit.
@@ -95,6 +107,7 @@ pub fn serve(conn: TcpStream, host: Arc<dyn Host>) {
 
 fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateError> {
     let _ = conn.set_nodelay(true);
+    let _ = transport::keepalive(&conn);
     let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let mut cw = FrameWriter::new(conn.try_clone().map_err(protocol::ProtocolError::from)?);
     let mut cr = FrameReader::new(BufReader::new(
@@ -119,7 +132,7 @@ fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateErr
         &format!("{} ({peer})", hello.agent),
     ));
     host.register(handle.clone());
-    let result = receive(&conn, &mut cw, &mut cr, host, &setup, &handle);
+    let result = receive(&conn, &mut cw, &mut cr, host, &setup, &handle, &hello.agent);
     match &result {
         Ok(summary) => handle.complete(summary.clone()),
         Err(e) => {
@@ -146,6 +159,7 @@ fn receive(
     host: &dyn Host,
     setup: &Setup,
     handle: &Arc<MigrationHandle>,
+    source_agent: &str,
 ) -> Result<Summary, MigrateError> {
     let t0 = Instant::now();
     let n = setup.streams;
@@ -316,6 +330,9 @@ fn receive(
         }
         let verify_us = t_verify.elapsed().as_micros() as u64;
         let before = vm.heartbeats();
+        if crate::faults::hit("dest:before-prepared").as_deref() == Some("fail") {
+            return Err(refuse("injected fault at dest:before-prepared".into()));
+        }
         cw.send_msg(
             Command::Prepared,
             &Prepared {
@@ -325,9 +342,28 @@ fn receive(
             },
         )?;
         // Wait for the commit.
-        let _: protocol::Commit = cr.read_frame()?.msg(Command::Commit)?;
+        let commit: protocol::Commit = cr.read_frame()?.msg(Command::Commit)?;
         let t_commit = Instant::now();
-        vm.start()?;
+        if crate::faults::hit("dest:commit").as_deref() == Some("fail") {
+            return Err(refuse("injected fault at dest:commit".into()));
+        }
+        if let Err(why) = host.claim(
+            &setup.spec.name,
+            source_agent,
+            commit.generation,
+            &setup.migration_id,
+        ) {
+            return Err(refuse(format!(
+                "the destination cannot take ownership: {why}"
+            )));
+        }
+        crate::faults::hit("dest:after-record");
+        if let Err(e) = vm.start() {
+            host.give_back(&setup.spec.name, source_agent, &setup.migration_id);
+            return Err(refuse(format!(
+                "the destination could not start the guest: {e}"
+            )));
+        }
         let resume_us = t_commit.elapsed().as_micros() as u64;
         guard.armed = false;
         host.incoming_done(&setup.spec.name, true);
@@ -434,6 +470,15 @@ fn receive_stream(
             }
             Command::RoundEnd => {
                 let e: RoundEnd = protocol::json(&payload, "RoundEnd")?;
+                if crate::faults::armed()
+                    && crate::faults::hit(&format!("dest:round:{}", e.round)).as_deref()
+                        == Some("fail")
+                {
+                    return Err(MigrateError::Other(format!(
+                        "injected fault at dest:round:{}",
+                        e.round
+                    )));
+                }
                 handle.update(|r| r.round = r.round.max(e.round));
                 acks.send_msg(Command::RoundAck, &e)?;
             }

@@ -19,6 +19,7 @@ pub mod blast;
 pub mod codec;
 pub mod converge;
 pub mod dest;
+pub mod ownership;
 pub mod protocol;
 pub mod query;
 pub mod session;
@@ -74,6 +75,8 @@ pub enum MigrateError {
     Timeout(&'static str),
     #[error("authentication: {0}")]
     Auth(String),
+    #[error(transparent)]
+    Ownership(#[from] ownership::OwnershipError),
     #[error("{0}")]
     Other(String),
 }
@@ -246,6 +249,17 @@ pub struct Summary {
     pub announcements: Vec<crate::announce::Announcement>,
 }
 
+/// Where the guest runs once a migration has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestOn {
+    Source,
+    Destination,
+    /// Contact was lost after the commit and could not be resolved yet: the source copy stays
+    /// paused (see docs/fault-tolerance.md).
+    Unresolved,
+}
+
 /// What `ferry migrations` shows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationRecord {
@@ -271,6 +285,12 @@ pub struct MigrationRecord {
     pub summary: Option<Summary>,
     /// Why it failed or was cancelled.
     pub error: Option<String>,
+    /// Where the guest runs now that the migration has ended.
+    #[serde(default)]
+    pub guest_on: Option<GuestOn>,
+    /// How an ending after the commit point was resolved.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 /// A running or finished migration, shared between its engine thread and the API.
@@ -302,6 +322,8 @@ impl MigrationHandle {
                 link_percent: None,
                 summary: None,
                 error: None,
+                guest_on: None,
+                note: None,
             }),
             id,
             started: Instant::now(),
@@ -348,6 +370,7 @@ impl MigrationHandle {
         self.update(|r| {
             r.phase = phase;
             r.error = Some(msg);
+            r.guest_on.get_or_insert(GuestOn::Source);
             r.elapsed_s = elapsed;
             r.pages_left = 0;
             r.eta_s = None;
@@ -358,10 +381,19 @@ impl MigrationHandle {
         let elapsed = self.started.elapsed().as_secs_f64();
         self.update(|r| {
             r.phase = Phase::Completed;
+            r.guest_on = Some(GuestOn::Destination);
             r.elapsed_s = elapsed;
             r.pages_left = 0;
             r.eta_s = None;
             r.summary = Some(s);
+        });
+    }
+
+    /// Say how an ending after the commit point was resolved.
+    pub fn resolved(&self, on: GuestOn, note: String) {
+        self.update(|r| {
+            r.guest_on = Some(on);
+            r.note = Some(note);
         });
     }
 

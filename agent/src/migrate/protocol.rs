@@ -590,7 +590,12 @@ pub struct Prepared {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Commit {}
+pub struct Commit {
+    /// The generation of the guest's ownership record that names the source now (None: no
+    /// ownership records in this cluster). The destination claims the next one.
+    #[serde(default)]
+    pub generation: Option<u64>,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Resumed {

@@ -25,7 +25,8 @@ use super::protocol::{
     RoundEnd, Setup, StreamHello,
 };
 use super::{
-    stream_of, EncodingStats, MigrateError, MigrateOptions, MigrationHandle, Phase, Summary,
+    stream_of, EncodingStats, GuestOn, MigrateError, MigrateOptions, MigrationHandle, Phase,
+    Summary,
 };
 use crate::transport::tcp as transport;
 use crate::transport::uring::{FrameSink, SendStats};
@@ -41,6 +42,14 @@ const SEND_BUFFERS: u16 = 8;
 const SEND_BUFFER_SIZE: usize = 512 << 10;
 /// How long the destination may take to answer a control message.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the guest may stay paused waiting for `Prepared` (the destination finishing the
+/// last pages, loading state, verifying) before the source gives up and resumes it.
+const PREPARED_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long after `Commit` to wait for `Resumed` before asking the ownership record.
+const RESUMED_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the source keeps trying to learn where the guest runs after losing contact past the
+/// commit point; after that the copy stays paused, unresolved, until `ferry resume`.
+pub const RESOLVE_WINDOW: Duration = Duration::from_secs(90);
 
 /// Everything one outgoing migration needs.
 pub struct SourceJob {
@@ -55,15 +64,24 @@ pub struct SourceJob {
     pub options: MigrateOptions,
     /// The eBPF link counters, for utilization in progress and summary.
     pub link: Option<Arc<crate::netpin::NetPin>>,
+    /// The cluster's ownership records (None: the commit point is the `Commit` frame alone).
+    pub ownership: Option<super::ownership::Ownership>,
 }
 
 /// How a failed migration left things.
 #[derive(Debug)]
 pub struct Failure {
     pub error: MigrateError,
-    /// True when the failure came after the commit was sent: the source copy stays paused and
-    /// the destination may own the guest.
+    /// True when the failure came after the commit was sent.
     pub after_commit: bool,
+    /// Where the guest runs now: the source (resumed here), the destination (contact was lost
+    /// after the commit but the guest runs there: the caller destroys this copy), or unresolved
+    /// (this copy stays paused).
+    pub guest_on: GuestOn,
+    /// How far the migration got (after the commit: everything up to `Prepared`).
+    pub summary: Option<Summary>,
+    /// How an after-commit failure was resolved.
+    pub note: Option<String>,
 }
 
 enum Work {
@@ -157,6 +175,11 @@ fn finish_frame(c: &mut DataConn, f: &mut Option<PagesFrame>) -> Result<(), Migr
         c.seq,
     );
     buf[..protocol::HEADER_LEN].copy_from_slice(zerocopy::IntoBytes::as_bytes(&h));
+    if crate::faults::armed() && crate::faults::hit("source:corrupt").is_some() {
+        // Test hook: one payload byte changes after the checksum was computed.
+        let last = fr.pos - 1;
+        buf[last] ^= 0x5a;
+    }
     c.sink.send_buffer(fr.pos).map_err(stream_io)?;
     c.seq = c.seq.wrapping_add(1);
     c.bytes += fr.pos as u64;
@@ -307,9 +330,18 @@ struct Engine<'a> {
 }
 
 impl Engine<'_> {
+    /// Stop when the user cancelled, or when the migration's time limit passed in the middle
+    /// of a round (round ends are judged by the convergence policy).
     fn check_cancel(&self) -> Result<(), MigrateError> {
         if self.job.handle.cancelled() {
             return Err(MigrateError::Cancelled);
+        }
+        let limit = self.job.options.policy.max_time_s;
+        if self.job.handle.age().as_secs_f64() >= limit {
+            return Err(MigrateError::Policy(format!(
+                "did not finish within the {limit} s limit (round {} still under way); raise --max-time, or give the migration link more bandwidth",
+                self.rounds.len()
+            )));
         }
         Ok(())
     }
@@ -497,11 +529,16 @@ impl Engine<'_> {
 
 /// Run an outgoing migration to completion. On success the destination runs the guest and the
 /// caller destroys the source copy; on failure before the commit the guest runs here again.
-pub fn run(job: &SourceJob) -> Result<Summary, Failure> {
+pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
     let t0 = Instant::now();
-    let before = |error: MigrateError| Failure {
-        error,
-        after_commit: false,
+    let before = |error: MigrateError| {
+        Box::new(Failure {
+            error,
+            after_commit: false,
+            guest_on: GuestOn::Source,
+            summary: None,
+            note: None,
+        })
     };
     let session =
         super::session::connect(job.peer, &job.identity, CONTROL_TIMEOUT).map_err(before)?;
@@ -510,8 +547,10 @@ pub fn run(job: &SourceJob) -> Result<Summary, Failure> {
         w: mut cw,
         r: mut cr,
         conn: ctl,
+        peer_agent,
         ..
     } = session;
+    let _ = crate::transport::tcp::keepalive(&ctl);
 
     let mut paused_here = false;
     let vm = &job.vm;
@@ -541,22 +580,47 @@ pub fn run(job: &SourceJob) -> Result<Summary, Failure> {
 
     // ---- the commit point ----
     let t_commit = Instant::now();
-    let after = |error: MigrateError| Failure {
-        error,
-        after_commit: true,
-    };
-    if let Err(e) = cw.send_msg(Command::Commit, &protocol::Commit {}) {
-        // The frame did not leave: the destination cannot have resumed.
+    let resume_here = |e: MigrateError| {
         vm.set_throttle(0);
         let _ = vm.memory().set_dirty_logging_all(false);
-        let _ = vm.resume();
-        return Err(before(e.into()));
+        if let Err(re) = vm.resume() {
+            tracing::error!(vm = %vm.spec.name, error = %re, "could not resume the guest after a failed migration");
+        }
+        before(e)
+    };
+    // The record must name this host now; the destination claims the next generation.
+    let generation = match &job.ownership {
+        Some(o) => match o.adopt(&vm.spec.name, &job.identity.agent) {
+            Ok(r) => Some(r.generation),
+            Err(e) => {
+                let _ = cw.send_msg(
+                    Command::Abort,
+                    &Abort {
+                        reason: format!("the source cannot hand over ownership: {e}"),
+                    },
+                );
+                return Err(resume_here(e.into()));
+            }
+        },
+        None => None,
+    };
+    if let Err(e) = cw.send_msg(Command::Commit, &protocol::Commit { generation }) {
+        // The frame did not leave: the destination cannot have resumed.
+        return Err(resume_here(e.into()));
     }
     job.handle.set_phase(Phase::Committed);
-    let resumed: Resumed = cr
-        .read_frame()
-        .and_then(|f| f.msg(Command::Resumed))
-        .map_err(|e| after(e.into()))?;
+    let _ = ctl.set_read_timeout(Some(RESUMED_TIMEOUT));
+    let resumed: Resumed = match cr.read_frame().and_then(|f| f.msg(Command::Resumed)) {
+        Ok(r) => r,
+        Err(e) => {
+            let error = match e {
+                protocol::ProtocolError::Aborted(reason) => MigrateError::Refused(reason),
+                e => e.into(),
+            };
+            let _ = ctl.shutdown(std::net::Shutdown::Both);
+            return Err(resolve(job, &peer_agent, generation, error, summary));
+        }
+    };
     let t_resumed = Instant::now();
     summary.downtime.total_ms = ms(t_resumed - state_done.paused_at);
     summary.downtime.resume_ms = resumed.resume_us as f64 / 1000.0;
@@ -764,6 +828,11 @@ fn eng_run(
     // The last pages go out while the vCPU and device state is captured and sent: the
     // destination loads the state into its parked vCPUs while the pages still arrive.
     let started = eng.dispatch(round, pending.iter_gpa(), total, true)?;
+    if crate::faults::hit("source:before-state").as_deref() == Some("fail") {
+        return Err(MigrateError::Other(
+            "injected fault at source:before-state".into(),
+        ));
+    }
     let state = vm.capture_state()?;
     let blob = state.encode()?;
     cw.send(Command::State, 0, &blob)?;
@@ -795,7 +864,26 @@ fn eng_run(
         },
     )?;
     let t_state = Instant::now();
-    let prepared: Prepared = match cr.read_frame()?.msg(Command::Prepared) {
+    // The guest is paused: do not wait for the destination forever.
+    let _ = cr
+        .get_ref()
+        .get_ref()
+        .set_read_timeout(Some(PREPARED_TIMEOUT + digest_time));
+    let prepared: Prepared = match cr
+        .read_frame()
+        .map_err(|e| match e {
+            protocol::ProtocolError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                MigrateError::Timeout("the destination to prepare (the guest is paused)")
+            }
+            e => e.into(),
+        })?
+        .msg(Command::Prepared)
+    {
         Err(protocol::ProtocolError::Aborted(reason)) => {
             if let Some(rest) = reason.strip_prefix("digest mismatch: ") {
                 return Err(MigrateError::DigestMismatch {
@@ -841,4 +929,134 @@ fn eng_run(
         announcements: Vec::new(),
     };
     Ok((summary, SwitchoverMark { paused_at }))
+}
+
+/// Contact with the destination was lost (or it refused) after `Commit` was sent: find out
+/// where the guest runs, within [`RESOLVE_WINDOW`]. With ownership records the source first
+/// tries to claim the generation the destination would claim: if that works the destination
+/// can no longer run the guest, and it resumes here. If the destination holds the record, the
+/// source asks it whether it runs the guest; one that answers without it (it restarted, or
+/// gave up) loses the record back to the source. Without records the source can only ask.
+fn resolve(
+    job: &SourceJob,
+    dest_agent: &str,
+    generation: Option<u64>,
+    error: MigrateError,
+    summary: Summary,
+) -> Box<Failure> {
+    let vm = &job.vm;
+    let name = vm.spec.name.as_str();
+    let me = job.identity.agent.as_str();
+    let why = crate::control::error_chain(&error);
+    tracing::warn!(vm = name, error = %why, "lost the destination after the commit; resolving where the guest runs");
+    let deadline = Instant::now() + RESOLVE_WINDOW;
+    let mut last = String::new();
+    let outcome = loop {
+        match step(job, dest_agent, generation) {
+            Ok(Some(v)) => break v,
+            Ok(None) => {}
+            Err(e) => last = e,
+        }
+        if Instant::now() >= deadline {
+            break (
+                GuestOn::Unresolved,
+                format!(
+                    "could not learn within {} s whether {dest_agent} runs the guest ({last}); this copy stays paused: `ferry resume {name}` once {dest_agent} answers",
+                    RESOLVE_WINDOW.as_secs()
+                ),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let (guest_on, note) = outcome;
+    if guest_on == GuestOn::Source {
+        vm.set_throttle(0);
+        let _ = vm.memory().set_dirty_logging_all(false);
+        if let Err(e) = vm.resume() {
+            tracing::error!(vm = name, error = %e, "could not resume the guest");
+        }
+    }
+    tracing::warn!(vm = name, me, guest_on = ?guest_on, note = %note, "after-commit failure resolved");
+    Box::new(Failure {
+        error,
+        after_commit: true,
+        guest_on,
+        summary: Some(summary),
+        note: Some(note),
+    })
+}
+
+/// One attempt at [`resolve`]: Some(answer), None to try again, or Err(why not yet).
+fn step(
+    job: &SourceJob,
+    dest_agent: &str,
+    generation: Option<u64>,
+) -> Result<Option<(GuestOn, String)>, String> {
+    let name = job.vm.spec.name.as_str();
+    let me = job.identity.agent.as_str();
+    let ask = || {
+        super::query::facts(job.peer, &job.identity, &super::query::Query::default()).map_err(|e| {
+            format!(
+                "{dest_agent} does not answer: {}",
+                crate::control::error_chain(&e)
+            )
+        })
+    };
+    let (Some(o), Some(g)) = (&job.ownership, generation) else {
+        // No records: only the destination can say.
+        let f = ask()?;
+        if f.running.iter().any(|v| v == name) {
+            return Ok(Some((
+                GuestOn::Destination,
+                format!("{dest_agent} reports the guest running there"),
+            )));
+        }
+        if f.vms.iter().any(|v| v == name) {
+            return Err(format!(
+                "{dest_agent} still holds the incoming guest without running it"
+            ));
+        }
+        return Ok(Some((
+            GuestOn::Source,
+            format!("{dest_agent} answered without the guest; resumed here"),
+        )));
+    };
+    use super::ownership::OwnershipError;
+    match o.claim(name, Some(me), g, Some(me), Some(&job.handle.id), "fenced") {
+        Ok(r) => Ok(Some((
+            GuestOn::Source,
+            format!("the destination never claimed ownership; this host fenced it out (generation {}) and resumed the guest", r.generation),
+        ))),
+        Err(OwnershipError::Changed { found, .. }) => {
+            if found.owned_by(me) {
+                return Ok(Some((
+                    GuestOn::Source,
+                    format!("{dest_agent} handed ownership back (generation {}); resumed here", found.generation),
+                )));
+            }
+            if !found.owned_by(dest_agent) {
+                return Err(format!("the record names {} (generation {})", found.owner_name(), found.generation));
+            }
+            // The destination owns the guest: does it run it?
+            let f = ask()?;
+            if f.running.iter().any(|v| v == name) {
+                return Ok(Some((
+                    GuestOn::Destination,
+                    format!("{dest_agent} owns the guest (generation {}) and runs it", found.generation),
+                )));
+            }
+            if f.vms.iter().any(|v| v == name) {
+                return Err(format!("{dest_agent} owns the guest but has not started it yet"));
+            }
+            // It owns it but lost it (it restarted): take it back.
+            match o.claim(name, Some(dest_agent), found.generation, Some(me), Some(&job.handle.id), "reclaimed") {
+                Ok(r) => Ok(Some((
+                    GuestOn::Source,
+                    format!("{dest_agent} owned the guest but no longer has it; this host reclaimed it (generation {}) and resumed it", r.generation),
+                ))),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Err(e) => Err(format!("cannot read the ownership record: {e}")),
+    }
 }

@@ -14,10 +14,33 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 /// Socket buffer size asked for on data connections.
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
+/// How long a migration connection may go without getting through (a link down, a peer
+/// gone silent) before it fails. Shorter outages are ridden out: TCP retransmits, nothing is
+/// lost, and the migration carries on from where it was, dirty pages included.
+pub const RETRY_WINDOW: Duration = Duration::from_secs(30);
+
 fn tune(s: &Socket) {
     let _ = s.set_tcp_nodelay(true);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = patience(s);
+}
+
+/// Bound how long a connection may stall: keepalive probes notice a silent peer when this
+/// side only reads, `TCP_USER_TIMEOUT` unacknowledged data when it writes; both give up after
+/// about [`RETRY_WINDOW`].
+fn patience(s: &Socket) -> io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(2))
+        .with_retries(((RETRY_WINDOW.as_secs() - 5) / 2) as u32);
+    s.set_tcp_keepalive(&ka)?;
+    s.set_tcp_user_timeout(Some(RETRY_WINDOW))
+}
+
+/// [`patience`] for a connection made elsewhere (an accepted control connection).
+pub fn keepalive(s: &TcpStream) -> io::Result<()> {
+    patience(&socket2::SockRef::from(s))
 }
 
 /// Connect from `local` (port chosen by the kernel) to `remote`, within `timeout`; with
@@ -67,6 +90,7 @@ pub fn accept_until(l: &TcpListener, deadline: Instant) -> io::Result<TcpStream>
             Ok((s, _)) => {
                 s.set_nonblocking(false)?;
                 let _ = s.set_nodelay(true);
+                let _ = keepalive(&s);
                 use std::os::fd::AsRawFd;
                 crate::netpin::mark_socket(s.as_raw_fd())?;
                 return Ok(s);
