@@ -142,6 +142,17 @@ fn bad_requests_get_clear_errors_and_the_agent_survives() {
     let (st, _) = c.raw("GET", "/v1/vms/dup/digest", None).unwrap();
     assert_eq!(st, 409);
 
+    // Fault injection is off unless the config turns it on: 403 with what to do.
+    let (st, body) = c
+        .raw(
+            "POST",
+            "/v1/debug/faults",
+            Some(br#"{"point":"dest:commit","action":"kill"}"#),
+        )
+        .unwrap();
+    assert_eq!(st, 403, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("[debug] faults = true"));
+
     // Still alive and well after all that.
     let l = a.json(&["vm", "list"]);
     assert_eq!(l.as_array().unwrap().len(), 1);

@@ -252,9 +252,10 @@ fn receive(
                         stream: i as u32,
                         error: error.to_string(),
                     });
-                    // Wake the control thread.
+                    // Wake the control thread (its read ends); it can still write, to tell
+                    // the source why.
                     if let Some(c) = ctl {
-                        let _ = c.shutdown(std::net::Shutdown::Both);
+                        let _ = c.shutdown(std::net::Shutdown::Read);
                     }
                 }
             })
@@ -264,7 +265,7 @@ fn receive(
     drop(ev_tx);
     let cut_streams = || {
         for s in cuts.iter().flatten() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            crate::transport::tcp::abort(s);
         }
     };
 
@@ -272,7 +273,18 @@ fn receive(
         // Pre-copy runs on the data streams; the control connection is quiet until the
         // switchover. A source that dies closes it.
         let _ = conn.set_read_timeout(None);
-        let frame = cr.read_frame()?;
+        let frame = match cr.read_frame() {
+            Ok(f) => f,
+            Err(e) => {
+                // A receiver that failed woke this thread: its reason is the one to report.
+                while let Ok(ev) = ev_rx.try_recv() {
+                    if let StreamEvent::Failed { stream, error } = ev {
+                        return Err(MigrateError::Stream { stream, error });
+                    }
+                }
+                return Err(e.into());
+            }
+        };
         frame.expect(Command::State)?;
         let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         handle.set_phase(Phase::Switchover);

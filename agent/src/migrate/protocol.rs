@@ -453,6 +453,18 @@ pub fn json<T: DeserializeOwned>(payload: &[u8], what: &'static str) -> Result<T
     })
 }
 
+/// An end of stream in the middle of a conversation says so in words.
+fn hung_up(e: std::io::Error) -> ProtocolError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        ProtocolError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the peer closed the connection",
+        ))
+    } else {
+        ProtocolError::Io(e)
+    }
+}
+
 /// Reads and checks frames from one connection.
 pub struct FrameReader<R: Read> {
     inner: R,
@@ -478,7 +490,7 @@ impl<R: Read> FrameReader<R> {
     /// Read the next frame into `payload` (reused between calls).
     pub fn next_into(&mut self, payload: &mut Vec<u8>) -> Result<(Command, u32), ProtocolError> {
         let mut hb = [0u8; HEADER_LEN];
-        self.inner.read_exact(&mut hb)?;
+        self.inner.read_exact(&mut hb).map_err(hung_up)?;
         let (h, cmd) = FrameHeader::parse(&hb)?;
         if h.seq.get() != self.seq {
             return Err(ProtocolError::Sequence {
@@ -489,7 +501,7 @@ impl<R: Read> FrameReader<R> {
         let len = h.payload_len.get() as usize;
         payload.clear();
         payload.resize(len, 0);
-        self.inner.read_exact(payload)?;
+        self.inner.read_exact(payload).map_err(hung_up)?;
         if crc32c::crc32c(payload) != h.payload_crc.get() {
             return Err(ProtocolError::PayloadCrc(cmd));
         }

@@ -558,6 +558,20 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
     let (mut summary, state_done) = match result {
         Ok(v) => v,
         Err(e) => {
+            // A data stream that broke may be the destination hanging up on purpose: its
+            // reason (say, a checksum that did not match) is waiting on the control connection.
+            let e = match e {
+                MigrateError::Stream { .. } | MigrateError::Protocol(_) => {
+                    let _ = ctl.set_read_timeout(Some(Duration::from_secs(1)));
+                    match cr.read_frame().and_then(|f| f.expect(Command::Ready)) {
+                        Err(protocol::ProtocolError::Aborted(reason)) => {
+                            MigrateError::Refused(reason)
+                        }
+                        _ => e,
+                    }
+                }
+                e => e,
+            };
             // Before the commit: tell the destination, bring the guest back here.
             let _ = cw.send_msg(
                 Command::Abort,
@@ -615,6 +629,14 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
         Err(e) => {
             let error = match e {
                 protocol::ProtocolError::Aborted(reason) => MigrateError::Refused(reason),
+                protocol::ProtocolError::Io(io)
+                    if matches!(
+                        io.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    MigrateError::Timeout("`Resumed` from the destination after the commit")
+                }
                 e => e.into(),
             };
             let _ = ctl.shutdown(std::net::Shutdown::Both);
@@ -759,11 +781,19 @@ fn precopy_and_prepare(
         send: SendStats::default(),
     };
     let r = eng_run(&mut eng, cw, cr, paused_here, t0);
-    if r.is_err() {
+    if let Err(e) = &r {
+        // Tell the destination first: it closes its end, which also drops what is still queued
+        // here (and so completes the zero-copy sends the teardown below waits for).
+        let _ = cw.send_msg(
+            Command::Abort,
+            &Abort {
+                reason: crate::control::error_chain(e),
+            },
+        );
         // Workers may be blocked writing to a destination that stopped reading.
         for w in &eng.workers {
             if let Some(s) = &w.sock {
-                let _ = s.shutdown(std::net::Shutdown::Both);
+                crate::transport::tcp::abort(s);
             }
         }
     }

@@ -38,6 +38,32 @@ fn patience(s: &Socket) -> io::Result<()> {
     s.set_tcp_user_timeout(Some(RETRY_WINDOW))
 }
 
+/// Abort a connection in place: the kernel resets it (RST) and drops whatever is still queued
+/// to send, even while other handles on the socket are open. Blocked readers and writers wake
+/// with an error, and zero-copy sends still referencing guest pages complete. Used when a
+/// migration fails: a graceful shutdown would keep sending the queued bytes at link speed.
+pub fn abort(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: connect(2) on a socket we hold, with a valid sockaddr of the size passed; on a
+    // TCP socket AF_UNSPEC means "disconnect" (tcp_disconnect). The result only matters as
+    // best effort: a fallback shutdown follows.
+    let rc = unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "disconnect failed; shutting down instead");
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
 /// [`patience`] for a connection made elsewhere (an accepted control connection).
 pub fn keepalive(s: &TcpStream) -> io::Result<()> {
     patience(&socket2::SockRef::from(s))

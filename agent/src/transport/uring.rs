@@ -321,7 +321,11 @@ impl FrameSink {
         }
         // One send at a time on the socket: wait for the previous one.
         while self.current.is_some() {
-            self.reap(true)?;
+            if let Err(e) = self.reap(true) {
+                // This buffer was never submitted: it goes back to the pool.
+                self.ledger.untake(b);
+                return Err(e);
+            }
         }
         self.current = Some(Current {
             buf: b,
@@ -513,11 +517,26 @@ impl FrameSink {
 impl Drop for FrameSink {
     fn drop(&mut self) {
         if self.ring.is_some() && (self.current.is_some() || self.ledger.in_flight() > 0) {
-            let _ = self.sock.shutdown(std::net::Shutdown::Both);
-            if self.flush(Duration::from_secs(5)).is_err() {
-                // The kernel may still read these buffers: leak them rather than free them.
-                tracing::error!("send buffers still in flight at teardown; leaking them");
-                std::mem::forget(std::mem::take(&mut self.bufs));
+            // Reset the connection: what is queued is dropped, so the sends fail and the
+            // zero-copy notifications arrive at once.
+            crate::transport::tcp::abort(&self.sock);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.current.is_some()
+                || self.ledger.in_flight() > usize::from(self.open.is_some())
+            {
+                if Instant::now() > deadline {
+                    // The kernel may still read these buffers: leak them rather than free them.
+                    tracing::error!(
+                        in_flight = self.ledger.in_flight(),
+                        "send buffers still in flight at teardown; leaking them"
+                    );
+                    std::mem::forget(std::mem::take(&mut self.bufs));
+                    break;
+                }
+                // Errors are expected here (the connection is gone); completions still count.
+                if self.reap(true).is_err() && self.current.is_some() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         }
     }
