@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod query;
 pub mod session;
 pub mod source;
+pub mod untrusted;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
