@@ -185,7 +185,7 @@ mod tests {
         let mut n = 0u64;
         while n < 1_000_000 && started.elapsed() < Duration::from_secs(20) {
             n += 1;
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 let mut b = valid.clone();
                 mutate(&mut rng, &mut b);
                 decode_all(&b);
