@@ -220,3 +220,58 @@ fn agents_without_the_key_cannot_migrate_to_a_keyed_peer() {
     assert_eq!(f.json("a", &["vm", "inspect", "v"])["state"], "running");
     lab.down().unwrap();
 }
+
+/// `--encrypt` seals the page streams with a key derived from the cluster key: the guest
+/// arrives intact (digest), the summary says so; a host with `[migration] encrypt = true`
+/// refuses an unencrypted migration with what to do, and the guest stays on the source.
+#[test]
+fn encrypted_migration_and_hosts_that_require_it() {
+    let Some(mut lab) = lab("auth-enc") else {
+        return;
+    };
+    {
+        let f = LabFerry { lab: &lab };
+        f.json(
+            "a",
+            &[
+                "vm",
+                "create",
+                "e",
+                "--memory",
+                "128M",
+                "--profile",
+                "mixed",
+                "--start",
+            ],
+        );
+        f.wait_filled("a", "e");
+        let rec = f.migrate("a", "e", "b", &["--encrypt", "--verify"]);
+        assert_eq!(rec["phase"], "completed", "{rec}");
+        assert_eq!(rec["summary"]["encrypted"], true, "{rec}");
+        assert_eq!(rec["summary"]["verified"], true, "{rec}");
+        let back = f.migrate("b", "e", "a", &["--verify"]);
+        assert_eq!(back["summary"]["encrypted"], false, "{back}");
+    }
+    // b now requires encryption.
+    let path = lab.host("b").unwrap().config.clone();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replacen("[migration]\n", "[migration]\nencrypt = true\n", 1);
+    assert!(text.contains("encrypt = true"), "{text}");
+    std::fs::write(&path, text).unwrap();
+    lab.stop_agent("b").unwrap();
+    lab.start_agent("b").unwrap();
+    let f = LabFerry { lab: &lab };
+    let rec = f.migrate("a", "e", "b", &[]);
+    assert_eq!(rec["phase"], "failed", "{rec}");
+    assert!(
+        rec["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("accepts only encrypted migrations"),
+        "{rec}"
+    );
+    assert_eq!(f.json("a", &["vm", "inspect", "e"])["state"], "running");
+    let rec = f.migrate("a", "e", "b", &["--encrypt"]);
+    assert_eq!(rec["phase"], "completed", "{rec}");
+    lab.down().unwrap();
+}

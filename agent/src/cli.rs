@@ -169,6 +169,10 @@ pub struct MigrateArgs {
     /// Go ahead despite warnings from the pre-migration checks (never despite failures)
     #[arg(long)]
     pub force: bool,
+    /// Encrypt the page streams (AES-256-GCM; needs the cluster key; always on when the
+    /// config says `[migration] encrypt = true`)
+    #[arg(long)]
+    pub encrypt: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -795,6 +799,7 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
     let mut options = MigrateOptions {
         streams: m.streams,
         verify: m.verify,
+        encrypt: m.encrypt,
         ..MigrateOptions::default()
     };
     if let Some(p) = m.cache_percent {

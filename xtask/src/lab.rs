@@ -541,6 +541,16 @@ impl Lab {
     pub fn start_agent(&mut self, host: &str) -> Result<()> {
         let idx = self.index_of(host)?;
         if let Some(agent) = &mut self.agents[idx] {
+            // A killed agent whose last threads are still leaving the kernel is a zombie that
+            // cannot be reaped yet: wait for it (it is dying, not running).
+            let pid = agent.child.id();
+            let dying = fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("State:") && l.contains("zombie"))
+            });
+            if dying {
+                let _ = agent.child.wait();
+            }
             if agent.child.try_wait().ok().flatten().is_none() {
                 bail!(
                     "the agent of host {host} is already running (pid {}): stop it first",

@@ -1103,11 +1103,14 @@ impl Agent {
                 r.phase
             )));
         }
-        if matches!(r.phase, mig::Phase::Committed) {
+        if matches!(r.phase, mig::Phase::Committed) && r.guest_on != Some(mig::GuestOn::Unresolved)
+        {
             return Err(AgentError::Conflict(format!(
                 "{id} is past its commit point; it can no longer be cancelled"
             )));
         }
+        // Past the commit and unresolved, cancelling only stops asking the destination: the
+        // source copy stays paused.
         h.cancel();
         Ok(h.record())
     }
@@ -1169,7 +1172,10 @@ impl Agent {
             peer,
             local_migration: mig_cfg.address,
             identity: self.identity(),
-            options: req.options,
+            options: mig::MigrateOptions {
+                encrypt: req.options.encrypt || mig_cfg.encrypt,
+                ..req.options
+            },
             link: self.netpin.as_ref().ok().cloned(),
             ownership: self.ownership.clone(),
         };
@@ -1455,6 +1461,10 @@ impl Host for Agent {
 
     fn identity(&self) -> mig::session::Identity {
         Agent::identity(self)
+    }
+
+    fn requires_encryption(&self) -> bool {
+        self.config.migration.as_ref().is_some_and(|m| m.encrypt)
     }
 
     fn migration_addr(&self) -> Result<std::net::IpAddr, String> {

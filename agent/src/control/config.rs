@@ -22,6 +22,7 @@
 //! pin = true                              # keep migration traffic on `interface`
 //! dedicated = false                       # keep other IPv4 traffic off `interface`
 //! link_speed = "10gbit"                   # where the NIC does not report its speed (veth)
+//! encrypt = false                         # AES-256-GCM page streams (needs [cluster] key_file)
 //!
 //! [datastores]                            # name -> directory
 //! shared = "/srv/ferry/shared"
@@ -173,6 +174,10 @@ pub struct MigrationSection {
     /// The migration link's speed where the NIC cannot tell (veth), e.g. "10gbit".
     #[serde(default)]
     pub link_speed: Option<String>,
+    /// Encrypt outgoing page streams (AES-256-GCM, key derived from the cluster key) and accept
+    /// only encrypted incoming migrations.
+    #[serde(default)]
+    pub encrypt: bool,
 }
 
 fn yes() -> bool {

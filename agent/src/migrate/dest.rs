@@ -35,6 +35,10 @@ pub trait Host: Send + Sync {
     fn name(&self) -> String;
     /// This agent's name and cluster key, for sessions.
     fn identity(&self) -> super::session::Identity;
+    /// Whether this host accepts only encrypted incoming migrations.
+    fn requires_encryption(&self) -> bool {
+        false
+    }
     /// This host's migration address, if migration is enabled here.
     fn migration_addr(&self) -> Result<IpAddr, String>;
     /// Create and register an empty VM for an incoming migration (refusing a taken name or a
@@ -168,6 +172,16 @@ fn receive(
             "{n} data streams requested (1 to 64 allowed)"
         )));
     }
+    let cluster_key = match (setup.encrypt, host.identity().key) {
+        (true, None) => return Err(refuse(
+            "the source encrypts its data streams, but this host has no cluster key to derive the data key from: set [cluster] key_file".into(),
+        )),
+        (false, _) if host.requires_encryption() => return Err(refuse(
+            "this host accepts only encrypted migrations ([migration] encrypt = true): migrate with --encrypt, or set encrypt = true on the source".into(),
+        )),
+        (true, Some(k)) => Some(k),
+        (false, _) => None,
+    };
     let local = host.migration_addr().map_err(refuse)?;
     let vm = host
         .create_incoming(&setup.spec, &setup.regions, handle)
@@ -186,6 +200,8 @@ fn receive(
         .local_addr()
         .map_err(protocol::ProtocolError::from)?;
     let token = format!("{:016x}{:016x}", super::random_u64(), super::random_u64());
+    let data_key =
+        cluster_key.map(|k| crate::transport::seal::data_key(&k, &setup.migration_id, &token));
     cw.send_msg(
         Command::Ready,
         &Ready {
@@ -244,10 +260,22 @@ fn receive(
         let tx = ev_tx.clone();
         let ctl = conn.try_clone().ok();
         let h = handle.clone();
+        let seal = data_key.map(|k| crate::transport::seal::Sealer::new(&k, i as u32));
         let j = std::thread::Builder::new()
             .name(format!("mig-rx{i}"))
             .spawn(move || {
-                if let Err(error) = receive_stream(i as u32, n, r, acks, &mem, &tx, &h) {
+                if let Err(error) = receive_stream(
+                    Lane {
+                        i: i as u32,
+                        n,
+                        seal,
+                    },
+                    r,
+                    acks,
+                    &mem,
+                    &tx,
+                    &h,
+                ) {
                     let _ = tx.send(StreamEvent::Failed {
                         stream: i as u32,
                         error: error.to_string(),
@@ -392,6 +420,7 @@ fn receive(
             },
         );
         Ok(Summary {
+            encrypted: setup.encrypt,
             total_s: t0.elapsed().as_secs_f64(),
             guest_pause_ms: guest_pause_us.map(|u| u as f64 / 1000.0),
             wire_bytes: wire,
@@ -437,9 +466,15 @@ fn observed_pause(vm: &Vm, before: &[crate::vm::workload::Heartbeat]) -> Option<
     None
 }
 
-fn receive_stream(
+/// Which data stream a receiver serves: index `i` of `n`, and its frame opener if encrypted.
+struct Lane {
     i: u32,
     n: u32,
+    seal: Option<crate::transport::seal::Sealer>,
+}
+
+fn receive_stream(
+    Lane { i, n, seal }: Lane,
     mut r: FrameReader<BufReader<UringReader>>,
     mut acks: FrameWriter<TcpStream>,
     mem: &GuestMemory,
@@ -453,6 +488,9 @@ fn receive_stream(
         let (cmd, count) = r.next_into(&mut payload)?;
         match cmd {
             Command::Pages => {
+                if let Some(s) = &seal {
+                    s.open(r.last_seq(), &mut payload)?;
+                }
                 for rec in protocol::parse_records(&payload, count)? {
                     // Each page belongs to one stream; that also keeps two receivers from ever
                     // touching the same page.

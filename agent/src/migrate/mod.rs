@@ -78,6 +78,8 @@ pub enum MigrateError {
     Auth(String),
     #[error(transparent)]
     Ownership(#[from] ownership::OwnershipError),
+    #[error(transparent)]
+    Seal(#[from] crate::transport::seal::SealError),
     #[error("{0}")]
     Other(String),
 }
@@ -98,6 +100,8 @@ pub struct MigrateOptions {
     pub send_mode: crate::transport::uring::SendMode,
     /// Overwrite send buffers when they are released (tests: proves none is reused early).
     pub poison_buffers: bool,
+    /// Encrypt the page frames on the data streams (AES-256-GCM; needs the cluster key).
+    pub encrypt: bool,
 }
 
 impl Default for MigrateOptions {
@@ -109,6 +113,7 @@ impl Default for MigrateOptions {
             policy: Policy::default(),
             send_mode: Default::default(),
             poison_buffers: false,
+            encrypt: false,
         }
     }
 }
@@ -224,6 +229,9 @@ pub struct Downtime {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub total_s: f64,
+    /// The page frames travelled encrypted.
+    #[serde(default)]
+    pub encrypted: bool,
     pub downtime: Downtime,
     /// Largest gap between two guest heartbeats around the switchover (workload guests).
     pub guest_pause_ms: Option<f64>,

@@ -487,6 +487,11 @@ impl<R: Read> FrameReader<R> {
         }
     }
 
+    /// The sequence number of the frame read last.
+    pub fn last_seq(&self) -> u32 {
+        self.seq.wrapping_sub(1)
+    }
+
     /// Read the next frame into `payload` (reused between calls).
     pub fn next_into(&mut self, payload: &mut Vec<u8>) -> Result<(Command, u32), ProtocolError> {
         let mut hb = [0u8; HEADER_LEN];
@@ -560,6 +565,9 @@ pub struct Setup {
     pub spec: VmSpec,
     pub regions: Vec<RegionLayout>,
     pub streams: u32,
+    /// Page frames on the data streams are sealed (AES-256-GCM, see `transport::seal`).
+    #[serde(default)]
+    pub encrypt: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -93,6 +93,11 @@ impl ClusterKey {
         m
     }
 
+    /// A 32-byte key for `purpose`, bound to `a` and `b` (e.g. the data-stream key).
+    pub fn derive(&self, purpose: &str, a: &str, b: &str) -> [u8; 32] {
+        self.mac(purpose, a, b, "").finalize().into_bytes().into()
+    }
+
     /// Proof for `role` over the two nonces and the sender's name (hex).
     pub fn proof(&self, role: &str, a: &str, b: &str, name: &str) -> String {
         hex(&self.mac(role, a, b, name).finalize().into_bytes())

@@ -129,6 +129,8 @@ struct DataConn {
     /// Bytes written (headers and payloads).
     bytes: u64,
     acks: FrameReader<BufReader<TcpStream>>,
+    /// Seals page frames when the migration is encrypted.
+    seal: Option<crate::transport::seal::Sealer>,
 }
 
 impl DataConn {
@@ -168,21 +170,26 @@ fn finish_frame(c: &mut DataConn, f: &mut Option<PagesFrame>) -> Result<(), Migr
         return Ok(());
     }
     let buf = c.sink.buffer().map_err(stream_io)?;
+    let mut end = fr.pos;
+    if let Some(s) = &c.seal {
+        let hl = protocol::HEADER_LEN;
+        end = hl + s.seal(c.seq, &mut buf[hl..], fr.pos - hl)?;
+    }
     let h = protocol::FrameHeader::new(
         Command::Pages,
         fr.count,
-        &buf[protocol::HEADER_LEN..fr.pos],
+        &buf[protocol::HEADER_LEN..end],
         c.seq,
     );
     buf[..protocol::HEADER_LEN].copy_from_slice(zerocopy::IntoBytes::as_bytes(&h));
     if crate::faults::armed() && crate::faults::hit("source:corrupt").is_some() {
         // Test hook: one payload byte changes after the checksum was computed.
-        let last = fr.pos - 1;
+        let last = end - 1;
         buf[last] ^= 0x5a;
     }
-    c.sink.send_buffer(fr.pos).map_err(stream_io)?;
+    c.sink.send_buffer(end).map_err(stream_io)?;
     c.seq = c.seq.wrapping_add(1);
-    c.bytes += fr.pos as u64;
+    c.bytes += end as u64;
     Ok(())
 }
 
@@ -203,7 +210,13 @@ fn worker_loop(
     let mut t = Totals::default();
     let mut wire_mark = c.bytes;
     let mut stats_mark = c.sink.stats;
-    let cap = c.sink.buffer_size();
+    // A sealed frame grows by its tag.
+    let cap = c.sink.buffer_size()
+        - if c.seal.is_some() {
+            crate::transport::seal::TAG_LEN
+        } else {
+            0
+        };
     let result = (|| -> Result<(), MigrateError> {
         for work in rx {
             match work {
@@ -339,7 +352,7 @@ impl Engine<'_> {
         let limit = self.job.options.policy.max_time_s;
         if self.job.handle.age().as_secs_f64() >= limit {
             return Err(MigrateError::Policy(format!(
-                "did not finish within the {limit} s limit (round {} still under way); raise --max-time, or give the migration link more bandwidth",
+                "did not converge within the {limit} s limit (round {} still under way); raise --max-time, or give the migration link more bandwidth",
                 self.rounds.len()
             )));
         }
@@ -686,6 +699,15 @@ fn precopy_and_prepare(
     let vm = &job.vm;
     let mem = vm.memory().clone();
     let n = job.options.stream_count();
+    let cluster_key = match (job.options.encrypt, &job.identity.key) {
+        (true, None) => {
+            return Err(MigrateError::Config(
+                "encrypted migration needs the cluster key to derive its data key: set [cluster] key_file on both hosts".into(),
+            ))
+        }
+        (true, Some(k)) => Some(k.clone()),
+        (false, _) => None,
+    };
     cw.send_msg(
         Command::Setup,
         &Setup {
@@ -693,6 +715,7 @@ fn precopy_and_prepare(
             spec: vm.spec.clone(),
             regions: mem.layout(),
             streams: n,
+            encrypt: job.options.encrypt,
         },
     )?;
     let ready: Ready = match cr.read_frame()?.msg(Command::Ready) {
@@ -705,6 +728,8 @@ fn precopy_and_prepare(
             why: format!("bad data address {:?}", ready.data_addr),
         })
     })?;
+    let data_key =
+        cluster_key.map(|k| crate::transport::seal::data_key(&k, &job.handle.id, &ready.token));
 
     // Data streams and their workers.
     let cache_pages = ((mem.size() as f64 * job.options.cache_percent / 100.0) / PAGE as f64)
@@ -748,6 +773,7 @@ fn precopy_and_prepare(
             seq: 1,
             bytes: w.bytes,
             acks,
+            seal: data_key.map(|k| crate::transport::seal::Sealer::new(&k, i)),
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let sent = Arc::new(AtomicU64::new(0));
@@ -928,6 +954,7 @@ fn eng_run(
     let t_prepared = Instant::now();
     let summary = Summary {
         total_s: t0.elapsed().as_secs_f64(),
+        encrypted: job.options.encrypt,
         downtime: super::Downtime {
             total_ms: 0.0,
             final_pages_ms: ms(t_pages - paused_at),
@@ -981,22 +1008,38 @@ fn resolve(
     tracing::warn!(vm = name, error = %why, "lost the destination after the commit; resolving where the guest runs");
     let deadline = Instant::now() + RESOLVE_WINDOW;
     let mut last = String::new();
+    let mut overdue = false;
     let outcome = loop {
         match step(job, dest_agent, generation) {
             Ok(Some(v)) => break v,
             Ok(None) => {}
             Err(e) => last = e,
         }
-        if Instant::now() >= deadline {
+        if job.handle.cancelled() {
             break (
                 GuestOn::Unresolved,
                 format!(
-                    "could not learn within {} s whether {dest_agent} runs the guest ({last}); this copy stays paused: `ferry resume {name}` once {dest_agent} answers",
-                    RESOLVE_WINDOW.as_secs()
+                    "stopped asking {dest_agent} whether it runs the guest (cancelled; last answer: {last}); this copy stays paused: `ferry vm resume {name}` resumes it once the ownership record allows"
                 ),
             );
         }
-        std::thread::sleep(Duration::from_millis(500));
+        if !overdue && Instant::now() >= deadline {
+            // Say so, and keep asking (less often): the guest must not stay down for longer
+            // than the destination does, nor run twice.
+            overdue = true;
+            let note = format!(
+                "no answer within {} s whether {dest_agent} runs the guest ({last}); this copy stays paused and this agent keeps asking every 5 s (`ferry migrate --cancel {}` stops it)",
+                RESOLVE_WINDOW.as_secs(),
+                job.handle.id
+            );
+            tracing::error!(vm = name, note = %note, "after-commit failure unresolved");
+            job.handle.resolved(GuestOn::Unresolved, note);
+        }
+        std::thread::sleep(if overdue {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_millis(500)
+        });
     };
     let (guest_on, note) = outcome;
     if guest_on == GuestOn::Source {

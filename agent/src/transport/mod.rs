@@ -2,5 +2,6 @@
 //! io_uring ([`uring`]): `SENDMSG_ZC` (zero-copy, with usage reports) or `SENDMSG` from guest
 //! memory and registered pool buffers on the source, `RECV` on the destination.
 
+pub mod seal;
 pub mod tcp;
 pub mod uring;
