@@ -331,7 +331,7 @@ pub fn bench_guest(secs: u64) -> Result<()> {
 /// `bench migrate`: in a fresh lab, a mixed workload guest of `memory_mib` with 2 vCPUs is
 /// migrated a→b once per dirty rate; prints total time, downtime and its parts, guest-observed
 /// pause, rounds and bytes (table, and JSON lines in target/bench/migrate.jsonl).
-pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32) -> Result<()> {
+pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32, encrypt: bool) -> Result<()> {
     use ferry::control::agent::MigrateRequest;
     use ferry::migrate::{MigrateOptions, MigrationRecord, Phase};
     let bin = build_ferry()?;
@@ -342,8 +342,9 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32) -> Result<()> 
     std::fs::create_dir_all(&out_dir)?;
     let mut jsonl = String::new();
     println!(
-        "{:>7} {:>9} {:>8} {:>10} {:>10} {:>9} {:>7} {:>11} {:>11} {:>7}",
+        "{:>7} {:>4} {:>9} {:>8} {:>10} {:>10} {:>9} {:>7} {:>11} {:>11} {:>7}",
         "MEMORY",
+        "ENC",
         "DIRTY",
         "TOTAL",
         "DOWNTIME",
@@ -354,9 +355,10 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32) -> Result<()> 
         "WIRE MiB",
         "RATIO"
     );
+    let modes: &[bool] = if encrypt { &[false, true] } else { &[false] };
     for &rate in rates {
-        for run in 0..repeat.max(1) {
-            let name = format!("m{rate}r{run}");
+        for (run, &enc) in (0..repeat.max(1)).flat_map(|r| modes.iter().map(move |m| (r, m))) {
+            let name = format!("m{rate}r{run}{}", if enc { "e" } else { "" });
             let _: VmInfo = a.post(
                 "/v1/vms",
                 &workload(&name, memory_mib, 2, Profile::Mixed, rate),
@@ -368,7 +370,10 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32) -> Result<()> 
                 &MigrateRequest {
                     vm: name.clone(),
                     to: "b".into(),
-                    options: MigrateOptions::default(),
+                    options: MigrateOptions {
+                        encrypt: enc,
+                        ..MigrateOptions::default()
+                    },
                     force: false,
                 },
             )?;
@@ -383,8 +388,9 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32) -> Result<()> 
             let s = rec.summary.clone().context("summary")?;
             let d = &s.downtime;
             println!(
-                "{:>5} M {:>5} M/s {:>7.2}s {:>7.2} ms {:>7.2} ms {:>9} {:>7} {:>11.1} {:>11.1} {:>6.2}x",
+                "{:>5} M {:>4} {:>5} M/s {:>7.2}s {:>7.2} ms {:>7.2} ms {:>9} {:>7} {:>11.1} {:>11.1} {:>6.2}x",
                 memory_mib,
+                if enc { "yes" } else { "no" },
                 rate,
                 s.total_s,
                 d.total_ms,
@@ -399,6 +405,7 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32) -> Result<()> 
                 "bench": "migrate",
                 "memory_mib": memory_mib, "vcpus": 2, "profile": "mixed", "dirty_rate_mib_s": rate,
                 "run": run,
+                "encrypted": enc,
                 "summary": s,
             })
             .to_string();

@@ -82,6 +82,9 @@ enum BenchWhat {
         /// Migrations per rate.
         #[arg(long, default_value_t = 3)]
         repeat: u32,
+        /// Also migrate each with encrypted page streams, next to the plain runs.
+        #[arg(long)]
+        encrypt: bool,
     },
 }
 
@@ -161,7 +164,8 @@ fn run(cli: Cli) -> Result<()> {
                 memory_mib,
                 rates,
                 repeat,
-            } => xtask::dev::bench_migrate(memory_mib, &rates, repeat),
+                encrypt,
+            } => xtask::dev::bench_migrate(memory_mib, &rates, repeat, encrypt),
         },
     }
 }

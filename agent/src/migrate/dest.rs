@@ -316,7 +316,12 @@ fn receive(
         frame.expect(Command::State)?;
         let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         handle.set_phase(Phase::Switchover);
-        let state = VmState::decode(&frame.payload)?;
+        let mut payload = frame.payload;
+        if let Some(k) = &data_key {
+            crate::transport::seal::Sealer::new(k, crate::transport::seal::CONTROL_LANE)
+                .open(cr.last_seq(), &mut payload)?;
+        }
+        let state = VmState::decode(&payload)?;
         if state.spec != setup.spec || state.regions != setup.regions {
             return Err(refuse(
                 "the state does not match the VM set up for it".into(),

@@ -375,6 +375,13 @@ pub struct FrameWriter<W: Write> {
 }
 
 impl<W: Write> FrameWriter<W> {
+    /// The sequence number the next frame will carry.
+    pub fn next_seq(&self) -> u32 {
+        self.seq
+    }
+}
+
+impl<W: Write> FrameWriter<W> {
     pub fn new(inner: W) -> Self {
         FrameWriter {
             inner,

@@ -328,6 +328,8 @@ fn worker_loop(
 
 struct Engine<'a> {
     job: &'a SourceJob,
+    /// The migration's data key when it is encrypted.
+    data_key: Option<[u8; 32]>,
     mem: Arc<GuestMemory>,
     workers: Vec<Worker>,
     reports: Receiver<Report>,
@@ -793,6 +795,7 @@ fn precopy_and_prepare(
     drop(rep_tx);
     let mut eng = Engine {
         job,
+        data_key,
         mem: mem.clone(),
         workers,
         reports: rep_rx,
@@ -890,7 +893,18 @@ fn eng_run(
         ));
     }
     let state = vm.capture_state()?;
-    let blob = state.encode()?;
+    let mut blob = state.encode()?;
+    if let Some(k) = &eng.data_key {
+        // The vCPU state (registers may hold secrets) is sealed like the pages, on the control
+        // connection's lane.
+        let len = blob.len();
+        blob.resize(len + crate::transport::seal::TAG_LEN, 0);
+        crate::transport::seal::Sealer::new(k, crate::transport::seal::CONTROL_LANE).seal(
+            cw.next_seq(),
+            &mut blob,
+            len,
+        )?;
+    }
     cw.send(Command::State, 0, &blob)?;
     let t_state_sent = Instant::now();
     let mut st = eng.collect(round, total, true, started)?;

@@ -13,6 +13,9 @@ use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 
 use crate::migrate::session::ClusterKey;
 
+/// The lane (stream index in the nonce) of frames sealed on the control connection.
+pub const CONTROL_LANE: u32 = u32::MAX;
+
 /// Bytes a sealed payload grows by.
 pub const TAG_LEN: usize = 16;
 
