@@ -517,28 +517,78 @@ impl FrameSink {
 impl Drop for FrameSink {
     fn drop(&mut self) {
         if self.ring.is_some() && (self.current.is_some() || self.ledger.in_flight() > 0) {
-            // Reset the connection: what is queued is dropped, so the sends fail and the
+            // Reset the connection: what is queued is dropped, so the sends fail and most
             // zero-copy notifications arrive at once.
             crate::transport::tcp::abort(&self.sock);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.current.is_some()
-                || self.ledger.in_flight() > usize::from(self.open.is_some())
-            {
-                if Instant::now() > deadline {
-                    // The kernel may still read these buffers: leak them rather than free them.
-                    tracing::error!(
-                        in_flight = self.ledger.in_flight(),
-                        "send buffers still in flight at teardown; leaking them"
-                    );
-                    std::mem::forget(std::mem::take(&mut self.bufs));
-                    break;
-                }
-                // Errors are expected here (the connection is gone); completions still count.
-                if self.reap(true).is_err() && self.current.is_some() {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+            if self.drain(Duration::from_millis(500)) {
+                return;
+            }
+            // A notification can lag until the socket is closed: let a thread wait for it,
+            // so that teardown does not; it must not hold the connection open (a placeholder
+            // socket stands in; nothing is sent on it).
+            let placeholder =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None);
+            let Ok(sock) = placeholder.map(TcpStream::from) else {
+                self.leak();
+                return;
+            };
+            let mut rest = FrameSink {
+                sock,
+                ring: self.ring.take(),
+                mode: self.mode,
+                zc: self.zc,
+                fixed: self.fixed,
+                bufs: std::mem::take(&mut self.bufs),
+                ledger: std::mem::take(&mut self.ledger),
+                current: self.current.take(),
+                open: self.open.take(),
+                poison: false,
+                zc_pending: std::mem::take(&mut self.zc_pending),
+                stats: self.stats,
+            };
+            let spawned = std::thread::Builder::new()
+                .name("zc-reaper".into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    if rest.drain(Duration::from_secs(60)) {
+                        tracing::debug!(after = ?t.elapsed(), "late zero-copy notifications arrived");
+                    } else {
+                        rest.leak();
+                    }
+                    // Drained or leaked: nothing left for Drop to wait for.
+                    drop(rest.ring.take());
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a thread to wait for zero-copy notifications");
             }
         }
+    }
+}
+
+impl FrameSink {
+    /// Reap completions until no send is in flight, or `timeout`; true when none is.
+    fn drain(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.current.is_some() || self.ledger.in_flight() > usize::from(self.open.is_some()) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            // Errors are expected here (the connection is gone); completions still count.
+            if self.reap(true).is_err() && self.current.is_some() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        true
+    }
+
+    /// The kernel may still read these buffers: leak them rather than free them.
+    fn leak(&mut self) {
+        tracing::error!(
+            in_flight = self.ledger.in_flight(),
+            busy = ?self.ledger.busy,
+            "send buffers still in flight at teardown; leaking them"
+        );
+        std::mem::forget(std::mem::take(&mut self.bufs));
     }
 }
 
