@@ -173,6 +173,9 @@ pub struct MigrateArgs {
     /// config says `[migration] encrypt = true`)
     #[arg(long)]
     pub encrypt: bool,
+    /// Send pages raw (zero pages still skipped): no LZ4, no deltas
+    #[arg(long)]
+    pub no_compress: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -800,6 +803,7 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
         streams: m.streams,
         verify: m.verify,
         encrypt: m.encrypt,
+        compress: !m.no_compress,
         ..MigrateOptions::default()
     };
     if let Some(p) = m.cache_percent {

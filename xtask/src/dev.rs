@@ -156,7 +156,7 @@ pub fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn build_ferry() -> Result<PathBuf> {
+pub fn build_ferry() -> Result<PathBuf> {
     run(cargo().args(["build", "-p", "ferry"]))?;
     let bin = workspace_root().join("target/debug/ferry");
     if !bin.is_file() {
@@ -165,7 +165,11 @@ fn build_ferry() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn wait<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub(crate) fn wait<T>(
+    what: &str,
+    secs: u64,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(v) = f()? {
@@ -178,7 +182,13 @@ fn wait<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<Option<T>>) -> R
     }
 }
 
-fn workload(name: &str, memory_mib: u64, vcpus: u32, profile: Profile, rate: u64) -> CreateRequest {
+pub(crate) fn workload(
+    name: &str,
+    memory_mib: u64,
+    vcpus: u32,
+    profile: Profile,
+    rate: u64,
+) -> CreateRequest {
     CreateRequest {
         name: name.into(),
         memory_mib,
@@ -195,7 +205,7 @@ fn workload(name: &str, memory_mib: u64, vcpus: u32, profile: Profile, rate: u64
     }
 }
 
-fn filled(c: &Client, name: &str) -> Result<Option<VmInfo>> {
+pub(crate) fn filled(c: &Client, name: &str) -> Result<Option<VmInfo>> {
     let i: VmInfo = c.get(&format!("/v1/vms/{name}"))?;
     Ok((!i.heartbeats.is_empty() && i.heartbeats.iter().all(|h| h.phase == "work")).then_some(i))
 }
@@ -241,7 +251,7 @@ pub fn demo() -> Result<()> {
     Ok(())
 }
 
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = after.split_whitespace().collect();

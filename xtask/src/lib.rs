@@ -5,3 +5,4 @@
 
 pub mod dev;
 pub mod lab;
+pub mod matrix;

@@ -86,6 +86,44 @@ enum BenchWhat {
         #[arg(long)]
         encrypt: bool,
     },
+    /// The migration matrix in the lab, next to the raw link measured in the same run: memory x
+    /// content x dirty rate x streams x compression x zero-copy; a table, JSON lines, markdown,
+    /// SVG plots in target/bench/, and the goals met or missed. `--quick`: a subset, < 2 min.
+    Matrix(MatrixArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct MatrixArgs {
+    /// The small subset behind the key ratios (overrides the dimensions below)
+    #[arg(long)]
+    quick: bool,
+    /// Guest memory in MiB
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
+    memory: Vec<u64>,
+    /// Guest memory content: zero, random, text, mixed
+    #[arg(long, value_delimiter = ',', default_value = "zero,random,text,mixed")]
+    profiles: Vec<String>,
+    /// Dirty rates in MiB/s; `fast` = unpaced (faster than the link)
+    #[arg(long, value_delimiter = ',', default_value = "0,64,256,fast")]
+    rates: Vec<String>,
+    /// Data streams
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    streams: Vec<u32>,
+    /// Compression: on, off
+    #[arg(long, value_delimiter = ',', default_value = "on,off")]
+    compress: Vec<String>,
+    /// Zero-copy sends: on, off
+    #[arg(long, value_delimiter = ',', default_value = "on,off")]
+    zero_copy: Vec<String>,
+    /// Label for the output files (target/bench/matrix-LABEL.*)
+    #[arg(long, default_value = "current")]
+    label: String,
+    /// The ferry binary under test [default: this tree's build]
+    #[arg(long)]
+    ferry_bin: Option<std::path::PathBuf>,
+    /// A/B: run the same cells with this other build too (label "b"), then compare
+    #[arg(long)]
+    compare_bin: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,8 +204,65 @@ fn run(cli: Cli) -> Result<()> {
                 repeat,
                 encrypt,
             } => xtask::dev::bench_migrate(memory_mib, &rates, repeat, encrypt),
+            BenchWhat::Matrix(m) => bench_matrix(m),
         },
     }
+}
+
+fn bench_matrix(m: MatrixArgs) -> Result<()> {
+    use xtask::matrix::{MatrixSpec, FAST};
+    let onoff = |v: &[String], what: &str| -> Result<Vec<bool>> {
+        v.iter()
+            .map(|s| match s.as_str() {
+                "on" => Ok(true),
+                "off" => Ok(false),
+                o => anyhow::bail!("--{what}: {o:?} is neither on nor off"),
+            })
+            .collect()
+    };
+    let bin = match m.ferry_bin {
+        Some(b) => b,
+        None => xtask::dev::build_ferry()?,
+    };
+    let mut spec = if m.quick {
+        MatrixSpec::quick(bin, m.label.clone())
+    } else {
+        MatrixSpec {
+            memory_mib: m.memory,
+            profiles: m
+                .profiles
+                .iter()
+                .map(|p| {
+                    serde_json::from_value(serde_json::Value::String(p.clone())).map_err(|_| {
+                        anyhow::anyhow!("--profiles: {p:?} is not one of zero, random, text, mixed")
+                    })
+                })
+                .collect::<Result<_>>()?,
+            rates: m
+                .rates
+                .iter()
+                .map(|r| match r.as_str() {
+                    "fast" => Ok(FAST),
+                    r => r
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("--rates: {r:?} is not MiB/s or `fast`")),
+                })
+                .collect::<Result<_>>()?,
+            streams: m.streams,
+            compress: onoff(&m.compress, "compress")?,
+            zero_copy: onoff(&m.zero_copy, "zero-copy")?,
+            label: m.label.clone(),
+            ferry_bin: bin,
+        }
+    };
+    let a = xtask::matrix::run(&spec)?;
+    if let Some(other) = m.compare_bin {
+        spec.ferry_bin = other;
+        spec.label = format!("{}-vs", m.label);
+        let b = xtask::matrix::run(&spec)?;
+        xtask::matrix::compare(&a, &b)?;
+    }
+    Ok(())
 }
 
 fn lab_up(args: UpArgs) -> Result<()> {

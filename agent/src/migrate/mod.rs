@@ -102,6 +102,8 @@ pub struct MigrateOptions {
     pub poison_buffers: bool,
     /// Encrypt the page frames on the data streams (AES-256-GCM; needs the cluster key).
     pub encrypt: bool,
+    /// Compress pages (LZ4, XOR deltas); off: zero pages are still skipped, the rest go raw.
+    pub compress: bool,
 }
 
 impl Default for MigrateOptions {
@@ -114,6 +116,7 @@ impl Default for MigrateOptions {
             send_mode: Default::default(),
             poison_buffers: false,
             encrypt: false,
+            compress: true,
         }
     }
 }

@@ -131,6 +131,8 @@ struct DataConn {
     acks: FrameReader<BufReader<TcpStream>>,
     /// Seals page frames when the migration is encrypted.
     seal: Option<crate::transport::seal::Sealer>,
+    /// LZ4 and deltas (else zero or raw only).
+    compress: bool,
 }
 
 impl DataConn {
@@ -239,6 +241,25 @@ fn worker_loop(
                         if round == 0 && is_zero(slot) {
                             // The destination's fresh memory is zero already.
                             t.skipped += 1;
+                            sent.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if !c.compress {
+                            let (e, n) = if is_zero(slot) {
+                                (protocol::Encoding::Zero, 0)
+                            } else {
+                                (protocol::Encoding::Raw, PAGE)
+                            };
+                            protocol::write_record_header(
+                                &mut buf[fr.pos..fr.pos + RECORD_LEN],
+                                gpa,
+                                e,
+                                n,
+                            );
+                            fr.pos += RECORD_LEN + n;
+                            fr.count += 1;
+                            t.enc.add(e, n);
+                            t.pages += 1;
                             sent.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
@@ -776,6 +797,7 @@ fn precopy_and_prepare(
             bytes: w.bytes,
             acks,
             seal: data_key.map(|k| crate::transport::seal::Sealer::new(&k, i)),
+            compress: job.options.compress,
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let sent = Arc::new(AtomicU64::new(0));
