@@ -1,6 +1,6 @@
-//! Micro-benchmarks of the page codec: encode and decode per content profile, the XOR delta,
-//! and the zero-page scan. `cargo bench -p ferry-benches` (criterion; throughput in bytes of
-//! guest pages per second).
+//! Micro-benchmarks of the data path: the page codec (encode and decode per content profile,
+//! the XOR delta, the zero-page scan), frame sealing (`--encrypt`), the dirty-bitmap scan, and
+//! page-frame encode/decode. `cargo bench -p ferry-benches` (criterion; throughput per second).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferry::migrate::codec::{decode, Encoder, PAGE};
@@ -114,5 +114,62 @@ fn seal(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, encode_decode, seal);
+/// Scanning the dirty bitmap of a 4 GiB guest (1 Mi pages) with 1 % and 50 % of pages dirty.
+fn dirty_scan(c: &mut Criterion) {
+    use ferry::vm::memory::{DirtyBitmap, RegionBitmap, RegionLayout};
+    let layout = RegionLayout {
+        gpa: 0,
+        size: 4 << 30,
+    };
+    let mut g = c.benchmark_group("dirty-bitmap");
+    g.throughput(Throughput::Elements(layout.pages()));
+    for pct in [1u64, 50] {
+        let mut r = RegionBitmap::empty(layout);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for p in 0..layout.pages() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x % 100 < pct {
+                r.set(p);
+            }
+        }
+        let bm = DirtyBitmap { regions: vec![r] };
+        g.bench_with_input(
+            BenchmarkId::new("scan-4g", format!("{pct}pct")),
+            &bm,
+            |b, bm| b.iter(|| bm.iter_gpa().fold(0u64, |a, g| a ^ g)),
+        );
+    }
+    g.finish();
+}
+
+/// A page frame: encode (header, CRC-32C) and decode (header and payload checks, records).
+fn frames(c: &mut Criterion) {
+    use ferry::migrate::protocol::{
+        encode_frame, parse_records, push_record, Command, Encoding, FrameReader,
+    };
+    let text = pages(Profile::Text);
+    let mut payload = Vec::new();
+    for (i, p) in text.iter().take(60).enumerate() {
+        push_record(&mut payload, i as u64 * PAGE as u64, Encoding::Raw, p);
+    }
+    let mut g = c.benchmark_group("frame");
+    g.throughput(Throughput::Bytes(payload.len() as u64));
+    g.bench_function("encode-240k", |b| {
+        b.iter(|| encode_frame(Command::Pages, 60, &payload, 1).len())
+    });
+    let frame = encode_frame(Command::Pages, 60, &payload, 0);
+    let mut buf = Vec::new();
+    g.bench_function("decode-240k", |b| {
+        b.iter(|| {
+            let mut r = FrameReader::new(std::io::Cursor::new(&frame[..]));
+            let (_, count) = r.next_into(&mut buf).unwrap();
+            parse_records(&buf, count).unwrap().len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, encode_decode, seal, dirty_scan, frames);
 criterion_main!(benches);

@@ -92,13 +92,22 @@ fn held(pid: u32) -> Held {
             std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("bpf_link"))
         })
         .count();
+    // The async runtime's worker pool grows and shrinks on its own (idle blocking threads
+    // retire after 10 s of disuse, and periodic work can keep one alive): its threads, and
+    // their stacks (two mappings each: stack and guard), are not counted.
+    let pool = thread_names(pid)
+        .iter()
+        .filter(|n| n.starts_with("tokio-rt"))
+        .count();
+    let threads = std::fs::read_dir(proc.join("task")).expect("tasks").count();
+    let maps = std::fs::read_to_string(proc.join("maps"))
+        .expect("maps")
+        .lines()
+        .count();
     Held {
         fds: fds.len(),
-        threads: std::fs::read_dir(proc.join("task")).expect("tasks").count(),
-        maps: std::fs::read_to_string(proc.join("maps"))
-            .expect("maps")
-            .lines()
-            .count(),
+        threads: threads - pool,
+        maps: maps.saturating_sub(2 * pool),
         bpf_links,
     }
 }
