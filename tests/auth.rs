@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry::migrate::protocol::{self, Command, FrameReader, FrameWriter, Hello, HelloAck};
 use ferry::migrate::session::{self, Auth, ClusterKey, Identity};
-use ferry_tests::{ferry_bin, require, LabFerry, Need};
+use ferry_tests::{ferry_bin, in_netns, require, LabFerry, Need};
 use xtask::lab::{Lab, LabOptions};
 
 fn lab(test: &str) -> Option<Lab> {
@@ -16,21 +16,6 @@ fn lab(test: &str) -> Option<Lab> {
         return None;
     }
     Some(Lab::up(LabOptions::for_test(test).with_ferry_bin(ferry_bin())).expect("lab up"))
-}
-
-/// Run `f` on a thread inside network namespace `netns`.
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{netns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).expect("open netns");
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on this thread only, with a namespace fd we hold open.
-        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("netns thread")
 }
 
 const B: &str = "198.18.0.2:7720";

@@ -15,6 +15,7 @@ pub mod checks;
 pub mod cli;
 pub mod control;
 pub mod faults;
+pub mod metrics;
 pub mod migrate;
 pub mod netpin;
 pub mod transport;

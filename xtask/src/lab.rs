@@ -55,6 +55,8 @@ pub const STATE_FILE: &str = "lab.json";
 /// what two streams of a raw TCP blast reach on the lab machines (~34 Gbit/s).
 pub const LAB_LINK_SPEED: &str = "40gbit";
 pub const MGMT_IFACE: &str = "mgmt0";
+/// Each lab agent serves Prometheus metrics on its management address at this port.
+pub const METRICS_PORT: u16 = 9720;
 /// Dedicated migration interface in each host namespace.
 pub const MIGRATION_IFACE: &str = "mig0";
 /// The VM-network bridge in each host namespace (the port group [`PORT_GROUP`]).
@@ -828,8 +830,10 @@ impl Lab {
                 &peers,
             )? + &format!(
                 "\n[cluster]\nkey_file = {}\nownership_datastore = \"shared\"\n\n\
+                 [metrics]\naddress = \"{}:{METRICS_PORT}\"\n\n\
                  # The lab is a test bench: it accepts fault injection.\n[debug]\nfaults = true\n",
-                toml_path(&key)?
+                toml_path(&key)?,
+                h.mgmt_addr
             );
             fs::write(&h.config, text)
                 .with_context(|| format!("cannot write agent config {}", h.config.display()))?;

@@ -41,6 +41,9 @@
 //! key_file = "/etc/ferry/cluster.key"     # shared secret of the cluster (>= 32 bytes, 0600)
 //! ownership_datastore = "shared"          # where guest ownership records live (the commit point)
 //!
+//! [metrics]
+//! address = "198.18.0.1:9720"             # Prometheus text at GET /metrics (absent: off)
+//!
 //! [debug]
 //! faults = false                          # accept fault injection (POST /v1/debug/faults); tests only
 //! ```
@@ -208,6 +211,8 @@ pub struct Config {
     pub cluster: ClusterSection,
     #[serde(default)]
     pub debug: DebugSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
 }
 
 /// `[cluster]`: how agents trust each other.
@@ -224,6 +229,16 @@ pub struct ClusterSection {
     /// `Commit` frame alone, and a source that hears nothing after it can only ask the peer.
     #[serde(default)]
     pub ownership_datastore: Option<String>,
+}
+
+/// `[metrics]`: the opt-in Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Serve `GET /metrics` (Prometheus text) on this address and port, e.g. the management
+    /// address: "198.18.0.1:9720". Absent: no endpoint.
+    #[serde(default)]
+    pub address: Option<std::net::SocketAddr>,
 }
 
 /// `[debug]`: switches for tests.

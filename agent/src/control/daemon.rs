@@ -175,6 +175,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tracing::info!(%addr, "listening for peer agents");
     }
 
+    if let Some(addr) = agent.config.metrics.address {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Listen { addr, source })?;
+        let app = axum::Router::new()
+            .route("/metrics", axum::routing::get(metrics))
+            .with_state(agent.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!(error = %e, "the metrics endpoint stopped");
+            }
+        });
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+
     // The local API last: once it answers, the agent is fully up.
     let listener = bind(&socket)?;
     tracing::info!(
@@ -207,6 +222,40 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&socket);
     tracing::info!("agent stopped");
     served.map_err(DaemonError::Serve)
+}
+
+/// `GET /metrics`: Prometheus text (see [`crate::metrics`]).
+async fn metrics(
+    axum::extract::State(agent): axum::extract::State<Arc<Agent>>,
+) -> impl axum::response::IntoResponse {
+    let a = agent.clone();
+    let live = tokio::task::spawn_blocking(move || {
+        let mut live = crate::metrics::Live::default();
+        for v in a.list() {
+            let state = serde_json::to_value(v.state)
+                .ok()
+                .and_then(|s| s.as_str().map(str::to_string))
+                .unwrap_or_else(|| format!("{:?}", v.state).to_lowercase());
+            *live.guests.entry(state).or_default() += 1;
+        }
+        for i in a.stats().interfaces {
+            for (d, dir) in [("tx", &i.tx), ("rx", &i.rx)] {
+                let bps = dir.migration.bits_per_s + dir.other.bits_per_s;
+                let ratio = i.speed_bps.filter(|s| *s > 0).map(|s| bps / s as f64);
+                live.links.push((i.name.clone(), d, bps, ratio));
+            }
+        }
+        live
+    })
+    .await
+    .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&live),
+    )
 }
 
 /// Keep `Arc` in the public signature stable for callers holding the agent.

@@ -387,6 +387,7 @@ impl MigrationHandle {
             r.pages_left = 0;
             r.eta_s = None;
         });
+        crate::metrics::ended(&self.record(), Some(e));
     }
 
     pub fn complete(&self, s: Summary) {
@@ -399,6 +400,7 @@ impl MigrationHandle {
             r.eta_s = None;
             r.summary = Some(s);
         });
+        crate::metrics::ended(&self.record(), None);
     }
 
     /// Say how an ending after the commit point was resolved.
