@@ -328,3 +328,91 @@ fn without_a_migration_nic_the_agent_runs_and_says_why_ebpf_is_off() {
     let o = a.cli(&["stats"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("unavailable"));
 }
+
+/// The systemd unit's way of starting the agent (ExecStartPre, then ExecStart with
+/// `Type=notify` and a watchdog), taken from dist/ferry-agent.service itself: the config check
+/// passes, the agent says READY=1 once its API answers, sends WATCHDOG=1 heartbeats, and
+/// STOPPING=1 on SIGTERM. (`systemd-analyze verify` of the unit runs in `cargo xtask test`.)
+#[test]
+fn agent_speaks_the_units_notify_protocol() {
+    if !can_run("agent_speaks_the_units_notify_protocol") {
+        return;
+    }
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/ferry-agent.service"),
+    )
+    .unwrap();
+    let line = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the unit"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let (pre, start) = (line("ExecStartPre="), line("ExecStart="));
+    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
+    assert_eq!(pre[0], "/usr/bin/ferry");
+    assert_eq!(start[0], "/usr/bin/ferry");
+
+    let dir = std::env::temp_dir().join(format!("ferry-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let rx = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    rx.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    // The unit's arguments minus --config (TestAgent writes and passes its own).
+    let strip = |v: &[String]| -> Vec<String> {
+        let mut out = Vec::new();
+        let mut it = v[1..].iter();
+        while let Some(a) = it.next() {
+            if a == "--config" {
+                it.next();
+            } else {
+                out.push(a.clone());
+            }
+        }
+        out
+    };
+    let start_args = strip(&start);
+    assert_eq!(start_args[0], "agent");
+    let extra: Vec<&str> = start_args[1..].iter().map(String::as_str).collect();
+    let a = TestAgent::start_with(
+        "notify",
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+        &extra,
+    );
+    // ExecStartPre: the config check, with the same config.
+    let pre_args = strip(&pre);
+    let o = std::process::Command::new(ferry_tests::ferry_bin())
+        .args(&pre_args)
+        .arg("--config")
+        .arg(a.dir.join("agent.toml"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let mut buf = [0u8; 256];
+    let mut seen = Vec::new();
+    while !(seen.iter().any(|m| m == "READY=1") && seen.iter().any(|m| m == "WATCHDOG=1")) {
+        let n = rx.recv(&mut buf).expect("a notification within 15 s");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(seen[0], "READY=1", "{seen:?}");
+    // Ready means the API answers.
+    assert!(a.json(&["host"])["tsc_khz"].as_u64().unwrap() > 0);
+    let mut a = a;
+    assert!(a.stop().is_some_and(|s| s.success()));
+    let mut last = String::new();
+    while let Ok(n) = rx.recv(&mut buf) {
+        last = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if last == "STOPPING=1" {
+            break;
+        }
+    }
+    assert_eq!(last, "STOPPING=1");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

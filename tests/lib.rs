@@ -97,6 +97,11 @@ pub struct TestAgent {
 
 impl TestAgent {
     pub fn start(test: &str) -> TestAgent {
+        Self::start_with(test, &[], &[])
+    }
+
+    /// Start with extra environment variables and extra agent arguments.
+    pub fn start_with(test: &str, env: &[(&str, &str)], args: &[&str]) -> TestAgent {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!(
@@ -122,6 +127,8 @@ impl TestAgent {
         let child = std::process::Command::new(ferry_bin())
             .args(["agent", "--config"])
             .arg(&config)
+            .args(args)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)

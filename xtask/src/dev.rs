@@ -14,11 +14,14 @@ use ferry::vm::{GuestKind, Profile, WorkloadParams};
 use crate::lab::{self, Lab, LabOptions};
 
 /// Debian packages the project needs, with a command that proves each is present: iproute2 for
-/// the lab (ip, tc), clang-19 to check the committed BPF object.
+/// the lab (ip, tc), clang-19 to check the committed BPF object, systemd (systemd-analyze) and
+/// man-db to check the systemd unit and its man-page link.
 pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("procps", "ps"),
     ("clang-19", "clang-19"),
+    ("systemd", "systemd-analyze"),
+    ("man-db", "man"),
 ];
 
 /// Where the BPF program and its committed object live.
@@ -87,7 +90,7 @@ fn have(cmd: &str) -> bool {
             .any(|d| Path::new(d).join(cmd).is_file())
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let st = cmd
         .status()
@@ -144,6 +147,10 @@ pub fn test(extra: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["build", "-p", "ferry"]))?;
+    // The systemd unit, against this build and its generated man pages.
+    let docs = workspace_root().join("target/unit-check");
+    crate::dist::docs(&docs)?;
+    crate::dist::verify_unit(&workspace_root().join("target/debug/ferry"), &docs)?;
     run(cargo().args(["test", "--workspace"]).args(extra))?;
     if extra.is_empty() {
         // The fault suite must pass three times in a row: twice more after the run above.

@@ -4,5 +4,6 @@
 //! - [`dev`]: deps, test, demo, benchmarks.
 
 pub mod dev;
+pub mod dist;
 pub mod lab;
 pub mod matrix;

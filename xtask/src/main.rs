@@ -46,6 +46,10 @@ enum Command {
     },
     /// The demo: build the lab, run a 1 GiB workload guest and a raw guest on host `a`.
     Demo,
+    /// A release build packaged for deployment: target/dist/ferry-VERSION-x86_64-linux.tar.gz
+    /// (binary, systemd unit, default config, man pages, completions, install notes); checks
+    /// the unit with systemd-analyze verify.
+    Dist,
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -195,6 +199,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::BuildEbpf { check } => xtask::dev::build_ebpf(check),
         Command::Test { args } => xtask::dev::test(&args),
         Command::Demo => xtask::dev::demo(),
+        Command::Dist => xtask::dist::dist().map(|_| ()),
         Command::Bench { what } => match what {
             BenchWhat::Guest { secs } => xtask::dev::bench_guest(secs),
             BenchWhat::Transport { gib } => xtask::dev::bench_transport(gib),

@@ -212,11 +212,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         })
     };
 
+    // Under systemd (Type=notify): ready now, and a watchdog heartbeat from the runtime, so a
+    // wedged agent gets restarted.
+    super::sdnotify::notify("READY=1");
+    let watchdog = super::sdnotify::watchdog_interval().map(|every| {
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                super::sdnotify::notify("WATCHDOG=1");
+            }
+        })
+    });
+
     let app = api::router(agent.clone());
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await;
     sampler.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    super::sdnotify::notify("STOPPING=1");
     let a = agent.clone();
     let _ = tokio::task::spawn_blocking(move || a.shutdown()).await;
     let _ = std::fs::remove_file(&socket);
