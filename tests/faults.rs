@@ -322,8 +322,7 @@ fn destination_killed_in_round(test: &str, round: u32) {
         let t_fault = Instant::now();
         assert_eq!(rec["phase"], "failed", "{rec}");
         assert!(
-            error_of(&rec).contains("the peer closed the connection")
-                || error_of(&rec).contains("reset by peer"),
+            error_of(&rec).contains("lost the destination b"),
             "the reason says the destination went away: {rec}"
         );
         source_resumed(&f, "v", t_fault, RESUME_AFTER_RESET);

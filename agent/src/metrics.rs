@@ -6,7 +6,7 @@
 //! - `ferry_migrations_total{direction,result}`: ended migrations (`completed`, `failed`,
 //!   `cancelled`).
 //! - `ferry_migration_failures_total{direction,reason}`: failures by kind (`refused`,
-//!   `timeout`, `policy`, `connect`, `stream`, `auth`, `verify`, `cancelled`, `other`).
+//!   `timeout`, `policy`, `connect`, `stream`, `lost`, `auth`, `verify`, `cancelled`, `other`).
 //! - `ferry_migration_duration_seconds` and `ferry_migration_downtime_seconds`: histograms of
 //!   completed outgoing migrations.
 //! - `ferry_migration_bytes_total{encoding}`: bytes on the wire by page encoding (outgoing).
@@ -79,6 +79,7 @@ pub fn reason(e: &MigrateError) -> &'static str {
         MigrateError::Connect { .. } => "connect",
         MigrateError::Stream { .. } | MigrateError::Protocol(_) => "stream",
         MigrateError::Auth(_) => "auth",
+        MigrateError::Lost { .. } => "lost",
         MigrateError::DigestMismatch { .. } => "verify",
         _ => "other",
     }

@@ -61,6 +61,8 @@ pub enum MigrateError {
     Stream { stream: u32, error: String },
     #[error("cancelled by the user")]
     Cancelled,
+    #[error("lost the destination {peer} (it stopped, or the network to it failed): {cause}")]
+    Lost { peer: String, cause: String },
     #[error("{0}")]
     Policy(String),
     #[error("the destination refused: {0}")]

@@ -603,7 +603,12 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
                         Err(protocol::ProtocolError::Aborted(reason)) => {
                             MigrateError::Refused(reason)
                         }
-                        _ => e,
+                        // No reason given: the destination went away (stopped, crashed, or
+                        // the network between us failed).
+                        _ => MigrateError::Lost {
+                            peer: peer_agent.clone(),
+                            cause: crate::control::error_chain(&e),
+                        },
                     }
                 }
                 e => e,
