@@ -416,3 +416,25 @@ fn agent_speaks_the_units_notify_protocol() {
     assert_eq!(last, "STOPPING=1");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The chosen restart behaviour (docs/operations.md): guests live in the agent, so stopping the
+/// agent (SIGTERM, as systemd does) stops them, says so, and exits cleanly; a new agent starts
+/// without them.
+#[test]
+fn stopping_the_agent_stops_its_guests_and_says_so() {
+    if !can_run("stopping_the_agent_stops_its_guests_and_says_so") {
+        return;
+    }
+    let mut a = TestAgent::start("restart");
+    a.json(&["vm", "create", "g", "--memory", "64M", "--start"]);
+    assert_eq!(a.json(&["vm", "inspect", "g"])["state"], "running");
+    let st = a.stop().expect("agent exit status");
+    assert!(st.success(), "{st}");
+    let log = a.log();
+    assert!(
+        log.contains("agent stopping: its guests stop with it") && log.contains("vms=1"),
+        "{log}"
+    );
+    let b = TestAgent::start("restart2");
+    assert_eq!(b.json(&["vm", "list"]).as_array().unwrap().len(), 0);
+}

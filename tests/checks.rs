@@ -290,3 +290,61 @@ fn the_switch_learns_the_guest_mac_where_it_runs() {
     assert_eq!(fdb_port(&lab, mac).as_deref(), Some("b-up"));
     lab.down().unwrap();
 }
+
+/// `--json` on every command prints JSON that parses (one object or array; `migrate` prints
+/// JSON lines), for each command of the CLI, against a lab.
+#[test]
+fn every_command_prints_json_that_parses() {
+    let Some(lab) = lab("chk-json") else { return };
+    let f = LabFerry { lab: &lab };
+    let dir = lab.root().join("json-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    let save = dir.join("j.snap");
+    let save = save.to_str().unwrap();
+    let runs: Vec<(&str, Vec<&str>)> = vec![
+        ("a", vec!["host"]),
+        ("a", vec!["vm", "create", "j", "--memory", "64M", "--start"]),
+        ("a", vec!["vm", "list"]),
+        ("a", vec!["vm", "inspect", "j"]),
+        ("a", vec!["vm", "console", "j"]),
+        ("a", vec!["vm", "pause", "j"]),
+        ("a", vec!["vm", "digest", "j"]),
+        ("a", vec!["vm", "verify", "j"]),
+        ("a", vec!["vm", "resume", "j"]),
+        ("a", vec!["check", "j", "--to", "b"]),
+        ("a", vec!["cpu", "baseline", "b"]),
+        ("a", vec!["ping", "b"]),
+        ("a", vec!["ping", "b", "--throughput", "0.5"]),
+        ("a", vec!["stats"]),
+        ("a", vec!["migrate", "j", "--to", "b"]),
+        ("a", vec!["migrations"]),
+        ("b", vec!["vm", "pause", "j"]),
+        ("b", vec!["vm", "save", "j", save]),
+        ("b", vec!["vm", "destroy", "j"]),
+        ("b", vec!["vm", "restore", save]),
+        ("b", vec!["vm", "stop", "j"]),
+        ("b", vec!["vm", "start", "j"]),
+    ];
+    for (host, args) in runs {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(&args);
+        let o = f.cli(host, &a);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "ferry --host {host} {args:?}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+        let whole = serde_json::from_str::<Value>(&out);
+        assert!(
+            whole.is_ok()
+                || (!lines.is_empty()
+                    && lines
+                        .iter()
+                        .all(|l| serde_json::from_str::<Value>(l).is_ok())),
+            "ferry --host {host} --json {args:?} is not JSON: {out}"
+        );
+    }
+    lab.down().unwrap();
+}
