@@ -847,6 +847,16 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
     let path = format!("/v1/migrations/{}", enc(&started.id));
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_line = std::time::Instant::now() - Duration::from_secs(10);
+    // On a terminal: one live status line (indicatif); otherwise a line a second.
+    let bar = (tty && !cli.json).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
     let rec = loop {
         let r: MigrationRecord = c.get(&path)?;
         if r.phase.finished() {
@@ -869,17 +879,16 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
                 r.throttle,
                 r.link_percent.map_or("-".into(), |p| format!("{p:.0} %"))
             );
-            if tty {
-                eprint!("\r\x1b[K{line}");
-            } else {
-                eprintln!("{line}");
+            match &bar {
+                Some(b) => b.set_message(line),
+                None => eprintln!("{line}"),
             }
             last_line = std::time::Instant::now();
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    if tty && !cli.json {
-        eprint!("\r\x1b[K");
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     if cli.json {
         println!(
@@ -1022,13 +1031,17 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("FERRY_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Under systemd, stderr goes to the journal ($JOURNAL_STREAM), which stamps each line
+    // itself: no second timestamp, no colours.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => b.json().try_init(),
-        LogFormat::Text => b.try_init(),
+    let _ = match (format, journal) {
+        (LogFormat::Json, _) => b.json().try_init(),
+        (LogFormat::Text, true) => b.without_time().try_init(),
+        (LogFormat::Text, false) => b.try_init(),
     };
 }
 
