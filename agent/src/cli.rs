@@ -42,7 +42,7 @@ pub const DEFAULT_LAB_ROOT: &str = "/run/ferry/lab";
     version,
     about = "Ferry: run KVM guests on this host and live-migrate them between hosts",
     long_about = "Ferry runs KVM guests on this host and live-migrates them between hosts.\n\n\
-`ferry agent` runs the host agent (normally as the systemd service `ferry`); every other \
+`ferry agent` runs the host agent (normally as the systemd service `ferry-agent`); every other \
 command talks to a running agent over its unix socket.\n\n\
 Exit codes: 0 success, 1 the request was refused or failed, 2 bad command line, 3 the agent \
 cannot be reached; 4 `ferry ping` lost some probes."
