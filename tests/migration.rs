@@ -287,7 +287,8 @@ fn killing_the_destination_agent_leaves_the_guest_on_the_source() {
     wait_for("guest beating on a", 10, || {
         (f.beats("a", "v") > b0).then_some(())
     });
-    // Restart b's agent: nothing of the guest is there.
+    // Restart b's agent (reaping the killed one first): nothing of the guest is there.
+    lab.stop_agent("b").unwrap();
     lab.start_agent("b").unwrap();
     let f = LabFerry { lab: &lab };
     assert!(f.vms("b").is_empty());
