@@ -234,8 +234,11 @@ fn encrypted_migration_and_hosts_that_require_it() {
         assert_eq!(rec["phase"], "completed", "{rec}");
         assert_eq!(rec["summary"]["encrypted"], true, "{rec}");
         assert_eq!(rec["summary"]["verified"], true, "{rec}");
-        let back = f.migrate("b", "e", "a", &["--verify"]);
+        // Back unencrypted and uncompressed (zero or raw pages only), still verified.
+        let back = f.migrate("b", "e", "a", &["--verify", "--no-compress"]);
         assert_eq!(back["summary"]["encrypted"], false, "{back}");
+        assert_eq!(back["summary"]["verified"], true, "{back}");
+        assert_eq!(back["summary"]["encodings"]["lz4"]["pages"], 0, "{back}");
     }
     // b now requires encryption.
     let path = lab.host("b").unwrap().config.clone();

@@ -82,16 +82,7 @@ struct Held {
 
 fn held(pid: u32) -> Held {
     let proc = Path::new("/proc").join(pid.to_string());
-    let fds: Vec<_> = std::fs::read_dir(proc.join("fd"))
-        .expect("agent fds")
-        .filter_map(|e| e.ok())
-        .collect();
-    let bpf_links = fds
-        .iter()
-        .filter(|e| {
-            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("bpf_link"))
-        })
-        .count();
+    let (fds, bpf_links) = ferry_tests::fds_and_bpf_links(pid);
     // The async runtime's worker pool grows and shrinks on its own (idle blocking threads
     // retire after 10 s of disuse, and periodic work can keep one alive): its threads, and
     // their stacks (two mappings each: stack and guard), are not counted.
@@ -105,7 +96,7 @@ fn held(pid: u32) -> Held {
         .lines()
         .count();
     Held {
-        fds: fds.len(),
+        fds,
         threads: threads - pool,
         maps: maps.saturating_sub(2 * pool),
         bpf_links,

@@ -342,3 +342,18 @@ pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + '
     .join()
     .expect("netns thread")
 }
+
+/// Open file descriptors of process `pid`, and how many of them are BPF links.
+pub fn fds_and_bpf_links(pid: u32) -> (usize, usize) {
+    let fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("process fds")
+        .filter_map(|e| e.ok())
+        .collect();
+    let links = fds
+        .iter()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("bpf_link"))
+        })
+        .count();
+    (fds.len(), links)
+}

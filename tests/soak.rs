@@ -20,16 +20,7 @@ struct Held {
 
 fn held(lab: &Lab, host: &str) -> Held {
     let pid = lab.host(host).unwrap().agent_pid.unwrap();
-    let fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .collect();
-    let bpf_links = fds
-        .iter()
-        .filter(|e| {
-            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("bpf_link"))
-        })
-        .count();
+    let (fds, bpf_links) = ferry_tests::fds_and_bpf_links(pid);
     // Resident memory of everything but the guest's own memory (one 64 MiB mapping), which
     // fills up as the guest touches pages.
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
@@ -48,7 +39,7 @@ fn held(lab: &Lab, host: &str) -> Held {
         }
     }
     Held {
-        fds: fds.len(),
+        fds,
         bpf_links,
         rss_kib,
         qdiscs: lab.exec(host, &["tc", "qdisc", "show"]).unwrap(),

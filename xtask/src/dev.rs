@@ -212,6 +212,60 @@ pub(crate) fn workload(
     }
 }
 
+/// Migrate `vm` from the agent behind `c` to `to` and wait until it ends; its summary, or an
+/// error if it did not complete.
+pub(crate) fn migrate_and_wait(
+    c: &Client,
+    vm: &str,
+    to: &str,
+    options: ferry::migrate::MigrateOptions,
+) -> Result<ferry::migrate::Summary> {
+    use ferry::control::agent::MigrateRequest;
+    use ferry::migrate::{MigrationRecord, Phase};
+    let rec: MigrationRecord = c.post(
+        "/v1/migrations",
+        &MigrateRequest {
+            vm: vm.into(),
+            to: to.into(),
+            options,
+            force: false,
+        },
+    )?;
+    let path = format!("/v1/migrations/{}", rec.id);
+    let rec: MigrationRecord = wait("migration", 900, || {
+        let r: MigrationRecord = c.get(&path)?;
+        Ok(r.phase.finished().then_some(r))
+    })?;
+    if rec.phase != Phase::Completed {
+        bail!("migration of {vm} to {to} failed: {:?}", rec.error);
+    }
+    rec.summary
+        .context("a completed migration without a summary")
+}
+
+/// A throughput probe from the agent behind `c` to peer `b` over the migration link.
+pub(crate) fn blast(
+    c: &Client,
+    mode: ferry::migrate::blast::BlastMode,
+    streams: u32,
+    bytes: u64,
+) -> Result<ferry::migrate::blast::BlastResult> {
+    use ferry::control::agent::PingRequest;
+    use ferry::migrate::blast::BlastRequest;
+    Ok(c.post(
+        "/v1/ping",
+        &PingRequest {
+            to: "b".into(),
+            throughput: Some(BlastRequest {
+                streams,
+                secs: 0.0,
+                bytes,
+                mode,
+            }),
+        },
+    )?)
+}
+
 pub(crate) fn filled(c: &Client, name: &str) -> Result<Option<VmInfo>> {
     let i: VmInfo = c.get(&format!("/v1/vms/{name}"))?;
     Ok((!i.heartbeats.is_empty() && i.heartbeats.iter().all(|h| h.phase == "work")).then_some(i))
@@ -349,8 +403,7 @@ pub fn bench_guest(secs: u64) -> Result<()> {
 /// migrated a→b once per dirty rate; prints total time, downtime and its parts, guest-observed
 /// pause, rounds and bytes (table, and JSON lines in target/bench/migrate.jsonl).
 pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32, encrypt: bool) -> Result<()> {
-    use ferry::control::agent::MigrateRequest;
-    use ferry::migrate::{MigrateOptions, MigrationRecord, Phase};
+    use ferry::migrate::MigrateOptions;
     let bin = build_ferry()?;
     let lab = Lab::up(LabOptions::for_test("bench-mig").with_ferry_bin(bin))?;
     let a = Client::new(&lab.host("a").context("lab host a")?.socket);
@@ -382,27 +435,15 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32, encrypt: bool)
             )?;
             wait("fill", 300, || filled(&a, &name))?;
             std::thread::sleep(Duration::from_secs(2));
-            let rec: MigrationRecord = a.post(
-                "/v1/migrations",
-                &MigrateRequest {
-                    vm: name.clone(),
-                    to: "b".into(),
-                    options: MigrateOptions {
-                        encrypt: enc,
-                        ..MigrateOptions::default()
-                    },
-                    force: false,
+            let s = migrate_and_wait(
+                &a,
+                &name,
+                "b",
+                MigrateOptions {
+                    encrypt: enc,
+                    ..MigrateOptions::default()
                 },
             )?;
-            let path = format!("/v1/migrations/{}", rec.id);
-            let rec: MigrationRecord = wait("migration", 600, || {
-                let r: MigrationRecord = a.get(&path)?;
-                Ok(r.phase.finished().then_some(r))
-            })?;
-            if rec.phase != Phase::Completed {
-                bail!("migration of {name} failed: {:?}", rec.error);
-            }
-            let s = rec.summary.clone().context("summary")?;
             let d = &s.downtime;
             println!(
                 "{:>5} M {:>4} {:>5} M/s {:>7.2}s {:>7.2} ms {:>7.2} ms {:>9} {:>7} {:>11.1} {:>11.1} {:>6.2}x",
@@ -443,29 +484,15 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32, encrypt: bool)
 /// send mode and 1 and 2 streams, next to the raw TCP blast; then a 2 GiB `random` guest
 /// migrated a→b, compared with the blast measured in the same run.
 pub fn bench_transport(gib: u64) -> Result<()> {
-    use ferry::control::agent::{MigrateRequest, PingRequest};
-    use ferry::migrate::blast::{BlastMode, BlastRequest, BlastResult};
-    use ferry::migrate::{MigrateOptions, MigrationRecord, Phase};
+    use ferry::migrate::blast::BlastMode;
+    use ferry::migrate::MigrateOptions;
     let bin = build_ferry()?;
     let lab = Lab::up(LabOptions::for_test("bench-tr").with_ferry_bin(bin))?;
     let a = Client::new(&lab.host("a").context("lab host a")?.socket);
     let out_dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let mut jsonl = String::new();
-    let blast = |mode: BlastMode, streams: u32, bytes: u64| -> Result<BlastResult> {
-        Ok(a.post(
-            "/v1/ping",
-            &PingRequest {
-                to: "b".into(),
-                throughput: Some(BlastRequest {
-                    streams,
-                    secs: 0.0,
-                    bytes,
-                    mode,
-                }),
-            },
-        )?)
-    };
+    let blast = |mode: BlastMode, streams: u32, bytes: u64| blast(&a, mode, streams, bytes);
     println!(
         "{:<16} {:>7} {:>9} {:>8} {:>14} {:>14}",
         "MODE", "STREAMS", "GB/s", "Gbit/s", "SEND CPU s/GiB", "RECV CPU s/GiB"
@@ -497,24 +524,7 @@ pub fn bench_transport(gib: u64) -> Result<()> {
     let _: VmInfo = a.post("/v1/vms", &workload("rnd", 2048, 2, Profile::Random, 0))?;
     wait("fill", 300, || filled(&a, "rnd"))?;
     std::thread::sleep(Duration::from_secs(1));
-    let rec: MigrationRecord = a.post(
-        "/v1/migrations",
-        &MigrateRequest {
-            vm: "rnd".into(),
-            to: "b".into(),
-            options: MigrateOptions::default(),
-            force: false,
-        },
-    )?;
-    let path = format!("/v1/migrations/{}", rec.id);
-    let rec: MigrationRecord = wait("migration", 600, || {
-        let r: MigrationRecord = a.get(&path)?;
-        Ok(r.phase.finished().then_some(r))
-    })?;
-    if rec.phase != Phase::Completed {
-        bail!("migration failed: {:?}", rec.error);
-    }
-    let s = rec.summary.context("summary")?;
+    let s = migrate_and_wait(&a, "rnd", "b", MigrateOptions::default())?;
     let after = blast(BlastMode::Tcp, 2, 4 << 30)?;
     let link = (before.gbytes_per_s + after.gbytes_per_s) / 2.0;
     let mig = (2u64 << 30) as f64 / s.total_s / 1e9;

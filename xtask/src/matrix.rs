@@ -6,16 +6,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use ferry::control::agent::{MigrateRequest, PingRequest};
+use anyhow::{Context, Result};
+
 use ferry::control::client::Client;
-use ferry::migrate::blast::{BlastMode, BlastRequest, BlastResult};
-use ferry::migrate::{MigrateOptions, MigrationRecord, Phase, Summary};
+use ferry::migrate::blast::BlastMode;
+use ferry::migrate::{MigrateOptions, Summary};
 use ferry::transport::uring::SendMode;
 use ferry::vm::workload::Profile;
 use serde::Serialize;
 
-use crate::dev::{cpu_seconds, filled, wait, workload, workspace_root};
+use crate::dev::{blast, cpu_seconds, filled, migrate_and_wait, wait, workload, workspace_root};
 use crate::lab::{Lab, LabOptions};
 
 /// "Faster than the link": the guest dirties memory unpaced (GiB/s on this machine).
@@ -145,20 +145,7 @@ pub fn run(spec: &MatrixSpec) -> Result<PathBuf> {
     std::fs::create_dir_all(&out_dir)?;
 
     // The raw link, per stream count, measured now (and again at the end).
-    let blast = |streams: u32| -> Result<BlastResult> {
-        Ok(hosts[0].0.post(
-            "/v1/ping",
-            &PingRequest {
-                to: "b".into(),
-                throughput: Some(BlastRequest {
-                    streams,
-                    secs: 0.0,
-                    bytes: 2 << 30,
-                    mode: BlastMode::Tcp,
-                }),
-            },
-        )?)
-    };
+    let blast = |streams: u32| blast(&hosts[0].0, BlastMode::Tcp, streams, 2 << 30);
     let mut link = std::collections::BTreeMap::new();
     for &s in &spec.streams {
         let r = blast(s)?;
@@ -206,57 +193,31 @@ pub fn run(spec: &MatrixSpec) -> Result<PathBuf> {
         // finding and zeroing fresh huge pages (about twice the time here); after one round
         // trip both hosts have had the memory once, and the cells compare like with like.
         for (from, to) in [(0usize, "b"), (1, "a")] {
-            let rec: MigrationRecord = hosts[from].0.post(
-                "/v1/migrations",
-                &MigrateRequest {
-                    vm: name.clone(),
-                    to: to.into(),
-                    options: MigrateOptions::default(),
-                    force: false,
-                },
-            )?;
-            let path = format!("/v1/migrations/{}", rec.id);
-            let rec: MigrationRecord = wait("warm-up migration", 900, || {
-                let r: MigrationRecord = hosts[from].0.get(&path)?;
-                Ok(r.phase.finished().then_some(r))
-            })?;
-            if rec.phase != Phase::Completed {
-                bail!("warm-up migration of {name} failed: {:?}", rec.error);
-            }
+            migrate_and_wait(&hosts[from].0, &name, to, MigrateOptions::default())
+                .context("warm-up migration")?;
         }
         std::thread::sleep(Duration::from_secs(1));
         let mut at = 0usize;
         for &cell in group {
             let (from, to) = (at, 1 - at);
             let cpu0 = (cpu_seconds(hosts[from].1), cpu_seconds(hosts[to].1));
-            let rec: MigrationRecord = hosts[from].0.post(
-                "/v1/migrations",
-                &MigrateRequest {
-                    vm: name.clone(),
-                    to: ["a", "b"][to].into(),
-                    options: MigrateOptions {
-                        streams: cell.streams,
-                        compress: cell.compress,
-                        send_mode: if cell.zero_copy {
-                            SendMode::ZeroCopyFixed
-                        } else {
-                            SendMode::Uring
-                        },
-                        ..MigrateOptions::default()
+            let s = migrate_and_wait(
+                &hosts[from].0,
+                &name,
+                ["a", "b"][to],
+                MigrateOptions {
+                    streams: cell.streams,
+                    compress: cell.compress,
+                    send_mode: if cell.zero_copy {
+                        SendMode::ZeroCopyFixed
+                    } else {
+                        SendMode::Uring
                     },
-                    force: false,
+                    ..MigrateOptions::default()
                 },
-            )?;
-            let path = format!("/v1/migrations/{}", rec.id);
-            let rec: MigrationRecord = wait("migration", 900, || {
-                let r: MigrationRecord = hosts[from].0.get(&path)?;
-                Ok(r.phase.finished().then_some(r))
-            })?;
-            if rec.phase != Phase::Completed {
-                bail!("{cell:?}: the migration failed: {:?}", rec.error);
-            }
+            )
+            .with_context(|| format!("{cell:?}"))?;
             let cpu1 = (cpu_seconds(hosts[from].1), cpu_seconds(hosts[to].1));
-            let s = rec.summary.context("summary")?;
             let l = link.get(&cell.streams).copied().unwrap_or(f64::NAN);
             let row = Row {
                 label: spec.label.clone(),

@@ -244,38 +244,29 @@ fn worker_loop(
                             sent.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
-                        if !c.compress {
-                            let (e, n) = if is_zero(slot) {
+                        let (e, n) = if !c.compress {
+                            // Zero or raw (the page is in place already); no delta cache.
+                            if is_zero(slot) {
                                 (protocol::Encoding::Zero, 0)
                             } else {
                                 (protocol::Encoding::Raw, PAGE)
+                            }
+                        } else {
+                            let cached = cache.contains(gpa);
+                            // The cache must always hold what the destination holds.
+                            let keep = cached || (round >= 1 && !last);
+                            if keep {
+                                scratch.copy_from_slice(slot);
+                            }
+                            let r = {
+                                let base = if cached { cache.get(gpa) } else { None };
+                                enc.encode_adaptive(slot, base, &mut adaptive)
                             };
-                            protocol::write_record_header(
-                                &mut buf[fr.pos..fr.pos + RECORD_LEN],
-                                gpa,
-                                e,
-                                n,
-                            );
-                            fr.pos += RECORD_LEN + n;
-                            fr.count += 1;
-                            t.enc.add(e, n);
-                            t.pages += 1;
-                            sent.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        let cached = cache.contains(gpa);
-                        // The cache must always hold what the destination holds.
-                        let keep = cached || (round >= 1 && !last);
-                        if keep {
-                            scratch.copy_from_slice(slot);
-                        }
-                        let (e, n) = {
-                            let base = if cached { cache.get(gpa) } else { None };
-                            enc.encode_adaptive(slot, base, &mut adaptive)
+                            if keep {
+                                cache.put(gpa, &scratch);
+                            }
+                            r
                         };
-                        if keep {
-                            cache.put(gpa, &scratch);
-                        }
                         protocol::write_record_header(
                             &mut buf[fr.pos..fr.pos + RECORD_LEN],
                             gpa,
