@@ -207,14 +207,20 @@ fn malformed_config_is_refused_with_line_and_column() {
 }
 
 /// `vm save` / `vm restore` through files: memory identical at the pause (digest), the guest's
-/// counters continue, and the memory verifies page by page afterwards.
+/// counters continue, and the memory verifies page by page afterwards; 1 and 2 vCPUs, 256 MiB and
+/// 2 GiB.
 #[test]
 fn save_and_restore_through_files() {
     if !can_run("save_and_restore_through_files") {
         return;
     }
     let a = TestAgent::start("saverestore");
-    for (name, mem, vcpus) in [("s1", "256M", "1"), ("s2", "2G", "2")] {
+    for (name, mem, vcpus) in [
+        ("s1", "256M", "1"),
+        ("s2", "256M", "2"),
+        ("s3", "2G", "1"),
+        ("s4", "2G", "2"),
+    ] {
         a.json(&[
             "vm",
             "create",
