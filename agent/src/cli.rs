@@ -1355,9 +1355,13 @@ fn human_info(i: &VmInfo) -> String {
         s += &format!("fault:       {f}\n");
     }
     if let Some(d) = &i.dirty_rate {
+        let measured = d.measured_mib_per_sec.map_or_else(
+            || "not measured yet (started or arrived under a second ago)".to_string(),
+            |m| format!("{m:.1} MiB/s measured"),
+        );
         s += &format!(
-            "dirty rate:  {:.1} MiB/s measured, {} MiB/s requested\n",
-            d.measured_mib_per_sec, d.requested_mib_per_sec
+            "dirty rate:  {measured}, {} MiB/s requested\n",
+            d.requested_mib_per_sec
         );
     }
     if i.last_pause_us > 0 {
@@ -1378,17 +1382,20 @@ fn human_info(i: &VmInfo) -> String {
             "\n{:<5} {:<5} {:>14} {:>14} {:>6} {:>12} {:>10} {:>10}\n",
             "VCPU", "PHASE", "BEATS", "BEATS/S", "PASS", "PAGES", "DIRTY MiB/s", "YIELDS/S"
         );
+        let rate = |r: Option<f64>, decimals: usize| {
+            r.map_or_else(|| "-".to_string(), |r| format!("{r:.decimals$}"))
+        };
         for h in &i.heartbeats {
             s += &format!(
-                "{:<5} {:<5} {:>14} {:>14.0} {:>6} {:>12} {:>10.1} {:>10.0}\n",
+                "{:<5} {:<5} {:>14} {:>14} {:>6} {:>12} {:>10} {:>10}\n",
                 h.id,
                 h.phase,
                 h.beats,
-                h.beats_per_sec,
+                rate(h.beats_per_sec, 0),
                 h.pass,
                 h.pages_written,
-                h.dirty_mib_per_sec,
-                h.yields_per_sec
+                rate(h.dirty_mib_per_sec, 1),
+                rate(h.yields_per_sec, 0)
             );
         }
     }

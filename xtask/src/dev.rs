@@ -300,7 +300,8 @@ pub fn demo() -> Result<()> {
     };
     ferry(&["--host", "a", "vm", "inspect", "vm1"])?;
     ferry(&["--host", "a", "migrate", "vm1", "--to", "b"])?;
-    std::thread::sleep(Duration::from_secs(1));
+    println!("\ndemo: letting vm1 run on b for two seconds, then its heartbeat there");
+    std::thread::sleep(Duration::from_secs(2));
     ferry(&["--host", "b", "vm", "inspect", "vm1"])?;
     ferry(&["--host", "a", "vm", "list"])?;
     ferry(&["--host", "b", "vm", "list"])?;

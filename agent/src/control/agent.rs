@@ -104,18 +104,20 @@ fn vm_status(e: &VmError) -> u16 {
     }
 }
 
-/// Rates derived from two heartbeat samples.
+/// A vCPU's heartbeat counters, and rates derived from two heartbeat samples. The rates are
+/// `None` (JSON `null`) until there are two samples at least 200 ms apart: for a guest that
+/// started, or arrived by migration, less than that ago.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VcpuRates {
     pub id: u32,
     pub beats: u64,
-    pub beats_per_sec: f64,
+    pub beats_per_sec: Option<f64>,
     /// "fill" or "work".
     pub phase: String,
     pub pass: u64,
     pub pages_written: u64,
-    pub dirty_mib_per_sec: f64,
-    pub yields_per_sec: f64,
+    pub dirty_mib_per_sec: Option<f64>,
+    pub yields_per_sec: Option<f64>,
     /// Guest TSC at its last heartbeat.
     pub tsc: u64,
 }
@@ -225,40 +227,41 @@ impl VmEntry {
         }
     }
 
-    fn rates(&self, ws_pages: &[u64]) -> Vec<VcpuRates> {
-        let Ok(s) = self.samples.lock() else {
-            return vec![];
-        };
-        let Some(new) = &s.1 else { return vec![] };
-        let old = s.0.as_ref();
-        new.beats
-            .iter()
+    /// Counters as of `now` (read just now), with rates over the last sampling interval; where
+    /// there is only one sample yet (the guest started or arrived less than a sampling interval
+    /// ago), over the time since that sample once it is at least 200 ms old.
+    fn rates(&self, now: &[Heartbeat], ws_pages: &[u64]) -> Vec<VcpuRates> {
+        let window: Option<(f64, Vec<Heartbeat>, Vec<Heartbeat>)> =
+            self.samples.lock().ok().and_then(|s| match (&s.0, &s.1) {
+                (Some(o), Some(n)) => Some((
+                    n.at.duration_since(o.at).as_secs_f64(),
+                    o.beats.clone(),
+                    n.beats.clone(),
+                )),
+                (None, Some(n)) => {
+                    let dt = n.at.elapsed().as_secs_f64();
+                    (dt >= 0.2).then(|| (dt, n.beats.clone(), now.to_vec()))
+                }
+                _ => None,
+            });
+        now.iter()
             .enumerate()
             .map(|(i, b)| {
-                let (dt, ob) = match old {
-                    Some(o) => (
-                        new.at.duration_since(o.at).as_secs_f64(),
-                        o.beats.get(i).copied().unwrap_or_default(),
-                    ),
-                    None => (0.0, *b),
-                };
-                let per = |a: u64, b: u64| {
-                    if dt > 0.0 {
-                        a.saturating_sub(b) as f64 / dt
-                    } else {
-                        0.0
-                    }
+                let per = |f: fn(&Heartbeat) -> u64| {
+                    let (dt, old, new) = window.as_ref()?;
+                    let (o, n) = (old.get(i)?, new.get(i)?);
+                    (*dt > 0.0).then(|| f(n).saturating_sub(f(o)) as f64 / dt)
                 };
                 let ws = ws_pages.get(i).copied().unwrap_or(0).max(1);
                 VcpuRates {
                     id: i as u32,
                     beats: b.beats,
-                    beats_per_sec: per(b.beats, ob.beats),
+                    beats_per_sec: per(|h| h.beats),
                     phase: if b.phase == 0 { "fill" } else { "work" }.into(),
                     pass: if b.phase == 0 { 0 } else { 1 + b.progress / ws },
                     pages_written: b.filled + b.progress,
-                    dirty_mib_per_sec: per(b.progress, ob.progress) * 4096.0 / (1 << 20) as f64,
-                    yields_per_sec: per(b.yields, ob.yields),
+                    dirty_mib_per_sec: per(|h| h.progress).map(|p| p * 4096.0 / (1 << 20) as f64),
+                    yields_per_sec: per(|h| h.yields),
                     tsc: b.tsc,
                 }
             })
@@ -301,7 +304,8 @@ pub struct VmInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DirtyRate {
     pub requested_mib_per_sec: u64,
-    pub measured_mib_per_sec: f64,
+    /// `None` until it has been measured (see [`VcpuRates`]).
+    pub measured_mib_per_sec: Option<f64>,
 }
 
 /// A slice of console output.
@@ -646,33 +650,11 @@ impl Agent {
                     p.working_set_mib.map(|m| m << 20),
                 );
                 let ws: Vec<u64> = data.slices.iter().map(|s| s.2).collect();
-                // Counters as of now; rates over the last sampling interval.
-                let rates_by_id = e.rates(&ws);
-                let rates: Vec<VcpuRates> = vm
-                    .heartbeats()
-                    .unwrap_or_default()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| {
-                        let r = rates_by_id.get(i);
-                        let w = ws.get(i).copied().unwrap_or(0).max(1);
-                        VcpuRates {
-                            id: i as u32,
-                            beats: b.beats,
-                            beats_per_sec: r.map_or(0.0, |r| r.beats_per_sec),
-                            phase: if b.phase == 0 { "fill" } else { "work" }.into(),
-                            pass: if b.phase == 0 { 0 } else { 1 + b.progress / w },
-                            pages_written: b.filled + b.progress,
-                            dirty_mib_per_sec: r.map_or(0.0, |r| r.dirty_mib_per_sec),
-                            yields_per_sec: r.map_or(0.0, |r| r.yields_per_sec),
-                            tsc: b.tsc,
-                        }
-                    })
-                    .collect();
+                let rates = e.rates(&vm.heartbeats().unwrap_or_default(), &ws);
                 let measured = if vm.status() == VmStatus::Running {
                     rates.iter().map(|r| r.dirty_mib_per_sec).sum()
                 } else {
-                    0.0
+                    Some(0.0)
                 };
                 (
                     rates,

@@ -402,6 +402,7 @@ fn receive(
                 "the destination cannot take ownership: {why}"
             )));
         }
+        let claim_us = t_commit.elapsed().as_micros() as u64;
         crate::faults::hit("dest:after-record");
         if let Err(e) = vm.start() {
             host.give_back(&setup.spec.name, source_agent, &setup.migration_id);
@@ -414,7 +415,7 @@ fn receive(
         host.incoming_done(&setup.spec.name, true);
         handle.set_phase(Phase::Committed);
         cw.send_msg(Command::Resumed, &Resumed { resume_us })?;
-        tracing::info!(vm = %setup.spec.name, id = %setup.migration_id, resume_us, "incoming migration committed; guest running here");
+        tracing::info!(vm = %setup.spec.name, id = %setup.migration_id, resume_us, claim_us, "incoming migration committed; guest running here");
         let announcements = host.announce(&setup.spec);
         let guest_pause_us = before.and_then(|b| observed_pause(&vm, &b));
         let _ = cw.send_msg(

@@ -380,10 +380,18 @@ impl Engine<'_> {
             .sum()
     }
 
-    fn progress(&self, round: u32, total: u64, start_sent: u64) {
+    /// Publish progress of the round that started at `started` with `start_sent` pages sent
+    /// before it. The rate is this round's so far once it has run for a while (so round 0
+    /// shows one too), else the last finished round's.
+    fn progress(&self, round: u32, total: u64, start_sent: u64, started: Instant) {
         let done = self.sent() - start_sent;
         let left = total.saturating_sub(done);
-        let rate = converge::page_rate(&self.rounds);
+        let secs = started.elapsed().as_secs_f64();
+        let rate = if secs >= 0.25 && done > 0 {
+            Some(done as f64 / secs)
+        } else {
+            converge::page_rate(&self.rounds)
+        };
         let throttle = self.throttle;
         let link = self
             .job
@@ -453,7 +461,7 @@ impl Engine<'_> {
                     self.check_cancel()?;
                 }
                 if since_progress.elapsed() > Duration::from_millis(100) {
-                    self.progress(round, total, start_sent);
+                    self.progress(round, total, start_sent, t);
                     since_progress = Instant::now();
                 }
             }
@@ -506,7 +514,7 @@ impl Engine<'_> {
                     if !last {
                         self.check_cancel()?;
                     }
-                    self.progress(round, total, start_sent);
+                    self.progress(round, total, start_sent, t);
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(MigrateError::Other("data stream workers are gone".into()))
