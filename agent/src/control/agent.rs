@@ -16,7 +16,7 @@ use crate::announce::Announcement;
 use crate::checks::datastore::Datastores;
 use crate::checks::{CheckReport, HostFacts, LinkProbe, Requirements};
 use crate::migrate::dest::Host;
-use crate::migrate::ownership::Ownership;
+use crate::migrate::ownership::{Ownership, Staged};
 use crate::migrate::source::{self, SourceJob};
 use crate::migrate::{self as mig, MigrateOptions, MigrationHandle, MigrationRecord};
 use crate::netpin::{NetPin, StatsReport};
@@ -1513,12 +1513,31 @@ impl Host for Agent {
         Agent::announce(self, spec)
     }
 
+    fn prepare_claim(&self, vm: &str, from: &str, migration: &str) -> Option<Staged> {
+        let o = self.ownership.as_ref()?;
+        let (expect, g) = match o.current(vm).ok()? {
+            Some(r) if r.owned_by(from) => (Some(from), r.generation),
+            None => (None, 0),
+            Some(_) => return None,
+        };
+        o.stage(vm, expect, g, Some(self.me()), Some(migration), "migrated")
+            .map_err(|e| tracing::warn!(vm, error = %e, "could not prepare the ownership claim; the commit will write it"))
+            .ok()
+    }
+
+    fn claimed(&self, vm: &str) {
+        if let Some(o) = &self.ownership {
+            o.prune(vm);
+        }
+    }
+
     fn claim(
         &self,
         vm: &str,
         from: &str,
         generation: Option<u64>,
         migration: &str,
+        prepared: Option<Staged>,
     ) -> Result<(), String> {
         let Some(o) = &self.ownership else {
             return Ok(());
@@ -1543,9 +1562,13 @@ impl Host for Agent {
         } else {
             Some(from)
         };
-        let r = o
-            .claim(vm, expect, g, Some(self.me()), Some(migration), "migrated")
-            .map_err(|e| e.to_string())?;
+        let staged = match prepared {
+            Some(s) if s.record().generation == g + 1 && s.expects() == expect => s,
+            _ => o
+                .stage(vm, expect, g, Some(self.me()), Some(migration), "migrated")
+                .map_err(|e| e.to_string())?,
+        };
+        let r = o.publish(staged).map_err(|e| e.to_string())?;
         tracing::info!(
             vm,
             generation = r.generation,

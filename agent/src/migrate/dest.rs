@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::codec::{self, PAGE};
+use super::ownership::Staged;
 use super::protocol::{
     self, Abort, Command, Complete, FrameReader, FrameWriter, Observed, Prepared, Ready, Resumed,
     RoundEnd, Setup, StreamHello,
@@ -57,16 +58,24 @@ pub trait Host: Send + Sync {
     fn facts(&self, disks: &[String]) -> crate::checks::HostFacts;
     /// Announce a guest's MACs on their port groups (it now runs here).
     fn announce(&self, spec: &VmSpec) -> Vec<crate::announce::Announcement>;
+    /// Ahead of the commit (when the migration starts): write the ownership record
+    /// [`Host::claim`] will make current, so that the claim itself is one `link(2)` inside the
+    /// guest's pause. None when there is nothing to prepare or it failed (the claim then does
+    /// it all).
+    fn prepare_claim(&self, vm: &str, from: &str, migration: &str) -> Option<Staged>;
     /// The commit point: make this host the owner of `vm`, taking it from `from` at
-    /// `generation` (None: the source keeps no records). An error means this host must not
-    /// run the guest.
+    /// `generation` (None: the source keeps no records), with the record `prepared` ahead if it
+    /// fits. An error means this host must not run the guest.
     fn claim(
         &self,
         vm: &str,
         from: &str,
         generation: Option<u64>,
         migration: &str,
+        prepared: Option<Staged>,
     ) -> Result<(), String>;
+    /// After the guest runs here: tidy the ownership records (old generations).
+    fn claimed(&self, vm: &str);
     /// The guest could not start after [`Host::claim`]: hand ownership back to `to`.
     fn give_back(&self, vm: &str, to: &str, migration: &str);
 }
@@ -191,6 +200,8 @@ fn receive(
         name: setup.spec.name.clone(),
         armed: true,
     };
+    // Written now, while pre-copy runs, so that the claim at the commit is one link(2).
+    let prepared_claim = host.prepare_claim(&setup.spec.name, source_agent, &setup.migration_id);
     let listener = transport::listen(local).map_err(|e| {
         refuse(format!(
             "cannot listen on the migration address {local}: {e}"
@@ -363,7 +374,10 @@ fn receive(
         if complete.pages_per_stream.len() != n as usize {
             return Err(refuse("page counts for the wrong number of streams".into()));
         }
+        let streams_us = t_prep.elapsed().as_micros() as u64;
         vm.restore_state(&state)?;
+        let restore_us = t_prep.elapsed().as_micros() as u64 - streams_us;
+        tracing::debug!(vm = %setup.spec.name, streams_us, restore_us, "switchover: streams ended, state loaded");
         let mut verified = false;
         let t_verify = Instant::now();
         if let Some(src) = &complete.digest {
@@ -397,6 +411,7 @@ fn receive(
             source_agent,
             commit.generation,
             &setup.migration_id,
+            prepared_claim,
         ) {
             return Err(refuse(format!(
                 "the destination cannot take ownership: {why}"
@@ -411,6 +426,7 @@ fn receive(
             )));
         }
         let resume_us = t_commit.elapsed().as_micros() as u64;
+        host.claimed(&setup.spec.name);
         guard.armed = false;
         host.incoming_done(&setup.spec.name, true);
         handle.set_phase(Phase::Committed);

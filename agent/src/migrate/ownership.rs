@@ -76,6 +76,32 @@ impl Record {
     }
 }
 
+/// A record written ahead by [`Ownership::stage`]; [`Ownership::publish`] makes it current.
+/// Dropped unpublished, it removes its temporary file.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    record: Record,
+    expect: Option<String>,
+}
+
+impl Staged {
+    /// The record it would make current.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+    /// The owner the current record must name for it to apply.
+    pub fn expects(&self) -> Option<&str> {
+        self.expect.as_deref()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
 /// The ownership records of a cluster.
 #[derive(Debug, Clone)]
 pub struct Ownership {
@@ -149,7 +175,7 @@ impl Ownership {
 
     /// Create generation `expect_generation + 1` owned by `to`, if the current record is
     /// generation `expect_generation` owned by `expect` (generation 0: no record yet). Exactly one
-    /// of several hosts racing for the same generation succeeds.
+    /// of several hosts racing for the same generation succeeds. Durable when it returns.
     pub fn claim(
         &self,
         vm: &str,
@@ -159,6 +185,24 @@ impl Ownership {
         migration: Option<&str>,
         reason: &str,
     ) -> Result<Record, OwnershipError> {
+        let staged = self.stage(vm, expect, expect_generation, to, migration, reason)?;
+        let r = self.publish(staged)?;
+        self.sync(vm);
+        Ok(r)
+    }
+
+    /// The first half of [`Ownership::claim`], which can run ahead of the moment that matters:
+    /// check the current record and write generation `expect_generation + 1` to a temporary file,
+    /// flushed to storage. Nothing changes for readers until [`Ownership::publish`].
+    pub fn stage(
+        &self,
+        vm: &str,
+        expect: Option<&str>,
+        expect_generation: u64,
+        to: Option<&str>,
+        migration: Option<&str>,
+        reason: &str,
+    ) -> Result<Staged, OwnershipError> {
         let changed = |found: Record| OwnershipError::Changed {
             vm: vm.into(),
             found: Box::new(found),
@@ -205,28 +249,71 @@ impl Ownership {
             let _ = std::fs::remove_file(&tmp);
             return Err(Self::io(tmp)(e));
         }
-        let dest = self.gen_path(vm, r.generation);
-        let linked = std::fs::hard_link(&tmp, &dest);
-        let _ = std::fs::remove_file(&tmp);
+        Ok(Staged {
+            tmp,
+            record: r,
+            expect: expect.map(str::to_string),
+        })
+    }
+
+    /// The second half of [`Ownership::claim`]: create the staged generation with one `link(2)`.
+    /// Every reader sees it from then on. NFS makes a link stable before it answers; on a local
+    /// filesystem it survives a power loss of the storage once [`Ownership::sync`] has run too
+    /// (the commit of a migration does not wait for that: see `docs/fault-tolerance.md`).
+    pub fn publish(&self, staged: Staged) -> Result<Record, OwnershipError> {
+        let vm = staged.record.vm.clone();
+        let dest = self.gen_path(&vm, staged.record.generation);
+        let linked = std::fs::hard_link(&staged.tmp, &dest);
         match linked {
-            Ok(()) => {}
+            Ok(()) => Ok(staged.record.clone()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 // Lost the race for this generation.
-                let now = self.current(vm)?.unwrap_or(r);
-                return Err(changed(now));
+                let now = self.current(&vm)?.unwrap_or_else(|| staged.record.clone());
+                Err(OwnershipError::Changed {
+                    vm,
+                    found: Box::new(now),
+                    expected: staged.expect.clone().unwrap_or_else(|| "nobody".into()),
+                    expected_generation: staged.record.generation - 1,
+                })
             }
-            Err(e) => return Err(Self::io(dest)(e)),
+            Err(e) => Err(Self::io(dest)(e)),
         }
-        if let Ok(d) = std::fs::File::open(&dir) {
+        // `staged` drops here and removes its temporary file.
+    }
+
+    /// Flush `vm`'s record directory (the links [`Ownership::publish`] made) and drop old
+    /// generations.
+    pub fn sync(&self, vm: &str) {
+        if let Ok(d) = std::fs::File::open(self.vm_dir(vm)) {
             let _ = d.sync_all();
         }
-        // Old generations are history; keep a few for the curious.
+        self.prune(vm);
+    }
+
+    /// Drop old generations: they are history; a few stay for the curious.
+    pub fn prune(&self, vm: &str) {
         if let Ok(gens) = self.generations(vm) {
-            for g in gens.into_iter().filter(|g| g + KEEP < r.generation) {
-                let _ = std::fs::remove_file(self.gen_path(vm, g));
+            if let Some(&newest) = gens.last() {
+                for g in gens.into_iter().filter(|g| g + KEEP < newest) {
+                    let _ = std::fs::remove_file(self.gen_path(vm, g));
+                }
             }
         }
-        Ok(r)
+        // Records staged by an agent that died before it could publish or drop them.
+        let stale = std::time::Duration::from_secs(3600);
+        for e in std::fs::read_dir(self.vm_dir(vm))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > stale));
+            if old && e.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Make `host` the owner of `vm` if nobody owns it (no record, or destroyed); Ok if it
@@ -266,6 +353,43 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferry-own-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    /// A claim staged ahead applies only if nobody took the generation meanwhile, and leaves
+    /// no temporary file either way.
+    #[test]
+    fn a_staged_claim_is_a_compare_and_swap_too() {
+        let dir = tmp("staged");
+        let o = Ownership::new(dir.clone());
+        o.adopt("v", "a").unwrap();
+        let staged = o
+            .stage("v", Some("a"), 1, Some("b"), Some("m-1"), "migrated")
+            .unwrap();
+        assert_eq!(staged.record().generation, 2);
+        assert_eq!(staged.expects(), Some("a"));
+        assert_eq!(
+            o.current("v").unwrap().unwrap().owner_name(),
+            "a",
+            "staging changes nothing"
+        );
+        let r = o.publish(staged).unwrap();
+        assert_eq!((r.owner_name(), r.generation), ("b", 2));
+        // Staged by b, but a fences first: publishing loses.
+        let staged = o
+            .stage("v", Some("b"), 2, Some("a"), Some("m-2"), "migrated")
+            .unwrap();
+        o.claim("v", Some("b"), 2, Some("b"), None, "fenced")
+            .unwrap();
+        let e = o.publish(staged).unwrap_err();
+        assert!(matches!(e, OwnershipError::Changed { .. }), "{e}");
+        assert_eq!(o.current("v").unwrap().unwrap().reason, "fenced");
+        let leftovers: Vec<_> = std::fs::read_dir(o.vm_dir("v"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -662,6 +662,7 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
         // The frame did not leave: the destination cannot have resumed.
         return Err(resume_here(e.into()));
     }
+    let t_commit_sent = Instant::now();
     job.handle.set_phase(Phase::Committed);
     let _ = ctl.set_read_timeout(Some(RESUMED_TIMEOUT));
     let resumed: Resumed = match cr.read_frame().and_then(|f| f.msg(Command::Resumed)) {
@@ -684,8 +685,12 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
         }
     };
     let t_resumed = Instant::now();
-    summary.downtime.total_ms = ms(t_resumed - state_done.paused_at);
+    // Downtime ends when the destination's vCPUs run: `Commit` left here, plus the destination's
+    // own Commit → running time. (`Resumed` comes a little later: the destination flushes its
+    // ownership claim to storage first, while the guest already runs.)
     summary.downtime.resume_ms = resumed.resume_us as f64 / 1000.0;
+    summary.downtime.total_ms =
+        ms(t_commit_sent - state_done.paused_at) + summary.downtime.resume_ms;
     let _ = ctl.set_read_timeout(Some(Duration::from_secs(3)));
     if let Ok(o) = cr
         .read_frame()
