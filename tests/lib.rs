@@ -302,6 +302,25 @@ impl LabFerry<'_> {
             .unwrap_or(0)
     }
 
+    /// Heartbeat counters of a workload VM, per vCPU.
+    pub fn beats_per_vcpu(&self, host: &str, vm: &str) -> Vec<u64> {
+        self.json(host, &["vm", "inspect", vm])["heartbeats"]
+            .as_array()
+            .map(|a| a.iter().map(|h| h["beats"].as_u64().unwrap_or(0)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Wait until every vCPU of a workload VM beats on `host`, counted from there (not from
+    /// counts that came with the guest): it runs there.
+    pub fn wait_runs_on(&self, host: &str, vm: &str) {
+        let start = self.beats_per_vcpu(host, vm);
+        assert!(!start.is_empty(), "{vm} on {host} has no heartbeats");
+        wait_for("every vCPU to beat on the host", 20, || {
+            let now = self.beats_per_vcpu(host, vm);
+            (now.len() == start.len() && now.iter().zip(&start).all(|(n, s)| n > s)).then_some(())
+        });
+    }
+
     /// Wait until a workload VM has filled its memory.
     pub fn wait_filled(&self, host: &str, vm: &str) {
         wait_for("workload fill", 120, || {
