@@ -532,6 +532,33 @@ fn corrupted_byte_on_a_data_stream() {
     down(lab);
 }
 
+/// One bit of guest memory differs on the destination after every frame checked out (as a bad
+/// apply would leave it): `--verify` compares the digests, the destination refuses to resume,
+/// and the source resumes. Without the fault, the next attempt goes through.
+#[test]
+fn verify_digest_mismatch_refuses_to_resume() {
+    let Some(lab) = lab("f-digest") else { return };
+    let f = LabFerry { lab: &lab };
+    guest(&f, "v", "128M", "mixed", 16);
+    let base_a = baseline(&lab, "a");
+    let base_b = baseline(&lab, "b");
+    arm(&lab, "b", "dest:memory", "corrupt");
+    // (`start` always asks for --verify.)
+    let id = start(&f, "v", &[]);
+    let rec = finished(&f, &id, 60);
+    assert_eq!(rec["phase"], "failed", "{rec}");
+    assert!(error_of(&rec).contains("memory differs"), "{rec}");
+    assert_eq!(rec["guest_on"], "source", "{rec}");
+    stayed_on_source(&f, "v");
+    no_leaks(&lab, "a", &base_a);
+    no_leaks(&lab, "b", &base_b);
+    let rec = f.migrate("a", "v", "b", &["--verify"]);
+    assert_eq!(rec["phase"], "completed", "{rec}");
+    assert_eq!(rec["summary"]["verified"], true, "{rec}");
+    guest_intact(&f, "b", "v");
+    down(lab);
+}
+
 /// The destination cannot allocate the guest's memory: refused before any page moves.
 #[test]
 fn destination_cannot_allocate_memory() {

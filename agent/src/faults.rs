@@ -9,11 +9,12 @@
 //! | `dest:commit` | destination, `Commit` received, before it claims the ownership record |
 //! | `dest:after-record` | destination, ownership record moved to it, before it resumes the guest |
 //! | `dest:create` | destination, creating the incoming VM (e.g. cannot allocate memory) |
+//! | `dest:memory` | destination, every page and the state applied, before the `--verify` digest: `corrupt` flips one byte of guest memory |
 //! | `source:corrupt` | source, the next `Pages` frame gets one payload byte flipped after its checksum |
 //! | `source:before-state` | source, guest paused, before its state is sent |
 //!
 //! Actions: `kill` (the agent SIGKILLs itself), `fail` (the operation fails), `sleep:MS`,
-//! `corrupt` (for `source:corrupt`).
+//! `corrupt` (for `source:corrupt` and `dest:memory`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -35,7 +36,7 @@ static ANY: AtomicBool = AtomicBool::new(false);
 /// Errors arming a fault.
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
-    #[error("unknown fault point {0:?}: one of dest:round:N, dest:before-prepared, dest:commit, dest:after-record, dest:create, source:corrupt, source:before-state")]
+    #[error("unknown fault point {0:?}: one of dest:round:N, dest:before-prepared, dest:commit, dest:after-record, dest:create, dest:memory, source:corrupt, source:before-state")]
     Point(String),
     #[error("unknown fault action {0:?}: one of kill, fail, sleep:MS, corrupt")]
     Action(String),
@@ -50,6 +51,7 @@ impl Fault {
                 | "dest:commit"
                 | "dest:after-record"
                 | "dest:create"
+                | "dest:memory"
                 | "source:corrupt"
                 | "source:before-state"
         ) || p

@@ -378,6 +378,14 @@ fn receive(
         vm.restore_state(&state)?;
         let restore_us = t_prep.elapsed().as_micros() as u64 - streams_us;
         tracing::debug!(vm = %setup.spec.name, streams_us, restore_us, "switchover: streams ended, state loaded");
+        if crate::faults::hit("dest:memory").as_deref() == Some("corrupt") {
+            // One bit of the guest's memory, in the middle of the first region, as a bad
+            // apply would leave it.
+            let gpa = vm.memory().layout()[0].size / 2;
+            let mut b = [0u8];
+            vm.memory().read(gpa, &mut b)?;
+            vm.memory().write(gpa, &[b[0] ^ 1])?;
+        }
         let mut verified = false;
         let t_verify = Instant::now();
         if let Some(src) = &complete.digest {
