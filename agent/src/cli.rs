@@ -910,6 +910,39 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
     }
 }
 
+/// Pages, share and compression ratio per encoding, one line each.
+fn encodings_text(e: &crate::migrate::EncodingStats) -> String {
+    let all = (e.zero.pages + e.lz4.pages + e.delta.pages + e.raw.pages).max(1);
+    let mut s = String::new();
+    for (i, (name, c)) in [
+        ("zero", &e.zero),
+        ("lz4", &e.lz4),
+        ("delta", &e.delta),
+        ("raw", &e.raw),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let lead = if i == 0 { "  encodings     " } else { "                " };
+        let share = c.pages as f64 * 100.0 / all as f64;
+        let guest = c.pages * crate::migrate::codec::PAGE as u64;
+        let what = if name == "zero" {
+            "no payload".to_string()
+        } else if c.pages == 0 {
+            String::new()
+        } else {
+            format!(
+                "{:>10} -> {:>10} on the wire ({:.1}x)",
+                mib(guest),
+                mib(c.bytes),
+                guest as f64 / c.bytes.max(1) as f64
+            )
+        };
+        s += &format!("{lead}{name:<6}{:>9} pages ({share:>5.1} %)  {what}\n", c.pages);
+    }
+    s
+}
+
 fn mib(b: u64) -> String {
     if b >= 1 << 30 {
         format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
@@ -955,24 +988,16 @@ fn human_record(r: &MigrationRecord) -> String {
             } else {
                 0.0
             };
+            let skipped = sm.skipped_pages * crate::migrate::codec::PAGE as u64;
             s += &format!(
-                "  memory        {} of guest pages, {} on the wire (ratio {:.1}x), {} pages never touched or zero skipped\n",
+                "  memory        {} of guest pages: {} never touched or zero (skipped), {} sent as {} on the wire (ratio {:.1}x overall)\n",
                 mib(sm.guest_bytes),
+                mib(skipped),
+                mib(sm.guest_bytes.saturating_sub(skipped)),
                 mib(sm.wire_bytes),
                 ratio,
-                sm.skipped_pages
             );
-            let e = &sm.encodings;
-            s += &format!(
-                "  encodings     zero {} | lz4 {} ({}) | delta {} ({}) | raw {} ({})\n",
-                e.zero.pages,
-                e.lz4.pages,
-                mib(e.lz4.bytes),
-                e.delta.pages,
-                mib(e.delta.bytes),
-                e.raw.pages,
-                mib(e.raw.bytes)
-            );
+            s += &encodings_text(&sm.encodings);
             s += &format!(
                 "  streams       {}, max throttle {} %\n",
                 sm.streams, sm.max_throttle
