@@ -923,7 +923,11 @@ fn encodings_text(e: &crate::migrate::EncodingStats) -> String {
     .into_iter()
     .enumerate()
     {
-        let lead = if i == 0 { "  encodings     " } else { "                " };
+        let lead = if i == 0 {
+            "  encodings     "
+        } else {
+            "                "
+        };
         let share = c.pages as f64 * 100.0 / all as f64;
         let guest = c.pages * crate::migrate::codec::PAGE as u64;
         let what = if name == "zero" {
@@ -938,7 +942,10 @@ fn encodings_text(e: &crate::migrate::EncodingStats) -> String {
                 guest as f64 / c.bytes.max(1) as f64
             )
         };
-        s += &format!("{lead}{name:<6}{:>9} pages ({share:>5.1} %)  {what}\n", c.pages);
+        s += &format!(
+            "{lead}{name:<6}{:>9} pages ({share:>5.1} %)  {what}\n",
+            c.pages
+        );
     }
     s
 }
@@ -1391,6 +1398,9 @@ fn human_info(i: &VmInfo) -> String {
     }
     if i.last_pause_us > 0 {
         s += &format!("last pause:  {} us\n", i.last_pause_us);
+    }
+    if i.last_resume_us > 0 {
+        s += &format!("last resume: {} us\n", i.last_resume_us);
     }
     let e = &i.exits;
     s += &format!(

@@ -335,8 +335,8 @@ pub fn bench_guest(secs: u64) -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     let mut jsonl = String::new();
     println!(
-        "{:>10} {:>10} {:>12} {:>14} {:>10} {:>12}",
-        "REQUESTED", "MEASURED", "PAGES/S", "BEATS/S", "AGENT CPU", "PAUSE p50"
+        "{:>10} {:>10} {:>12} {:>14} {:>10} {:>12} {:>12}",
+        "REQUESTED", "MEASURED", "PAGES/S", "BEATS/S", "AGENT CPU", "PAUSE p50", "RESUME p50"
     );
     // u64::MAX/2^20 would overflow the pacing math's purpose; 1 TiB/s means "unpaced".
     for rate in [0u64, 64, 256, 1 << 20] {
@@ -356,28 +356,32 @@ pub fn bench_guest(secs: u64) -> Result<()> {
         let pages = (sum(&i1, |h| h.pages_written) - sum(&i0, |h| h.pages_written)) as f64 / dt;
         let beats = (sum(&i1, |h| h.beats) - sum(&i0, |h| h.beats)) as f64 / dt;
         let measured = pages * 4096.0 / (1 << 20) as f64;
-        let mut pauses = Vec::new();
+        let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
         for _ in 0..20 {
             let p: VmInfo = c.post_empty(&format!("/v1/vms/{name}/pause"))?;
             pauses.push(p.last_pause_us);
-            let _: VmInfo = c.post_empty(&format!("/v1/vms/{name}/resume"))?;
+            let r: VmInfo = c.post_empty(&format!("/v1/vms/{name}/resume"))?;
+            resumes.push(r.last_resume_us);
             std::thread::sleep(Duration::from_millis(20));
         }
         pauses.sort_unstable();
+        resumes.sort_unstable();
         let p50 = pauses[pauses.len() / 2];
+        let r50 = resumes[resumes.len() / 2];
         let requested = if rate >= 1 << 20 {
             "unpaced".to_string()
         } else {
             rate.to_string()
         };
         println!(
-            "{:>10} {:>10.1} {:>12.0} {:>14.0} {:>9.0}% {:>9} us",
+            "{:>10} {:>10.1} {:>12.0} {:>14.0} {:>9.0}% {:>9} us {:>9} us",
             requested,
             measured,
             pages,
             beats,
             cpu * 100.0,
-            p50
+            p50,
+            r50
         );
         jsonl += &serde_json::json!({
             "bench": "guest",
@@ -389,6 +393,8 @@ pub fn bench_guest(secs: u64) -> Result<()> {
             "agent_cpu_fraction": cpu,
             "pause_p50_us": p50,
             "pause_max_us": pauses.last().copied().unwrap_or(0),
+            "resume_p50_us": r50,
+            "resume_max_us": resumes.last().copied().unwrap_or(0),
         })
         .to_string();
         jsonl.push('\n');

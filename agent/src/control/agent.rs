@@ -293,6 +293,9 @@ pub struct VmInfo {
     pub created_unix: u64,
     pub fault: Option<String>,
     pub last_pause_us: u64,
+    /// How long the last start/resume took until every vCPU ran again (0: never).
+    #[serde(default)]
+    pub last_resume_us: u64,
     pub tsc_khz: u32,
     pub exits: ExitStats,
     /// Workload guests only: per-vCPU heartbeat and rates over the last sampling interval.
@@ -677,6 +680,7 @@ impl Agent {
                 .map_or(0, |d| d.as_secs()),
             fault: vm.fault().map(|f| format!("vCPU {}: {}", f.vcpu, f.reason)),
             last_pause_us: vm.last_pause().as_micros() as u64,
+            last_resume_us: vm.last_resume().as_micros() as u64,
             tsc_khz: vm.tsc_khz(),
             exits: vm.devices().counters.stats(),
             heartbeats,

@@ -447,6 +447,7 @@ pub struct Vm {
     vm_fd: Arc<VmFd>,
     status: Mutex<VmStatus>,
     last_pause_ns: AtomicU64,
+    last_resume_ns: AtomicU64,
     /// The CPUID the guest sees (vCPU 0), for migration checks.
     guest_cpuid: Mutex<Vec<CpuidEntry>>,
     /// The CPUID Ferry set on each vCPU. Captured state records these rather than what
@@ -514,6 +515,7 @@ impl Vm {
                 vm_fd,
                 status: Mutex::new(VmStatus::Created),
                 last_pause_ns: AtomicU64::new(0),
+                last_resume_ns: AtomicU64::new(0),
                 guest_cpuid: Mutex::new(guest_cpuid),
                 set_cpuids: Mutex::new(set_cpuids),
             },
@@ -698,9 +700,16 @@ impl Vm {
             s => return Err(VmError::State(s, "it cannot run again; start it afresh")),
         }
         self.set_status(VmStatus::Running);
+        let t = Instant::now();
         for v in &self.vcpus {
             v.resume();
         }
+        // Until every vCPU thread is back in KVM_RUN: what `last_resume` reports.
+        for v in &self.vcpus {
+            v.wait_unparked(Duration::from_millis(100));
+        }
+        self.last_resume_ns
+            .store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -760,6 +769,11 @@ impl Vm {
     /// How long the last pause took.
     pub fn last_pause(&self) -> Duration {
         Duration::from_nanos(self.last_pause_ns.load(Ordering::Relaxed))
+    }
+
+    /// How long the last start or resume took, until every vCPU thread ran guest code again.
+    pub fn last_resume(&self) -> Duration {
+        Duration::from_nanos(self.last_resume_ns.load(Ordering::Relaxed))
     }
 
     /// Auto-converge: hold the vCPUs back `pct` % of the time (0 turns it off; at most 99).

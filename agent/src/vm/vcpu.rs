@@ -183,6 +183,26 @@ impl VcpuShared {
         self.set_want(WANT_RUN);
     }
 
+    /// Wait until the thread has left its parked state (it is back in `KVM_RUN`), up to
+    /// `timeout`; false if it did not.
+    pub fn wait_unparked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let Ok(mut g) = self.ctl.lock() else {
+            return false;
+        };
+        while g.parked && !g.exited {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = match self.cv.wait_timeout(g, deadline - now) {
+                Ok(r) => r.0,
+                Err(_) => return false,
+            };
+        }
+        true
+    }
+
     pub fn stop(&self) {
         self.set_want(WANT_STOP);
     }
@@ -459,6 +479,7 @@ fn park(fd: &mut VcpuFd, me: &VcpuShared, msr_list: &[u32]) -> bool {
         match me.want.load(Ordering::SeqCst) {
             WANT_RUN => {
                 g.parked = false;
+                me.cv.notify_all();
                 // A kick that arrived while parked must not cut the next run short.
                 fd.set_kvm_immediate_exit(0);
                 return true;
