@@ -257,8 +257,13 @@ fn receive(
     let (ev_tx, ev_rx) = mpsc::channel();
     let mut joins = Vec::new();
     let mut cuts = Vec::new();
+    // A receiver whose stream ended keeps its io_uring ring and buffers until these senders
+    // drop (after the guest runs here): their teardown stays out of the switchover pause.
+    let mut holds = Vec::new();
     for (i, r) in streams.into_iter().enumerate() {
-        let Some(r) = r else { continue };
+        let Some(mut r) = r else { continue };
+        let (hold_tx, hold_rx) = mpsc::channel::<()>();
+        holds.push(hold_tx);
         let sock = r
             .get_ref()
             .get_ref()
@@ -281,7 +286,7 @@ fn receive(
                         n,
                         seal,
                     },
-                    r,
+                    &mut r,
                     acks,
                     &mem,
                     &tx,
@@ -296,7 +301,10 @@ fn receive(
                     if let Some(c) = ctl {
                         let _ = c.shutdown(std::net::Shutdown::Read);
                     }
+                } else {
+                    let _ = hold_rx.recv_timeout(Duration::from_secs(60));
                 }
+                drop(r);
             })
             .map_err(|e| MigrateError::Other(format!("cannot start a receiver: {e}")))?;
         joins.push(j);
@@ -466,6 +474,7 @@ fn receive(
     if result.is_err() {
         cut_streams();
     }
+    drop(holds);
     for j in joins {
         let _ = j.join();
     }
@@ -505,7 +514,7 @@ struct Lane {
 
 fn receive_stream(
     Lane { i, n, seal }: Lane,
-    mut r: FrameReader<BufReader<UringReader>>,
+    r: &mut FrameReader<BufReader<UringReader>>,
     mut acks: FrameWriter<TcpStream>,
     mem: &GuestMemory,
     tx: &mpsc::Sender<StreamEvent>,

@@ -551,14 +551,30 @@ impl Engine<'_> {
     }
 
     fn stop_workers(&mut self) {
-        for w in &mut self.workers {
-            w.tx = None;
+        stop_workers(&mut self.workers);
+    }
+}
+
+/// Close the workers' queues and join their threads (which tears down their io_uring rings,
+/// send buffers and delta caches: tens of ms for a large guest).
+fn stop_workers(workers: &mut [Worker]) {
+    for w in workers.iter_mut() {
+        w.tx = None;
+    }
+    for w in workers.iter_mut() {
+        if let Some(j) = w.join.take() {
+            let _ = j.join();
         }
-        for w in &mut self.workers {
-            if let Some(j) = w.join.take() {
-                let _ = j.join();
-            }
-        }
+    }
+}
+
+/// A successful switchover's stream workers, kept until the guest runs on the destination so
+/// that their teardown is not part of the pause. Dropping it stops them.
+struct Streams(Vec<Worker>);
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        stop_workers(&mut self.0);
     }
 }
 
@@ -642,27 +658,17 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
         }
         before(e)
     };
-    // The record must name this host now; the destination claims the next generation.
-    let generation = match &job.ownership {
-        Some(o) => match o.adopt(&vm.spec.name, &job.identity.agent) {
-            Ok(r) => Some(r.generation),
-            Err(e) => {
-                let _ = cw.send_msg(
-                    Command::Abort,
-                    &Abort {
-                        reason: format!("the source cannot hand over ownership: {e}"),
-                    },
-                );
-                return Err(resume_here(e.into()));
-            }
-        },
-        None => None,
-    };
+    let generation = state_done.generation;
     if let Err(e) = cw.send_msg(Command::Commit, &protocol::Commit { generation }) {
         // The frame did not leave: the destination cannot have resumed.
         return Err(resume_here(e.into()));
     }
     let t_commit_sent = Instant::now();
+    tracing::debug!(
+        paused_to_commit_point_us = (t_commit - state_done.paused_at).as_micros() as u64,
+        adopt_and_send_us = (t_commit_sent - t_commit).as_micros() as u64,
+        "switchover: commit sent"
+    );
     job.handle.set_phase(Phase::Committed);
     let _ = ctl.set_read_timeout(Some(RESUMED_TIMEOUT));
     let resumed: Resumed = match cr.read_frame().and_then(|f| f.msg(Command::Resumed)) {
@@ -686,11 +692,12 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
     };
     let t_resumed = Instant::now();
     // Downtime ends when the destination's vCPUs run: `Commit` left here, plus the destination's
-    // own Commit → running time. (`Resumed` comes a little later: the destination flushes its
-    // ownership claim to storage first, while the guest already runs.)
+    // own Commit → running time (`Resumed` comes a little after that).
     summary.downtime.resume_ms = resumed.resume_us as f64 / 1000.0;
     summary.downtime.total_ms =
         ms(t_commit_sent - state_done.paused_at) + summary.downtime.resume_ms;
+    // The guest runs there: now the streams may take their time to wind down.
+    drop(state_done.streams);
     let _ = ctl.set_read_timeout(Some(Duration::from_secs(3)));
     if let Ok(o) = cr
         .read_frame()
@@ -719,6 +726,10 @@ fn ms(d: Duration) -> f64 {
 
 struct SwitchoverMark {
     paused_at: Instant,
+    /// The ownership record's generation, owned here, that the destination claims from.
+    generation: Option<u64>,
+    /// Stopped once `Resumed` came (or on any way out).
+    streams: Streams,
 }
 
 fn precopy_and_prepare(
@@ -840,7 +851,10 @@ fn precopy_and_prepare(
         max_throttle: 0,
         send: SendStats::default(),
     };
-    let r = eng_run(&mut eng, cw, cr, paused_here, t0);
+    let mut r = eng_run(&mut eng, cw, cr, paused_here, t0);
+    if let Ok((_, mark)) = &mut r {
+        mark.streams = Streams(std::mem::take(&mut eng.workers));
+    }
     if let Err(e) = &r {
         // Tell the destination first: it closes its end, which also drops what is still queued
         // here (and so completes the zero-copy sends the teardown below waits for).
@@ -903,6 +917,19 @@ fn eng_run(
         st.dirty_after = pending.count();
         eng.rounds.push(st);
     }
+
+    // The record must name this host (read before the pause, to keep the pause short); the
+    // destination claims the next generation at the commit, which fails if it moved meanwhile.
+    let generation = match &job.ownership {
+        Some(o) => Some(
+            o.adopt(&vm.spec.name, &job.identity.agent)
+                .map_err(|e| {
+                    MigrateError::Other(format!("the source cannot hand over ownership: {e}"))
+                })?
+                .generation,
+        ),
+        None => None,
+    };
 
     // Switchover: pause, last pages, state.
     job.handle.set_phase(Phase::Switchover);
@@ -1030,7 +1057,14 @@ fn eng_run(
             .and_then(|l| l.migration_tx_between(copy_started, t_pages)),
         announcements: Vec::new(),
     };
-    Ok((summary, SwitchoverMark { paused_at }))
+    Ok((
+        summary,
+        SwitchoverMark {
+            paused_at,
+            generation,
+            streams: Streams(Vec::new()),
+        },
+    ))
 }
 
 /// Contact with the destination was lost (or it refused) after `Commit` was sent: find out
