@@ -345,3 +345,37 @@ fn dedicated_keeps_other_traffic_off_the_migration_nic() {
     assert_eq!(dropped(&f), n, "migration traffic was dropped");
     lab.down().unwrap();
 }
+
+/// Where the programs cannot be attached (here: the configured migration NIC does not exist)
+/// the agent still runs guests, says so once in its log, and reports pinning and utilization as
+/// unavailable with the reason.
+#[test]
+fn where_ebpf_cannot_attach_the_agent_runs_and_says_so_once() {
+    let Some(mut lab) = lab("nobpf") else { return };
+    let path = lab.host("a").unwrap().config.clone();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("interface = \"mig0\""), "{text}");
+    std::fs::write(
+        &path,
+        text.replace("interface = \"mig0\"", "interface = \"nosuch0\""),
+    )
+    .unwrap();
+    lab.stop_agent("a").unwrap();
+    lab.start_agent("a").unwrap();
+    let f = LabFerry { lab: &lab };
+    f.json("a", &["vm", "create", "v", "--memory", "64M", "--start"]);
+    f.wait_runs_on("a", "v");
+    let s = f.json("a", &["stats"]);
+    assert_eq!(s["available"], false, "{s}");
+    let reason = s["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("nosuch0") && reason.contains("not pinned"),
+        "{s}"
+    );
+    let log = std::fs::read_to_string(&lab.host("a").unwrap().log).unwrap();
+    let said = log
+        .matches("eBPF pinning and link utilization are off")
+        .count();
+    assert_eq!(said, 1, "said {said} times:\n{log}");
+    lab.down().unwrap();
+}

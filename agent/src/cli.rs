@@ -77,7 +77,8 @@ pub enum Command {
         /// A migration id (m-...)
         id: Option<String>,
     },
-    /// Probe the migration link to a peer: a throughput blast between the agents
+    /// Probe the migration link to a peer, like vmkping: ICMP echo from the migration address
+    /// through the migration NIC (RTT, loss, path MTU); `--throughput` blasts data instead
     Ping(PingArgs),
     /// Link utilization per interface and class (migration / other) and pinning counters (eBPF)
     Stats {

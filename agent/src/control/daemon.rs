@@ -108,8 +108,7 @@ fn start_netpin(config: &Config) -> Result<Arc<crate::netpin::NetPin>, String> {
             .and_then(|s| crate::netpin::parse_speed(s).ok()),
     };
     crate::netpin::NetPin::start(cfg).map_err(|e| {
-        tracing::warn!(error = %e, "eBPF is unavailable here: migration traffic is not pinned to the migration NIC and link utilization is not measured");
-        e.to_string()
+        format!("eBPF is unavailable here ({e}): migration traffic is not pinned to the migration NIC and link utilization is not measured")
     })
 }
 
@@ -143,6 +142,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     let socket = config.agent.socket.clone();
     let netpin = start_netpin(&config);
+    if let Err(why) = &netpin {
+        // Said once, here; `ferry stats` and the API repeat the reason.
+        let asked = (config.migration.as_ref()).is_some_and(|m| m.ebpf && m.interface.is_some());
+        if asked {
+            tracing::warn!(reason = %why, "eBPF pinning and link utilization are off");
+        } else {
+            tracing::info!(reason = %why, "eBPF pinning and link utilization are off");
+        }
+    }
     let agent = Agent::new(config, hv.clone(), netpin, datastores, key);
 
     if let Some(m) = &agent.config.management {
