@@ -333,7 +333,10 @@ fn without_a_migration_nic_the_agent_runs_and_says_why_ebpf_is_off() {
     assert!(s["reason"].as_str().unwrap().contains("[migration]"), "{s}");
     let o = a.cli(&["stats"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("unavailable"));
-    let said = a.log().matches("eBPF pinning and link utilization are off").count();
+    let said = a
+        .log()
+        .matches("eBPF pinning and link utilization are off")
+        .count();
     assert_eq!(said, 1, "said {said} times:\n{}", a.log());
 }
 

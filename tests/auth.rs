@@ -263,3 +263,52 @@ fn encrypted_migration_and_hosts_that_require_it() {
     assert_eq!(rec["phase"], "completed", "{rec}");
     lab.down().unwrap();
 }
+
+/// A newer peer offering versions 1..=2 gets version 1 (the highest both speak); one that
+/// speaks only 2..=3 is told, in an Abort, which versions each side speaks.
+#[test]
+fn peers_negotiate_a_common_version_or_are_told_why() {
+    let Some(lab) = lab("versions") else { return };
+    let ns = lab.host("a").unwrap().netns.clone();
+    in_netns(&ns, || {
+        for (min, max, want) in [(1u16, 2u16, Some(1u16)), (2, 3, None)] {
+            let c = TcpStream::connect_timeout(
+                &B.parse::<SocketAddr>().unwrap(),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut w = FrameWriter::new(c.try_clone().unwrap());
+            let mut r = FrameReader::new(BufReader::new(c));
+            w.set_version(protocol::MIN_VERSION);
+            w.send_msg(
+                Command::Hello,
+                &Hello {
+                    min_version: min,
+                    max_version: max,
+                    agent: "newer".into(),
+                    nonce: "00".repeat(32),
+                },
+            )
+            .unwrap();
+            let f = r.read_frame().unwrap();
+            match want {
+                Some(v) => {
+                    let ack: HelloAck = f.msg(Command::HelloAck).unwrap();
+                    assert_eq!(ack.version, v);
+                }
+                None => {
+                    let e = f.msg::<HelloAck>(Command::HelloAck).unwrap_err();
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("no common protocol version")
+                            && text.contains("2..=3")
+                            && text.contains("1..=1"),
+                        "{text}"
+                    );
+                }
+            }
+        }
+    });
+    lab.down().unwrap();
+}

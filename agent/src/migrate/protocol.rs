@@ -47,8 +47,14 @@
 //! [`crate::vm::state::VmState`] encoding; `Pages` carries `count` page records, each a fixed
 //! 16-byte [`PageRecordHeader`] and its payload (see [`super::codec`]).
 //!
-//! Versions: a peer accepts the current version and the previous one; the Hello exchange picks
-//! the highest version both speak.
+//! Versions: a build speaks [`MIN_VERSION`]`..=`[`VERSION`], the current version and the previous
+//! one (version 1 is the first released, so today the range is 1..=1; the build that introduces
+//! version 2 keeps `MIN_VERSION = 1`). The `Hello` offers the range and is stamped with
+//! `MIN_VERSION`, so any peer that shares a version can read it; the `HelloAck` picks the highest
+//! version both speak, and control frames from then on carry it ([`FrameWriter::set_version`]).
+//! A peer with no common version gets an `Abort` that names both ranges (lab test
+//! `peers_negotiate_a_common_version_or_are_told_why`). Frames whose stamp is outside this
+//! build's range are refused with [`ProtocolError::Version`].
 
 use std::io::{Read, Write};
 
@@ -188,9 +194,20 @@ const _: () = assert!(HEADER_LEN == 32);
 
 impl FrameHeader {
     pub fn new(command: Command, count: u32, payload: &[u8], seq: u32) -> FrameHeader {
+        Self::with_version(command, count, payload, seq, VERSION)
+    }
+
+    /// A header stamped with protocol version `version` (see [`FrameWriter::set_version`]).
+    pub fn with_version(
+        command: Command,
+        count: u32,
+        payload: &[u8],
+        seq: u32,
+        version: u16,
+    ) -> FrameHeader {
         let mut h = FrameHeader {
             magic: MAGIC.into(),
-            version: VERSION.into(),
+            version: version.into(),
             command: (command as u16).into(),
             flags: 0.into(),
             count: count.into(),
@@ -370,6 +387,8 @@ pub fn parse_records(payload: &[u8], count: u32) -> Result<Vec<PageRecord<'_>>, 
 pub struct FrameWriter<W: Write> {
     inner: W,
     seq: u32,
+    /// The version frames are stamped with.
+    version: u16,
     /// Bytes written (headers and payloads).
     pub bytes: u64,
 }
@@ -386,12 +405,19 @@ impl<W: Write> FrameWriter<W> {
         FrameWriter {
             inner,
             seq: 0,
+            version: VERSION,
             bytes: 0,
         }
     }
 
+    /// Stamp the following frames with `version`: the oldest this build speaks for a `Hello`
+    /// (so that any peer sharing a version can read it), the negotiated one afterwards.
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
+    }
+
     pub fn send(&mut self, cmd: Command, count: u32, payload: &[u8]) -> Result<(), ProtocolError> {
-        let h = FrameHeader::new(cmd, count, payload, self.seq);
+        let h = FrameHeader::with_version(cmd, count, payload, self.seq, self.version);
         self.inner.write_all(h.as_bytes())?;
         self.inner.write_all(payload)?;
         self.seq = self.seq.wrapping_add(1);

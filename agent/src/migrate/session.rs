@@ -177,6 +177,7 @@ pub fn connect(
         conn.try_clone().map_err(protocol::ProtocolError::from)?,
     ));
     let nc = nonce();
+    w.set_version(protocol::MIN_VERSION);
     w.send_msg(
         Command::Hello,
         &Hello {
@@ -190,6 +191,15 @@ pub fn connect(
         Err(protocol::ProtocolError::Aborted(why)) => return Err(MigrateError::Refused(why)),
         a => a?,
     };
+    if !(protocol::MIN_VERSION..=protocol::VERSION).contains(&ack.version) {
+        return Err(MigrateError::Refused(format!(
+            "{peer} chose protocol version {}, outside what this agent speaks ({}..={})",
+            ack.version,
+            protocol::MIN_VERSION,
+            protocol::VERSION
+        )));
+    }
+    w.set_version(ack.version);
     match (&me.key, &ack.proof) {
         (Some(k), Some(p)) => {
             if !k.verify("ferry-server", &nc, &ack.nonce, &ack.agent, p) {
@@ -242,6 +252,7 @@ pub fn accept(
             protocol::MIN_VERSION,
             protocol::VERSION
         );
+        w.set_version(protocol::MIN_VERSION);
         let _ = w.send_msg(
             Command::Abort,
             &Abort {
@@ -250,6 +261,7 @@ pub fn accept(
         );
         return Err(MigrateError::Refused(reason));
     };
+    w.set_version(version);
     let ns = nonce();
     let proof = me
         .key
