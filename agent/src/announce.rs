@@ -21,6 +21,8 @@ pub struct Announcement {
     pub mac: String,
     pub port_group: String,
     pub interface: String,
+    /// Rounds scheduled: the first went out before this record was made, the others follow at
+    /// growing gaps (a failed round is logged and ends them; a guest that leaves cancels them).
     pub rounds: u32,
     /// Why it could not be sent, if it could not.
     pub error: Option<String>,

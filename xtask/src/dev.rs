@@ -30,7 +30,8 @@ fn ebpf_dir() -> PathBuf {
 }
 
 /// Compile `ebpf/netpin.bpf.c` with clang-19 into `out`. The build is reproducible: paths are
-/// mapped so the object does not depend on where the checkout is.
+/// mapped so the object does not depend on where the checkout is, and `-fno-ident` leaves
+/// clang's version string out (a Debian point release of clang-19 must not fail the check).
 fn compile_ebpf(out: &Path) -> Result<()> {
     let dir = ebpf_dir();
     let mut cmd = Command::new("clang-19");
@@ -38,6 +39,7 @@ fn compile_ebpf(out: &Path) -> Result<()> {
         .args([
             "-O2",
             "-g",
+            "-fno-ident",
             "-target",
             "bpf",
             "-I/usr/include/x86_64-linux-gnu",
