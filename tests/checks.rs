@@ -45,11 +45,19 @@ fn check(f: &LabFerry, vm: &str, what: &str) -> (bool, Value) {
     (r["passed"] == true, row)
 }
 
+/// `ferry migrate` refuses, naming `needle`; `--force` does not get past a failure either.
 fn refused(f: &LabFerry, vm: &str, needle: &str) {
-    let o = f.cli("a", &["migrate", vm, "--to", "b"]);
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("cannot migrate") && e.contains(needle), "{e}");
+    for extra in [None, Some("--force")] {
+        let mut args = vec!["migrate", vm, "--to", "b"];
+        args.extend(extra);
+        let o = f.cli("a", &args);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {o:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            e.contains("cannot migrate") && e.contains(needle),
+            "{extra:?}: {e}"
+        );
+    }
 }
 
 #[test]
