@@ -303,6 +303,10 @@ fn lifecycle_stop_start_destroy() {
         return;
     }
     let mut a = TestAgent::start("lifecycle");
+    // The API socket is not world accessible.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&a.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
     a.json(&["vm", "create", "l", "--memory", "64M", "--vcpus", "2"]);
     assert_eq!(a.json(&["vm", "inspect", "l"])["state"], "created");
     assert_eq!(a.json(&["vm", "start", "l"])["state"], "running");
