@@ -12,18 +12,22 @@ fn lab(test: &str) -> Option<Lab> {
     Some(Lab::up(LabOptions::for_test(test).with_ferry_bin(ferry_bin())).expect("lab up"))
 }
 
+/// The NIC's own transmit byte counter (the kernel's, as in /sys/class/net/IF/statistics),
+/// read through the host's agent's /proc/PID/net/dev: a plain file read, so the moment of the
+/// read is known to within microseconds (a command in the namespace would add its start-up).
 fn sys_tx(lab: &Lab, host: &str, iface: &str) -> u64 {
-    lab.exec(
-        host,
-        &[
-            "cat",
-            &format!("/sys/class/net/{iface}/statistics/tx_bytes"),
-        ],
-    )
-    .expect("read tx_bytes")
-    .trim()
-    .parse()
-    .expect("a number")
+    let pid = lab.host(host).unwrap().agent_pid.expect("agent pid");
+    let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).expect("net/dev");
+    let line = dev
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(&format!("{iface}:")))
+        .unwrap_or_else(|| panic!("no {iface} in {dev}"));
+    // Receive: bytes packets errs drop fifo frame compressed multicast; then transmit bytes.
+    line.split_whitespace()
+        .nth(8)
+        .expect("tx bytes")
+        .parse()
+        .expect("a number")
 }
 
 fn iface<'a>(stats: &'a Value, name: &str) -> &'a Value {
@@ -195,8 +199,8 @@ fn a_shaped_flow_is_measured_within_five_percent() {
     std::thread::sleep(std::time::Duration::from_millis(2000));
     let mut seen = Vec::new();
     for _ in 0..3 {
-        let t0 = std::time::Instant::now();
         let n0 = sys_tx(&lab, "a", "mig0");
+        let t0 = std::time::Instant::now();
         std::thread::sleep(std::time::Duration::from_millis(1000));
         let n1 = sys_tx(&lab, "a", "mig0");
         let nic = (n1 - n0) as f64 * 8.0 / t0.elapsed().as_secs_f64();
