@@ -280,7 +280,8 @@ fn peers_negotiate_a_common_version_or_are_told_why() {
             c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut w = FrameWriter::new(c.try_clone().unwrap());
             let mut r = FrameReader::new(BufReader::new(c));
-            w.set_version(protocol::MIN_VERSION);
+            // As a peer of that range would: stamped with the oldest version it speaks.
+            w.set_version(min);
             w.send_msg(
                 Command::Hello,
                 &Hello {

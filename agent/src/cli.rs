@@ -1389,7 +1389,7 @@ fn human_info(i: &VmInfo) -> String {
     }
     if let Some(d) = &i.dirty_rate {
         let measured = d.measured_mib_per_sec.map_or_else(
-            || "not measured yet (started or arrived under a second ago)".to_string(),
+            || "not measured yet (the guest started or arrived just now)".to_string(),
             |m| format!("{m:.1} MiB/s measured"),
         );
         s += &format!(

@@ -9,7 +9,7 @@
 //! | `dest:commit` | destination, `Commit` received, before it claims the ownership record |
 //! | `dest:after-record` | destination, ownership record moved to it, before it resumes the guest |
 //! | `dest:create` | destination, creating the incoming VM (e.g. cannot allocate memory) |
-//! | `dest:memory` | destination, every page and the state applied, before the `--verify` digest: `corrupt` flips one byte of guest memory |
+//! | `dest:memory` | destination, every page and the state applied, before the `--verify` digest: `corrupt` flips one bit of guest memory |
 //! | `source:corrupt` | source, the next `Pages` frame gets one payload byte flipped after its checksum |
 //! | `source:before-state` | source, guest paused, before its state is sent |
 //!

@@ -1542,9 +1542,9 @@ impl Host for Agent {
         generation: Option<u64>,
         migration: &str,
         prepared: Option<Staged>,
-    ) -> Result<(), String> {
+    ) -> Result<Option<Staged>, String> {
         let Some(o) = &self.ownership else {
-            return Ok(());
+            return Ok(None);
         };
         let g = match generation {
             Some(g) => g,
@@ -1572,13 +1572,13 @@ impl Host for Agent {
                 .stage(vm, expect, g, Some(self.me()), Some(migration), "migrated")
                 .map_err(|e| e.to_string())?,
         };
-        let r = o.publish(staged).map_err(|e| e.to_string())?;
+        let r = o.publish(&staged).map_err(|e| e.to_string())?;
         tracing::info!(
             vm,
             generation = r.generation,
             "ownership taken over at the commit point"
         );
-        Ok(())
+        Ok(Some(staged))
     }
 
     fn give_back(&self, vm: &str, to: &str, migration: &str) {

@@ -65,7 +65,8 @@ pub trait Host: Send + Sync {
     fn prepare_claim(&self, vm: &str, from: &str, migration: &str) -> Option<Staged>;
     /// The commit point: make this host the owner of `vm`, taking it from `from` at
     /// `generation` (None: the source keeps no records), with the record `prepared` ahead if it
-    /// fits. An error means this host must not run the guest.
+    /// fits. An error means this host must not run the guest. Returns the spent staging (its
+    /// temporary file goes when it drops): drop it once the guest runs.
     fn claim(
         &self,
         vm: &str,
@@ -73,8 +74,9 @@ pub trait Host: Send + Sync {
         generation: Option<u64>,
         migration: &str,
         prepared: Option<Staged>,
-    ) -> Result<(), String>;
-    /// After the guest runs here: tidy the ownership records (old generations).
+    ) -> Result<Option<Staged>, String>;
+    /// After the guest runs here and the source knows: tidy the ownership records (old
+    /// generations).
     fn claimed(&self, vm: &str);
     /// The guest could not start after [`Host::claim`]: hand ownership back to `to`.
     fn give_back(&self, vm: &str, to: &str, migration: &str);
@@ -422,17 +424,20 @@ fn receive(
         if crate::faults::hit("dest:commit").as_deref() == Some("fail") {
             return Err(refuse("injected fault at dest:commit".into()));
         }
-        if let Err(why) = host.claim(
+        let spent_claim = match host.claim(
             &setup.spec.name,
             source_agent,
             commit.generation,
             &setup.migration_id,
             prepared_claim,
         ) {
-            return Err(refuse(format!(
-                "the destination cannot take ownership: {why}"
-            )));
-        }
+            Ok(s) => s,
+            Err(why) => {
+                return Err(refuse(format!(
+                    "the destination cannot take ownership: {why}"
+                )))
+            }
+        };
         let claim_us = t_commit.elapsed().as_micros() as u64;
         crate::faults::hit("dest:after-record");
         if let Err(e) = vm.start() {
@@ -442,7 +447,6 @@ fn receive(
             )));
         }
         let resume_us = t_commit.elapsed().as_micros() as u64;
-        host.claimed(&setup.spec.name);
         guard.armed = false;
         host.incoming_done(&setup.spec.name, true);
         handle.set_phase(Phase::Committed);
@@ -457,6 +461,9 @@ fn receive(
                 announcements: announcements.clone(),
             },
         );
+        // Tidying the records (the staged file's name, old generations) waits until now.
+        drop(spent_claim);
+        host.claimed(&setup.spec.name);
         Ok(Summary {
             encrypted: setup.encrypt,
             total_s: t0.elapsed().as_secs_f64(),

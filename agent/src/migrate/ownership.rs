@@ -186,7 +186,7 @@ impl Ownership {
         reason: &str,
     ) -> Result<Record, OwnershipError> {
         let staged = self.stage(vm, expect, expect_generation, to, migration, reason)?;
-        let r = self.publish(staged)?;
+        let r = self.publish(&staged)?;
         self.sync(vm);
         Ok(r)
     }
@@ -258,9 +258,10 @@ impl Ownership {
 
     /// The second half of [`Ownership::claim`]: create the staged generation with one `link(2)`.
     /// Every reader sees it from then on. NFS makes a link stable before it answers; on a local
-    /// filesystem it survives a power loss of the storage once [`Ownership::sync`] has run too
-    /// (the commit of a migration does not wait for that: see `docs/fault-tolerance.md`).
-    pub fn publish(&self, staged: Staged) -> Result<Record, OwnershipError> {
+    /// filesystem it survives a power loss of the storage once [`Ownership::sync`] or the
+    /// filesystem's own next commit has run (a migration's commit flushes nothing: see
+    /// `docs/fault-tolerance.md`).
+    pub fn publish(&self, staged: &Staged) -> Result<Record, OwnershipError> {
         let vm = staged.record.vm.clone();
         let dest = self.gen_path(&vm, staged.record.generation);
         let linked = std::fs::hard_link(&staged.tmp, &dest);
@@ -278,7 +279,7 @@ impl Ownership {
             }
             Err(e) => Err(Self::io(dest)(e)),
         }
-        // `staged` drops here and removes its temporary file.
+        // The temporary file goes when the caller drops `staged` (after the moment that matters).
     }
 
     /// Flush `vm`'s record directory (the links [`Ownership::publish`] made) and drop old
@@ -372,7 +373,8 @@ mod tests {
             "a",
             "staging changes nothing"
         );
-        let r = o.publish(staged).unwrap();
+        let r = o.publish(&staged).unwrap();
+        drop(staged);
         assert_eq!((r.owner_name(), r.generation), ("b", 2));
         // Staged by b, but a fences first: publishing loses.
         let staged = o
@@ -380,7 +382,8 @@ mod tests {
             .unwrap();
         o.claim("v", Some("b"), 2, Some("b"), None, "fenced")
             .unwrap();
-        let e = o.publish(staged).unwrap_err();
+        let e = o.publish(&staged).unwrap_err();
+        drop(staged);
         assert!(matches!(e, OwnershipError::Changed { .. }), "{e}");
         assert_eq!(o.current("v").unwrap().unwrap().reason, "fenced");
         let leftovers: Vec<_> = std::fs::read_dir(o.vm_dir("v"))

@@ -222,6 +222,17 @@ impl FrameHeader {
 
     /// Check a received header; returns its command.
     pub fn parse(bytes: &[u8]) -> Result<(FrameHeader, Command), ProtocolError> {
+        let (h, cmd) = Self::parse_any_version(bytes)?;
+        let v = h.version.get();
+        if !(MIN_VERSION..=VERSION).contains(&v) {
+            return Err(ProtocolError::Version { found: v });
+        }
+        Ok((h, cmd))
+    }
+
+    /// [`FrameHeader::parse`] without the version check: for the `Hello` of a peer whose
+    /// versions may not overlap ours (it is answered with an `Abort` naming both ranges).
+    pub fn parse_any_version(bytes: &[u8]) -> Result<(FrameHeader, Command), ProtocolError> {
         let h = FrameHeader::read_from_bytes(bytes).map_err(|_| ProtocolError::Malformed {
             what: "frame header",
             why: format!("{} bytes, expected {HEADER_LEN}", bytes.len()),
@@ -231,10 +242,6 @@ impl FrameHeader {
         }
         if crc32c::crc32c(&bytes[..HEADER_LEN - 4]) != h.header_crc.get() {
             return Err(ProtocolError::HeaderCrc);
-        }
-        let v = h.version.get();
-        if !(MIN_VERSION..=VERSION).contains(&v) {
-            return Err(ProtocolError::Version { found: v });
         }
         let cmd =
             Command::from_u16(h.command.get()).ok_or(ProtocolError::Command(h.command.get()))?;
@@ -502,6 +509,8 @@ fn hung_up(e: std::io::Error) -> ProtocolError {
 pub struct FrameReader<R: Read> {
     inner: R,
     seq: u32,
+    /// Accept a `Hello` of any version (the server's first frame; see `session::accept`).
+    hello_any_version: bool,
     pub bytes: u64,
 }
 
@@ -516,8 +525,14 @@ impl<R: Read> FrameReader<R> {
         FrameReader {
             inner,
             seq,
+            hello_any_version: false,
             bytes: 0,
         }
+    }
+
+    /// Let the next frames through whatever their version if they are a `Hello`.
+    pub fn accept_any_hello_version(&mut self, on: bool) {
+        self.hello_any_version = on;
     }
 
     /// The sequence number of the frame read last.
@@ -529,7 +544,10 @@ impl<R: Read> FrameReader<R> {
     pub fn next_into(&mut self, payload: &mut Vec<u8>) -> Result<(Command, u32), ProtocolError> {
         let mut hb = [0u8; HEADER_LEN];
         self.inner.read_exact(&mut hb).map_err(hung_up)?;
-        let (h, cmd) = FrameHeader::parse(&hb)?;
+        let (h, cmd) = match FrameHeader::parse_any_version(&hb)? {
+            (h, Command::Hello) if self.hello_any_version => (h, Command::Hello),
+            _ => FrameHeader::parse(&hb)?,
+        };
         if h.seq.get() != self.seq {
             return Err(ProtocolError::Sequence {
                 expected: self.seq,

@@ -240,7 +240,12 @@ pub fn accept(
     r: &mut FrameReader<BufReader<TcpStream>>,
     me: &Identity,
 ) -> Result<(Hello, u16), MigrateError> {
-    let hello: Hello = r.read_frame()?.msg(Command::Hello)?;
+    // A peer stamps its Hello with the oldest version it speaks, which may be newer than ours:
+    // read it anyway, to answer with both ranges.
+    r.accept_any_hello_version(true);
+    let hello = r.read_frame();
+    r.accept_any_hello_version(false);
+    let hello: Hello = hello?.msg(Command::Hello)?;
     let Some(version) = protocol::negotiate(
         (hello.min_version, hello.max_version),
         (protocol::MIN_VERSION, protocol::VERSION),

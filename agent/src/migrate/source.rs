@@ -687,15 +687,20 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
                 e => e.into(),
             };
             let _ = ctl.shutdown(std::net::Shutdown::Both);
+            // Resolving can take minutes: the streams' buffers and caches are not needed for it.
+            drop(state_done.streams);
             return Err(resolve(job, &peer_agent, generation, error, summary));
         }
     };
     let t_resumed = Instant::now();
-    // Downtime ends when the destination's vCPUs run: `Commit` left here, plus the destination's
-    // own Commit → running time (`Resumed` comes a little after that).
+    // Downtime ends when the destination's vCPUs run: `Commit` left here, plus its way there
+    // (half of what the round trip took beyond the destination's own work), plus the
+    // destination's Commit → running time.
     summary.downtime.resume_ms = resumed.resume_us as f64 / 1000.0;
+    let transit =
+        (t_resumed - t_commit_sent).saturating_sub(Duration::from_micros(resumed.resume_us));
     summary.downtime.total_ms =
-        ms(t_commit_sent - state_done.paused_at) + summary.downtime.resume_ms;
+        ms(t_commit_sent - state_done.paused_at) + ms(transit) / 2.0 + summary.downtime.resume_ms;
     // The guest runs there: now the streams may take their time to wind down.
     drop(state_done.streams);
     let _ = ctl.set_read_timeout(Some(Duration::from_secs(3)));

@@ -704,9 +704,15 @@ impl Vm {
         for v in &self.vcpus {
             v.resume();
         }
-        // Until every vCPU thread is back in KVM_RUN: what `last_resume` reports.
+        // Until every vCPU thread is back in KVM_RUN: what `last_resume` reports (bounded; a
+        // vCPU that does not get there, say because a sibling crashed, is logged).
+        let deadline = t + Duration::from_millis(100);
         for v in &self.vcpus {
-            v.wait_unparked(Duration::from_millis(100));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !v.wait_unparked(left) {
+                tracing::debug!(vm = %self.spec.name, "a vCPU was not running again within 100 ms of the resume");
+                break;
+            }
         }
         self.last_resume_ns
             .store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
