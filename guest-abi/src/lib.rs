@@ -81,7 +81,7 @@ pub struct BootInfo {
     pub gateway: [u8; 4],
     /// MAC of the NIC (also in the virtio-net config space).
     pub mac: [u8; 6],
-    pub _pad1: [u8; 2],
+    pub _pad1: [u8; 6],
     /// Guest-physical address of the virtio-net and virtio-blk windows; 0 = no such device.
     pub net_mmio: u64,
     pub blk_mmio: u64,
@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn boot_info_round_trips_and_has_no_holes() {
-        assert_eq!(BootInfo::SIZE, 96);
+        assert_eq!(BootInfo::SIZE, 88);
         let b = BootInfo {
             magic: BOOT_MAGIC,
             version: BOOT_VERSION,
@@ -256,7 +256,7 @@ mod tests {
             _pad0: [0; 3],
             gateway: [0; 4],
             mac: [0x52, 0x54, 0, 1, 2, 3],
-            _pad1: [0; 2],
+            _pad1: [0; 6],
             net_mmio: MMIO_BASE,
             blk_mmio: MMIO_BASE + MMIO_STRIDE,
             journal_rate: 200,
