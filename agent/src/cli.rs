@@ -7,7 +7,8 @@
 //! `/run/ferry/agent.sock`.
 //!
 //! Exit codes: 0 success; 1 the agent refused or the operation failed (the message says why);
-//! 2 bad command line; 3 the agent cannot be reached; 4 `ferry ping` lost some probes.
+//! 2 bad command line or request (the input itself is wrong: the agent answered 400);
+//! 3 the agent cannot be reached; 4 `ferry ping` lost some probes.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -44,8 +45,8 @@ pub const DEFAULT_LAB_ROOT: &str = "/run/ferry/lab";
     long_about = "Ferry runs KVM guests on this host and live-migrates them between hosts.\n\n\
 `ferry agent` runs the host agent (normally as the systemd service `ferry-agent`); every other \
 command talks to a running agent over its unix socket.\n\n\
-Exit codes: 0 success, 1 the request was refused or failed, 2 bad command line, 3 the agent \
-cannot be reached; 4 `ferry ping` lost some probes."
+Exit codes: 0 success, 1 the request was refused or failed, 2 bad command line or request (the \
+input itself is wrong), 3 the agent cannot be reached, 4 `ferry ping` lost some probes."
 )]
 pub struct Cli {
     /// Agent API socket [default: /run/ferry/agent.sock]
@@ -142,9 +143,9 @@ pub struct MigrateArgs {
     /// Compare a digest of all guest memory at the pause with the destination's before it resumes
     #[arg(long)]
     pub verify: bool,
-    /// Parallel data streams [default: one per core, at most 4]
-    #[arg(long, default_value_t = 0)]
-    pub streams: u32,
+    /// Parallel data streams, 1 to 64 [default: one per core, at most 4]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub streams: Option<u32>,
     /// Downtime target in milliseconds [default: 5]
     #[arg(long, value_name = "MS")]
     pub downtime_ms: Option<f64>,
@@ -431,6 +432,8 @@ impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         let code = match e {
             ClientError::Connect { .. } => 3,
+            // The agent found the request itself malformed or invalid: the input is wrong.
+            ClientError::Api { status: 400, .. } => 2,
             _ => 1,
         };
         Failure {
@@ -573,11 +576,13 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                                 r.id,
                                 r.direction,
                                 r.vm,
-                                r.peer.chars().take(16).collect::<String>(),
+                                peer_name(&r.peer),
                                 format!("{:?}", r.phase).to_lowercase(),
                                 r.elapsed_s,
                                 down,
-                                r.round,
+                                r.summary
+                                    .as_ref()
+                                    .map_or(r.round, |s| s.rounds.len() as u32),
                                 r.error
                                     .as_deref()
                                     .unwrap_or(if r.phase == Phase::Completed {
@@ -593,6 +598,17 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+    }
+}
+
+/// A migration's peer for the table: its name without the address ("b (198.18.0.2:46…)" → "b"),
+/// at most 16 characters, never cut mid-address.
+fn peer_name(peer: &str) -> String {
+    let name = peer.split_once(" (").map_or(peer, |(n, _)| n);
+    if name.chars().count() <= 16 {
+        name.to_string()
+    } else {
+        name.chars().take(15).chain(std::iter::once('…')).collect()
     }
 }
 
@@ -801,7 +817,7 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
         });
     };
     let mut options = MigrateOptions {
-        streams: m.streams,
+        streams: m.streams.unwrap_or(0),
         verify: m.verify,
         encrypt: m.encrypt,
         compress: !m.no_compress,
@@ -998,8 +1014,10 @@ fn human_record(r: &MigrationRecord) -> String {
             };
             let skipped = sm.skipped_pages * crate::migrate::codec::PAGE as u64;
             s += &format!(
-                "  memory        {} of guest pages: {} never touched or zero (skipped), {} sent as {} on the wire (ratio {:.1}x overall)\n",
+                "  memory        {} of guest pages over {} round{}: {} never touched or zero (skipped), {} sent as {} on the wire (ratio {:.1}x overall)\n",
                 mib(sm.guest_bytes),
+                sm.rounds.len(),
+                if sm.rounds.len() == 1 { "" } else { "s" },
                 mib(skipped),
                 mib(sm.guest_bytes.saturating_sub(skipped)),
                 mib(sm.wire_bytes),

@@ -13,18 +13,36 @@ use ferry::vm::{GuestKind, Profile, WorkloadParams};
 
 use crate::lab::{self, Lab, LabOptions};
 
-/// Debian packages the project needs, with a command that proves each is present: iproute2 for
-/// the lab (ip, tc), clang-19 to check the committed BPF object, systemd (systemd-analyze) and
-/// man-db to check the systemd unit and its man-page link.
-pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "ip"),
-    ("procps", "ps"),
-    ("clang-19", "clang-19"),
-    ("systemd", "systemd-analyze"),
-    ("man-db", "man"),
+/// One external program that the tests, benches or xtask commands run, and the Debian package
+/// that provides it.
+#[derive(Debug, Clone, Copy)]
+pub struct Tool {
+    pub program: &'static str,
+    pub package: &'static str,
+    /// Who runs it (shown by `cargo xtask deps --check`).
+    pub used_by: &'static str,
+}
+
+/// Every external program the test suite, the benches and the xtask commands run. `cargo xtask
+/// deps` installs the packages of those that are missing; `cargo xtask deps --check` lists them
+/// all and fails on a missing one; `cargo xtask test` does both first. A fresh Debian 12 machine
+/// lacks several of these (even `ping`): nothing may be installed by hand.
+pub const TOOLS: &[Tool] = &[
+    Tool { program: "ip", package: "iproute2", used_by: "lab namespaces, veths, addresses, routes; `ip netns exec`" },
+    Tool { program: "tc", package: "iproute2", used_by: "lab link shaping (tbf), qdisc checks in the fault suite and soak" },
+    Tool { program: "bridge", package: "iproute2", used_by: "the switch's FDB (MAC announcement tests)" },
+    Tool { program: "ss", package: "iproute2", used_by: "socket listings when debugging a lab" },
+    Tool { program: "ping", package: "iputils-ping", used_by: "tests/netpin.rs (unmarked traffic on the migration NIC), guest continuity from the lab client" },
+    Tool { program: "ps", package: "procps", used_by: "process listings in lab diagnostics" },
+    Tool { program: "clang-19", package: "clang-19", used_by: "`cargo xtask build-ebpf [--check]`: the committed BPF object" },
+    Tool { program: "objcopy", package: "binutils", used_by: "`cargo xtask build-guest [--check]`: the service guest's flat binary" },
+    Tool { program: "systemd-analyze", package: "systemd", used_by: "`systemd-analyze verify` of the unit (`cargo xtask test`, `cargo xtask dist`)" },
+    Tool { program: "man", package: "man-db", used_by: "the unit's `Documentation=man:` links, checked by systemd-analyze" },
+    Tool { program: "perf", package: "linux-perf", used_by: "xtask/perf-migration.sh (profiles a migration)" },
+    Tool { program: "tar", package: "tar", used_by: "`cargo xtask dist`" },
 ];
 
-/// Where the BPF program and its committed object live.
+/// Where the BPF program and its committed object live./// Where the BPF program and its committed object live.
 fn ebpf_dir() -> PathBuf {
     workspace_root().join("ebpf")
 }
@@ -109,15 +127,18 @@ fn cargo() -> Command {
     c
 }
 
-/// Install missing Debian packages with apt-get (needs root and Debian's archive).
+/// Install the Debian packages of every missing tool in [`TOOLS`] (apt-get; root, Debian's
+/// archive), then check that each is there.
 pub fn deps() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let mut missing: Vec<&str> = TOOLS
         .iter()
-        .filter(|(_, probe)| !have(probe))
-        .map(|(pkg, _)| *pkg)
+        .filter(|t| !have(t.program))
+        .map(|t| t.package)
         .collect();
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
-        println!("deps: all Debian packages present");
+        println!("deps: every tool the suite runs is installed");
         return Ok(());
     }
     println!("deps: installing {}", missing.join(" "));
@@ -130,13 +151,47 @@ pub fn deps() -> Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .context("apt-get install failed")?;
+    check_deps()
+}
+
+/// `deps --check`: list every program the suite runs, with its package and whether it is
+/// installed; fail naming each missing one.
+pub fn check_deps() -> Result<()> {
+    let mut missing = Vec::new();
+    println!(
+        "{:<16} {:<13} {:<8} USED BY",
+        "PROGRAM", "PACKAGE", "STATUS"
+    );
+    for t in TOOLS {
+        let ok = have(t.program);
+        println!(
+            "{:<16} {:<13} {:<8} {}",
+            t.program,
+            t.package,
+            if ok { "ok" } else { "MISSING" },
+            t.used_by
+        );
+        if !ok {
+            missing.push(format!("{} (package {})", t.program, t.package));
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "missing: {}; run `cargo xtask deps` (as root) to install them",
+            missing.join(", ")
+        );
+    }
     Ok(())
 }
 
-/// Everything CI runs: deps, formatting, clippy, build, all tests (the fault suite three times).
+/// Everything CI runs: deps (installed, then checked), formatting, clippy, build, all tests
+/// (the fault suite three times). Every test binary runs (`--no-fail-fast`) and the fault suite
+/// runs all three times even after a failure, so one failure never hides another; the command
+/// fails at the end, naming every step that failed.
 pub fn test(extra: &[String]) -> Result<()> {
     let t = Instant::now();
     deps()?;
+    check_deps()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     build_ebpf(true)?;
@@ -153,14 +208,30 @@ pub fn test(extra: &[String]) -> Result<()> {
     let docs = workspace_root().join("target/unit-check");
     crate::dist::docs(&docs)?;
     crate::dist::verify_unit(&workspace_root().join("target/debug/ferry"), &docs)?;
-    run(cargo().args(["test", "--workspace"]).args(extra))?;
+    let mut failed = Vec::new();
+    if let Err(e) = run(cargo()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(extra))
+    {
+        failed.push(format!("the test suite: {e:#}"));
+    }
     if extra.is_empty() {
         // The fault suite must pass three times in a row: twice more after the run above.
         for round in 2..=3 {
             println!("fault suite, run {round} of 3");
             // `--workspace`, as above: the same feature set, so nothing is rebuilt.
-            run(cargo().args(["test", "--workspace", "--test", "faults"]))?;
+            if let Err(e) = run(cargo().args(["test", "--workspace", "--test", "faults"])) {
+                failed.push(format!("fault suite run {round}: {e:#}"));
+            }
         }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} step(s) failed after {:.0?} (each test binary's failures are listed above):\n  {}",
+            failed.len(),
+            t.elapsed(),
+            failed.join("\n  ")
+        );
     }
     println!("all checks and tests passed in {:.0?}", t.elapsed());
     Ok(())
@@ -277,6 +348,9 @@ pub(crate) fn filled(c: &Client, name: &str) -> Result<Option<VmInfo>> {
 /// The demo: the lab, a 1 GiB mixed workload guest on host `a` dirtying 64 MiB/s, migrated live
 /// to host `b` with progress and a summary, then shown running on `b`. The lab stays up.
 pub fn demo() -> Result<()> {
+    println!(
+        "demo: building ferry (the first build takes a few minutes; cargo shows its progress)"
+    );
     let bin = build_ferry()?;
     let root = PathBuf::from(lab::DEFAULT_ROOT);
     if lab::status(Some(lab::DEFAULT_NAME), &root)?.exists() {

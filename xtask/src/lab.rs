@@ -494,6 +494,7 @@ impl Lab {
         if args.is_empty() {
             bail!("no command given to run in host {host}'s namespace {netns}");
         }
+        require_program(args[0])?;
         let mut cmd = Command::new(&self.ip.bin);
         cmd.args(["netns", "exec", netns]).args(args);
         let out = run_bounded(cmd, timeout)
@@ -1766,6 +1767,32 @@ impl NetnsAddLock {
 // ---------------------------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------------------------
+
+/// Fails, naming the package and the fix, if `program` (a bare name looked up in PATH and the
+/// sbin directories, or a path) is not installed. A missing tool must fail a test loudly: it must
+/// never look like the command's own failure (which a test may expect).
+pub fn require_program(program: &str) -> Result<()> {
+    let found = if program.contains('/') {
+        Path::new(program).is_file()
+    } else {
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+            .any(|d| d.join(program).is_file())
+    };
+    if found {
+        return Ok(());
+    }
+    let package = crate::dev::TOOLS
+        .iter()
+        .find(|t| t.program == program)
+        .map_or_else(
+            || "not listed in xtask's TOOLS: add it there".to_string(),
+            |t| format!("package {}", t.package),
+        );
+    bail!("`{program}` is not installed ({package}): run `cargo xtask deps` as root")
+}
 
 /// The exit status and output of a finished command.
 struct Finished {

@@ -30,8 +30,13 @@ enum Command {
         #[command(subcommand)]
         action: LabAction,
     },
-    /// Install the Debian packages the project needs (apt-get; root).
-    Deps,
+    /// Install the Debian packages of every program the tests, benches and xtask run
+    /// (apt-get; root). `--check` lists them and fails on a missing one, installing nothing.
+    Deps {
+        /// List every program with its package and status; fail if one is missing.
+        #[arg(long)]
+        check: bool,
+    },
     /// Rebuild ebpf/netpin.bpf.o from ebpf/netpin.bpf.c (clang-19); --check compares instead.
     BuildEbpf {
         /// Fail if the committed object does not match a fresh build.
@@ -195,7 +200,8 @@ fn run(cli: Cli) -> Result<()> {
             LabAction::Down(target) => lab_down(&target),
             LabAction::Status { target, json } => lab_status(&target, json),
         },
-        Command::Deps => xtask::dev::deps(),
+        Command::Deps { check: false } => xtask::dev::deps(),
+        Command::Deps { check: true } => xtask::dev::check_deps(),
         Command::BuildEbpf { check } => xtask::dev::build_ebpf(check),
         Command::Test { args } => xtask::dev::test(&args),
         Command::Demo => xtask::dev::demo(),

@@ -33,6 +33,8 @@ use super::config::{valid_name, Config};
 pub enum AgentError {
     #[error("no VM named {0:?} on this host; `ferry vm list` shows the VMs")]
     NotFound(String),
+    #[error("no migration {0:?} on this host; `ferry migrations` lists them")]
+    NoMigration(String),
     #[error(
         "a VM named {0:?} already exists on this host; choose another name or destroy it first"
     )]
@@ -55,7 +57,7 @@ impl AgentError {
     /// HTTP status for the API.
     pub fn status(&self) -> u16 {
         match self {
-            AgentError::NotFound(_) => 404,
+            AgentError::NotFound(_) | AgentError::NoMigration(_) => 404,
             AgentError::Exists(_) | AgentError::Conflict(_) => 409,
             AgentError::Invalid(_) | AgentError::NoRoom(_) => 400,
             AgentError::Vm(e) => vm_status(e),
@@ -78,7 +80,7 @@ impl AgentError {
     /// Short machine-readable code for the API.
     pub fn code(&self) -> &'static str {
         match self {
-            AgentError::NotFound(_) => "not_found",
+            AgentError::NotFound(_) | AgentError::NoMigration(_) => "not_found",
             AgentError::Exists(_) => "exists",
             AgentError::Invalid(_) => "invalid",
             AgentError::Conflict(_) => "conflict",
@@ -1065,9 +1067,7 @@ impl Agent {
             .lock()
             .ok()
             .and_then(|m| m.iter().find(|h| h.id == id).cloned())
-            .ok_or_else(|| {
-                AgentError::NotFound(format!("migration {id} (`ferry migrations` lists them)"))
-            })
+            .ok_or_else(|| AgentError::NoMigration(id.chars().take(64).collect()))
     }
 
     pub fn migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
@@ -1103,6 +1103,11 @@ impl Agent {
 
     fn peer_addr(&self, to: &str) -> Result<std::net::SocketAddr, AgentError> {
         let port = crate::control::config::DEFAULT_MANAGEMENT_PORT;
+        if to == self.config.agent.name {
+            return Err(AgentError::Invalid(format!(
+                "{to:?} is this host itself: migrate to another host (a peer name from [peers])"
+            )));
+        }
         let text = self.config.peers.get(to).map_or(to, String::as_str);
         crate::transport::tcp::parse_addr(text, port).map_err(AgentError::Invalid)
     }

@@ -13,7 +13,7 @@ use super::api::ErrorEnvelope;
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the agent at {path}: {source}; is `ferry agent` running (systemctl status ferry)? Use --socket or --host to pick another")]
+    #[error("cannot reach the agent at {path}: {source}; is `ferry agent` running (`systemctl status ferry-agent`)? Use --socket or --host to pick another")]
     Connect {
         path: PathBuf,
         #[source]
