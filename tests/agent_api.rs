@@ -53,9 +53,9 @@ fn bad_requests_get_clear_errors_and_the_agent_survives() {
         err_of(&o)
     );
 
-    // 0 vCPUs.
+    // 0 vCPUs: a bad request, exit code 2.
     let o = a.cli(&["vm", "create", "z", "--vcpus", "0"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(
         err_of(&o).contains("1 to 32 vCPUs, not 0"),
         "{}",
@@ -87,7 +87,7 @@ fn bad_requests_get_clear_errors_and_the_agent_survives() {
         "--image",
         big.to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(
         err_of(&o).contains("only") && err_of(&o).contains("fit"),
         "{}",
@@ -292,7 +292,7 @@ fn save_and_restore_through_files() {
         let _ = std::fs::remove_dir_all(&dir);
         // Restoring onto an existing name or from a non-save is refused.
         let o = a.cli(&["vm", "restore", a.dir.to_str().unwrap()]);
-        assert_eq!(o.status.code(), Some(1));
+        assert_eq!(o.status.code(), Some(2));
         assert!(err_of(&o).contains("vm.json"), "{}", err_of(&o));
     }
 }

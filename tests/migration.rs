@@ -361,12 +361,40 @@ fn cancel_and_refusals_leave_the_guest_on_the_source() {
     assert_eq!(f.json("a", &["vm", "inspect", "c"])["state"], "running");
 
     // Unknown peers and stopped VMs are refused before anything moves.
+    // Bad input exits 2 (README: "bad command line or request") and says what is wrong.
     let o = f.cli("a", &["migrate", "c", "--to", "nowhere"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("[peers]"),
         "{o:?}"
     );
+    let o = f.cli("a", &["migrate", "c", "--to", "a"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is this host itself"),
+        "{o:?}"
+    );
+    let o = f.cli("a", &["migrate", "c", "--to", "b", "--streams", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--streams"),
+        "{o:?}"
+    );
+    for args in [
+        vec!["migrations", "m-deadbeef"],
+        vec!["migrate", "--cancel", "m-deadbeef"],
+    ] {
+        let o = f.cli("a", &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {o:?}");
+        assert!(
+            err.contains("no migration \"m-deadbeef\"") && !err.contains("no VM named"),
+            "{args:?}: {err}"
+        );
+    }
+    // The table names the peer (not a cut address) and the rounds the summary counts.
+    let table = String::from_utf8_lossy(&f.cli("a", &["migrations"]).stdout).into_owned();
+    assert!(!table.contains("198.18."), "{table}");
     f.json("a", &["vm", "pause", "c"]);
     let o = f.cli("a", &["migrate", "c", "--to", "b"]);
     assert!(

@@ -432,8 +432,13 @@ impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         let code = match e {
             ClientError::Connect { .. } => 3,
-            // The agent found the request itself malformed or invalid: the input is wrong.
-            ClientError::Api { status: 400, .. } => 2,
+            // The agent found the request itself malformed or invalid: the input is wrong (a
+            // host without room for a valid request is a refusal, 1).
+            ClientError::Api {
+                status: 400,
+                ref code,
+                ..
+            } if code != "no_room" => 2,
             _ => 1,
         };
         Failure {
