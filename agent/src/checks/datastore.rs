@@ -144,6 +144,15 @@ impl Datastores {
         Ok(dir.join(rel))
     }
 
+    /// The directory of the datastore a disk path names, and the path inside it.
+    pub fn locate<'a>(&self, path: &'a str) -> Result<(PathBuf, &'a str), DatastoreError> {
+        self.resolve(path)?;
+        let (store, rel) =
+            DiskSpec::parse_path(path).ok_or_else(|| DatastoreError::BadPath(path.to_string()))?;
+        let dir = self.stores.get(store).map(|(d, _)| d.clone()).unwrap_or_default();
+        Ok((dir, rel))
+    }
+
     /// Size of a disk file here, or None if it is missing or its datastore unknown.
     pub fn disk_size(&self, path: &str) -> Option<u64> {
         let p = self.resolve(path).ok()?;

@@ -8,6 +8,7 @@
 
 pub mod cpu;
 pub mod datastore;
+pub mod disklock;
 pub mod ping;
 
 use std::collections::BTreeMap;
