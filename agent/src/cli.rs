@@ -97,6 +97,19 @@ pub enum Command {
     /// CPU features
     #[command(subcommand)]
     Cpu(CpuCommand),
+    /// Disk locks on the datastores
+    #[command(subcommand)]
+    Disk(DiskCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Break a stale disk lock: its holder's host stopped renewing its lease (crashed or cut
+    /// off). Refused while that host is alive. Make sure the guest really is gone there first.
+    Unlock {
+        /// The disk, e.g. "[shared] dk/dk.img"
+        disk: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -528,6 +541,21 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 Err(fail(format!("{vm} cannot migrate to {to}")))
             }
+        }
+        Command::Disk(DiskCommand::Unlock { disk }) => {
+            let c = Client::new(socket_path(&cli));
+            let h: crate::checks::disklock::LockHolder =
+                c.post("/v1/disks/unlock", &serde_json::json!({ "disk": disk }))?;
+            out(&cli, &h, |h| {
+                format!(
+                    "unlocked {disk}: it was held by guest {} on host {} (last heartbeat {})\n",
+                    h.vm,
+                    h.host,
+                    h.heartbeat_age_s
+                        .map_or("never".to_string(), |a| format!("{a} s ago"))
+                )
+            });
+            Ok(())
         }
         Command::Cpu(CpuCommand::Baseline { peers }) => {
             let c = Client::new(socket_path(&cli));
@@ -1409,6 +1437,23 @@ fn human_info(i: &VmInfo) -> String {
     }
     if let Some(f) = &i.fault {
         s += &format!("fault:       {f}\n");
+    }
+    for l in &i.disk_locks {
+        let holder = match (&l.holder, &l.error) {
+            (_, Some(e)) => format!("lock unreadable: {e}"),
+            (None, None) => "not locked".to_string(),
+            (Some(h), None) => format!(
+                "locked by {} on {}{}",
+                h.vm,
+                h.host,
+                if h.stale {
+                    " (STALE: its host stopped renewing the lease)"
+                } else {
+                    ""
+                }
+            ),
+        };
+        s += &format!("disk:        {} ({holder})\n", l.disk);
     }
     if let Some(d) = &i.dirty_rate {
         let measured = d.measured_mib_per_sec.map_or_else(

@@ -149,7 +149,11 @@ impl Datastores {
         self.resolve(path)?;
         let (store, rel) =
             DiskSpec::parse_path(path).ok_or_else(|| DatastoreError::BadPath(path.to_string()))?;
-        let dir = self.stores.get(store).map(|(d, _)| d.clone()).unwrap_or_default();
+        let dir = self
+            .stores
+            .get(store)
+            .map(|(d, _)| d.clone())
+            .unwrap_or_default();
         Ok((dir, rel))
     }
 

@@ -134,10 +134,12 @@ impl DiskLocks {
 
     fn read(path: &Path) -> Result<Option<LockRecord>, LockError> {
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| LockError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            }),
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| LockError::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(path)(e)),
         }
@@ -319,6 +321,37 @@ impl DiskLocks {
         Ok(h)
     }
 
+    /// Release every lock guest `vm` holds on this host, in every datastore (a guest lost when
+    /// the agent stopped: its spec is gone, its locks are not). Returns the disks released.
+    pub fn release_all_of(
+        &self,
+        dirs: &BTreeMap<String, PathBuf>,
+        vm: &str,
+        owner_of: &dyn Fn(&str) -> Option<String>,
+    ) -> Vec<String> {
+        let mut released = Vec::new();
+        for dir in dirs.values() {
+            let Ok(entries) = std::fs::read_dir(dir.join(LOCK_DIR)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                if path.extension().is_none_or(|x| x != "lock") {
+                    continue;
+                }
+                let Ok(Some(cur)) = Self::read(&path) else {
+                    continue;
+                };
+                let host = owner_of(&cur.vm).unwrap_or_else(|| cur.host.clone());
+                if cur.vm == vm && host == self.host && std::fs::remove_file(&path).is_ok() {
+                    tracing::info!(disk = %cur.disk, vm, "disk lock of a lost guest released");
+                    released.push(cur.disk);
+                }
+            }
+        }
+        released
+    }
+
     /// Renew this host's heartbeat in every datastore (call every lease/3).
     pub fn heartbeat(&self, dirs: &BTreeMap<String, PathBuf>) {
         for dir in dirs.values() {
@@ -377,7 +410,10 @@ mod tests {
         assert!(a.release(&ds, DISK, "dk2", &nobody).unwrap());
         b.acquire(&ds, DISK, "dk3", "b", &nobody).unwrap();
         let h = a.holder(&ds, DISK, &nobody).unwrap().unwrap();
-        assert_eq!((h.vm.as_str(), h.host.as_str(), h.stale), ("dk3", "b", false));
+        assert_eq!(
+            (h.vm.as_str(), h.host.as_str(), h.stale),
+            ("dk3", "b", false)
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

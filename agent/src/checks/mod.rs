@@ -135,6 +135,53 @@ fn item(requirement: &str, result: Outcome, detail: String, fix: Option<&str>) -
     }
 }
 
+/// One row per disk: its lock must be free or held by the guest itself.
+pub fn disk_lock_items(vm: &str, locks: &[crate::control::agent::DiskLockInfo]) -> Vec<CheckItem> {
+    locks
+        .iter()
+        .map(|l| match (&l.holder, &l.error) {
+            (_, Some(e)) => item(
+                "disk lock",
+                Outcome::Failure,
+                format!("{}: {e}", l.disk),
+                Some("make the datastore readable on this host"),
+            ),
+            (Some(h), None) if h.vm != vm => item(
+                "disk lock",
+                Outcome::Failure,
+                format!(
+                    "{} is locked by guest {} on host {}{}",
+                    l.disk,
+                    h.vm,
+                    h.host,
+                    if h.stale {
+                        " (stale: that host stopped renewing its lease)"
+                    } else {
+                        ""
+                    }
+                ),
+                Some(if h.stale {
+                    "if that host is really down, `ferry disk unlock DISK` releases the lock"
+                } else {
+                    "stop or destroy the other guest first"
+                }),
+            ),
+            (Some(h), None) => item(
+                "disk lock",
+                Outcome::Ok,
+                format!("{} is held by {vm} on {}", l.disk, h.host),
+                None,
+            ),
+            (None, None) => item(
+                "disk lock",
+                Outcome::Ok,
+                format!("{} is not locked", l.disk),
+                None,
+            ),
+        })
+        .collect()
+}
+
 /// Evaluate every check. `local` is this host, `peer` the destination, `link` the probe over
 /// the migration network (None when it could not run; the reason is in the link row).
 pub fn evaluate(

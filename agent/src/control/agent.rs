@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::announce::Announcement;
 use crate::checks::datastore::Datastores;
+use crate::checks::disklock::{DiskLocks, LockError, LockHolder};
 use crate::checks::{CheckReport, HostFacts, LinkProbe, Requirements};
 use crate::migrate::dest::Host;
 use crate::migrate::ownership::{Ownership, Staged};
@@ -304,6 +305,9 @@ pub struct VmInfo {
     pub heartbeats: Vec<VcpuRates>,
     /// Workload guests only: requested and measured dirty rate (MiB/s, all vCPUs).
     pub dirty_rate: Option<DirtyRate>,
+    /// Each disk and the guest (and host) that holds its lock.
+    #[serde(default)]
+    pub disk_locks: Vec<DiskLockInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -357,6 +361,30 @@ pub struct Agent {
     key: Option<Arc<mig::session::ClusterKey>>,
     /// Guest ownership records on the shared datastore (`[cluster] ownership_datastore`).
     ownership: Option<Ownership>,
+    /// Disk locks on the datastores: one running guest per disk in the cluster.
+    locks: DiskLocks,
+}
+
+/// A disk of a guest and who holds its lock (`ferry vm inspect`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskLockInfo {
+    pub disk: String,
+    /// None: nobody (the guest is not running, or the lock could not be read: see `error`).
+    pub holder: Option<LockHolder>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl From<LockError> for AgentError {
+    fn from(e: LockError) -> Self {
+        match e {
+            LockError::Locked { .. } | LockError::NotStale { .. } | LockError::NotLocked(_) => {
+                AgentError::Conflict(e.to_string())
+            }
+            LockError::Datastore(d) => AgentError::Invalid(d.to_string()),
+            LockError::Io { .. } => AgentError::Internal(e.to_string()),
+        }
+    }
 }
 
 /// How many finished migrations `ferry migrations` remembers.
@@ -397,7 +425,13 @@ impl Agent {
                 }
             }
         }
+        let locks = DiskLocks::new(
+            &config.agent.name,
+            std::time::Duration::from_secs(config.cluster.lock_lease_s),
+        );
+        locks.heartbeat(&config.datastores);
         Arc::new(Agent {
+            locks,
             ownership,
             config,
             hv,
@@ -619,7 +653,11 @@ impl Agent {
         let vm = Vm::create(&self.hv, spec)?;
         self.adopt(&vm.spec.name)?;
         if start {
-            vm.start()?;
+            self.lock_disks(&vm.spec, &self.config.agent.name)?;
+            if let Err(e) = vm.start() {
+                self.unlock_disks(&vm.spec);
+                return Err(e.into());
+            }
         }
         let e = self.insert(vm)?;
         if start {
@@ -687,7 +725,98 @@ impl Agent {
             exits: vm.devices().counters.stats(),
             heartbeats,
             dirty_rate,
+            disk_locks: self.disk_locks(&vm.spec),
         }
+    }
+
+    /// Where this host's guests' ownership records say `vm` runs (None without records).
+    fn owner_of(&self, vm: &str) -> Option<String> {
+        self.ownership
+            .as_ref()
+            .and_then(|o| o.current(vm).ok().flatten())
+            .and_then(|r| r.owner)
+    }
+
+    /// Who holds each of a guest's disks.
+    pub fn disk_locks(&self, spec: &VmSpec) -> Vec<DiskLockInfo> {
+        let owner_of = |vm: &str| self.owner_of(vm);
+        spec.disks
+            .iter()
+            .map(
+                |d| match self.locks.holder(&self.datastores, &d.path, &owner_of) {
+                    Ok(holder) => DiskLockInfo {
+                        disk: d.path.clone(),
+                        holder,
+                        error: None,
+                    },
+                    Err(e) => DiskLockInfo {
+                        disk: d.path.clone(),
+                        holder: None,
+                        error: Some(e.to_string()),
+                    },
+                },
+            )
+            .collect()
+    }
+
+    /// Take the locks of every disk of `spec` for the guest, recorded as held on `host`
+    /// (this host, or the source of an incoming migration until its commit). All or none.
+    fn lock_disks(&self, spec: &VmSpec, host: &str) -> Result<(), AgentError> {
+        let owner_of = |vm: &str| self.owner_of(vm);
+        for (i, d) in spec.disks.iter().enumerate() {
+            if let Err(e) =
+                self.locks
+                    .acquire(&self.datastores, &d.path, &spec.name, host, &owner_of)
+            {
+                for taken in &spec.disks[..i] {
+                    let _ =
+                        self.locks
+                            .release(&self.datastores, &taken.path, &spec.name, &owner_of);
+                }
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Release the locks of a guest that stopped or was destroyed here (nothing where the guest
+    /// runs elsewhere now).
+    fn unlock_disks(&self, spec: &VmSpec) {
+        let owner_of = |vm: &str| self.owner_of(vm);
+        for d in &spec.disks {
+            if let Err(e) = self
+                .locks
+                .release(&self.datastores, &d.path, &spec.name, &owner_of)
+            {
+                tracing::warn!(vm = %spec.name, disk = %d.path, error = %e, "could not release a disk lock");
+            }
+        }
+    }
+
+    /// After the commit of an incoming migration: the guest's disk locks name this host.
+    fn hand_over_disks(&self, vm: &str) {
+        let Ok(e) = self.entry(vm) else { return };
+        for d in &e.vm().spec.disks {
+            if let Err(err) = self.locks.hand_over(&self.datastores, &d.path, vm) {
+                tracing::warn!(vm, disk = %d.path, error = %err, "could not record this host in a disk lock (the ownership record decides)");
+            }
+        }
+    }
+
+    /// `ferry disk unlock DISK`: break a stale lock (its holder's host stopped renewing its
+    /// lease). Refused while the holder's host is alive.
+    pub fn break_disk_lock(&self, disk: &str) -> Result<LockHolder, AgentError> {
+        let owner_of = |vm: &str| self.owner_of(vm);
+        Ok(self.locks.break_stale(&self.datastores, disk, &owner_of)?)
+    }
+
+    /// Renew this host's disk-lock heartbeat (the daemon calls it every lease/3).
+    pub fn renew_disk_leases(&self) {
+        self.locks.heartbeat(&self.config.datastores);
+    }
+
+    pub fn disk_lease(&self) -> std::time::Duration {
+        self.locks.lease()
     }
 
     pub fn inspect(&self, name: &str) -> Result<VmInfo, AgentError> {
@@ -703,6 +832,7 @@ impl Agent {
         match vm.status() {
             VmStatus::Stopped | VmStatus::Crashed => {
                 let spec = vm.spec.clone();
+                self.lock_disks(&spec, self.me())?;
                 vm.stop();
                 drop(vm);
                 let hv = self.hv.clone();
@@ -713,6 +843,7 @@ impl Agent {
                 e.replace(fresh);
             }
             VmStatus::Created => {
+                self.lock_disks(&vm.spec, self.me())?;
                 vm.start()?;
                 self.announce(&vm.spec);
             }
@@ -823,11 +954,13 @@ impl Agent {
         let _op = e.begin().await?;
         e.stop_announcing();
         let vm = e.vm();
+        let spec = vm.spec.clone();
         blocking(move || {
             vm.stop();
             Ok(())
         })
         .await?;
+        self.unlock_disks(&spec);
         Ok(self.info(&e))
     }
 
@@ -839,6 +972,9 @@ impl Agent {
                 if let Some(o) = &self.ownership {
                     if let Ok(Some(r)) = o.current(name) {
                         if r.owned_by(self.me()) {
+                            let owner_of = |vm: &str| self.owner_of(vm);
+                            self.locks
+                                .release_all_of(&self.config.datastores, name, &owner_of);
                             o.release(name, self.me())
                                 .map_err(|e| AgentError::Internal(e.to_string()))?;
                             tracing::info!(vm = name, "released the ownership of a lost guest");
@@ -856,11 +992,13 @@ impl Agent {
         }
         e.stop_announcing();
         let vm = e.vm();
+        let spec = vm.spec.clone();
         blocking(move || {
             vm.stop();
             Ok(())
         })
         .await?;
+        self.unlock_disks(&spec);
         if let Some(o) = &self.ownership {
             if let Err(err) = o.release(name, self.me()) {
                 tracing::warn!(vm = name, error = %err, "could not release the ownership record");
@@ -930,8 +1068,12 @@ impl Agent {
             blocking(move || snapshot::restore(&hv, &dir, Some(&name)).map_err(AgentError::from))
                 .await?;
         self.adopt(&vm.spec.name)?;
+        self.lock_disks(&vm.spec, &self.config.agent.name)?;
         if !paused {
-            vm.resume()?;
+            if let Err(e) = vm.resume() {
+                self.unlock_disks(&vm.spec);
+                return Err(e.into());
+            }
         }
         let e = self.insert(vm)?;
         if !paused {
@@ -1324,8 +1466,9 @@ impl Agent {
         } else {
             Err("migration is not enabled on both hosts".into())
         };
-        let items =
+        let mut items =
             crate::checks::evaluate(&req, &local, &pf, probe.as_ref().map_err(Clone::clone));
+        items.extend(crate::checks::disk_lock_items(vm, &self.disk_locks(&spec)));
         Ok(CheckReport::new(vm, to, items))
     }
 
@@ -1486,6 +1629,11 @@ impl Host for Agent {
                 spec.memory_mib
             ));
         }
+        // The guest's disks stay locked for it: it holds them on the source until the commit
+        // moves its ownership record here (a lock the source never took is taken in its name).
+        let source = handle.record().peer;
+        let source = source.split_once(" (").map_or(source.as_str(), |(n, _)| n);
+        self.lock_disks(spec, source).map_err(|e| e.to_string())?;
         let vm = Vm::create_empty(&self.hv, spec.clone(), regions).map_err(|e| e.to_string())?;
         let e = self.insert(vm).map_err(|e| e.to_string())?;
         e.set_migration(Some(format!("in {}", handle.id)));
@@ -1549,6 +1697,8 @@ impl Host for Agent {
         prepared: Option<Staged>,
     ) -> Result<Option<Staged>, String> {
         let Some(o) = &self.ownership else {
+            // Without ownership records the lock file is the only word: it moves now.
+            self.hand_over_disks(vm);
             return Ok(None);
         };
         let g = match generation {
@@ -1583,6 +1733,7 @@ impl Host for Agent {
             generation = r.generation,
             "ownership taken over at the commit point"
         );
+        self.hand_over_disks(vm);
         Ok(Some(staged))
     }
 

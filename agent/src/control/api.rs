@@ -21,6 +21,7 @@
 //! | GET | `/v1/vms/{name}/check?to=PEER` | | pre-migration checks ([`crate::checks::CheckReport`]) |
 //! | POST | `/v1/cpu/baseline` | `{"peers": ["b"]}` | CPU features common to this host and the peers |
 //! | GET, POST, DELETE | `/v1/debug/faults` | POST: `{"point": "dest:round:1", "action": "kill"}` | armed faults (only with `[debug] faults = true`; see [`crate::faults`]) |
+//! | POST | `/v1/disks/unlock` | `{"disk": "[shared] dk/dk.img"}` | the stale lock's former holder (409 while its host is alive) |
 //! | POST | `/v1/ping` | `{"to": "b"}` (ICMP over the migration NIC) or with `"throughput": {"streams": 2, "secs": 3, "bytes": 0, "mode": "tcp"}` | probe result |
 //!
 //! Errors are `{"error": {"status": 404, "code": "not_found", "message": "..."}}` with a 4xx
@@ -155,6 +156,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations/{id}", get(migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .route("/v1/ping", post(ping))
+        .route("/v1/disks/unlock", post(unlock_disk))
         .route("/v1/stats", get(stats))
         .route("/v1/vms/{name}/check", get(check))
         .route("/v1/cpu/baseline", post(baseline))
@@ -332,6 +334,21 @@ async fn cancel_migration(
     Path(id): Path<String>,
 ) -> ApiResult<Json<MigrationRecord>> {
     Ok(Json(a.cancel_migration(&id)?))
+}
+
+/// `POST /v1/disks/unlock`: break a stale disk lock.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnlockRequest {
+    pub disk: String,
+}
+
+async fn unlock_disk(
+    State(a): State<Arc<Agent>>,
+    body: Bytes,
+) -> ApiResult<Json<crate::checks::disklock::LockHolder>> {
+    let req: UnlockRequest = parse(&body)?;
+    Ok(Json(a.break_disk_lock(&req.disk)?))
 }
 
 async fn ping(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Json<serde_json::Value>> {

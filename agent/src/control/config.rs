@@ -40,6 +40,7 @@
 //! [cluster]
 //! key_file = "/etc/ferry/cluster.key"     # shared secret of the cluster (>= 32 bytes, 0600)
 //! ownership_datastore = "shared"          # where guest ownership records live (the commit point)
+//! lock_lease_s = 30                       # disk locks of a host silent this long are stale
 //!
 //! [metrics]
 //! address = "198.18.0.1:9720"             # Prometheus text at GET /metrics (absent: off)
@@ -216,7 +217,7 @@ pub struct Config {
 }
 
 /// `[cluster]`: how agents trust each other.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
     /// The cluster key (a file of at least 32 bytes, mode 0600) every agent of the cluster
@@ -229,6 +230,24 @@ pub struct ClusterSection {
     /// `Commit` frame alone, and a source that hears nothing after it can only ask the peer.
     #[serde(default)]
     pub ownership_datastore: Option<String>,
+    /// Seconds without a heartbeat after which a host's disk locks are reported stale (it
+    /// renews them every third of this). Default 30, like VMFS's lease.
+    #[serde(default = "default_lock_lease")]
+    pub lock_lease_s: u64,
+}
+
+fn default_lock_lease() -> u64 {
+    30
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            key_file: None,
+            ownership_datastore: None,
+            lock_lease_s: default_lock_lease(),
+        }
+    }
 }
 
 /// `[metrics]`: the opt-in Prometheus endpoint.
@@ -322,6 +341,12 @@ impl Config {
                     dir.display()
                 )));
             }
+        }
+        if !(2..=3600).contains(&self.cluster.lock_lease_s) {
+            return Err(bad(format!(
+                "[cluster] lock_lease_s = {} is out of range: give 2 to 3600 seconds (default 30)",
+                self.cluster.lock_lease_s
+            )));
         }
         if let Some(ds) = &self.cluster.ownership_datastore {
             if !self.datastores.contains_key(ds) {

@@ -208,6 +208,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "agent ready"
     );
 
+    // Disk-lock heartbeat: renewed every third of the lease, so a live host's locks are never
+    // reported stale.
+    let lease_renewer = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(agent.disk_lease() / 3);
+            loop {
+                t.tick().await;
+                let a = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || a.renew_disk_leases()).await;
+            }
+        })
+    };
+
     let sampler = {
         let agent = agent.clone();
         tokio::spawn(async move {
@@ -238,6 +252,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .with_graceful_shutdown(shutdown_signal())
         .await;
     sampler.abort();
+    lease_renewer.abort();
     if let Some(w) = watchdog {
         w.abort();
     }
