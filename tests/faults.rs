@@ -65,6 +65,9 @@ fn placed(f: &LabFerry, name: &str, memory: &str, profile: &str, dirty: u32) {
             profile,
             "--dirty-rate",
             &dirty.to_string(),
+            // A disk on the shared datastore: its lock must end where the one copy runs.
+            "--disk",
+            &format!("[shared] {name}/disk.img:16M"),
             "--start",
         ],
     );
@@ -211,6 +214,12 @@ fn the_one_copy(f: &LabFerry, vm: &str) -> &'static str {
         }
     }
     assert_eq!(running.len(), 1, "{vm} runs on {running:?}");
+    // Its disk is locked for it, by the host that runs it.
+    let i = f.json(running[0], &["vm", "inspect", vm]);
+    for l in i["disk_locks"].as_array().expect("disk_locks") {
+        assert_eq!(l["holder"]["vm"], vm, "{l}");
+        assert_eq!(l["holder"]["host"], running[0], "{vm}'s disk lock: {l}");
+    }
     running[0]
 }
 
