@@ -7,9 +7,14 @@
 //! cluster key can. The nonce is (stream index, frame sequence number, direction): unique for
 //! every frame of a migration, and a frame replayed or moved to another stream or position
 //! fails to open.
+//!
+//! The cipher is `ring`'s AES-256-GCM (BoringSSL's assembly: AES-NI, VAES and VPCLMULQDQ where
+//! the CPU has them, several GB/s per core here), not the portable `aes-gcm` crate used before
+//! (about 1 GB/s per core). The format is unchanged — same key, nonce and tag placement — so
+//! frames sealed by the old implementation open with this one (tested) and the protocol version
+//! stays the same. `ring` builds from a fresh clone with the C compiler Debian ships.
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use crate::migrate::session::ClusterKey;
 
@@ -31,10 +36,16 @@ pub enum SealError {
 }
 
 /// Seals (source) or opens (destination) the page frames of one data stream.
-#[derive(Clone)]
 pub struct Sealer {
-    cipher: Aes256Gcm,
+    key: [u8; 32],
+    cipher: LessSafeKey,
     stream: u32,
+}
+
+impl Clone for Sealer {
+    fn clone(&self) -> Self {
+        Sealer::new(&self.key, self.stream)
+    }
 }
 
 impl std::fmt::Debug for Sealer {
@@ -53,18 +64,25 @@ pub fn data_key(cluster: &ClusterKey, migration_id: &str, token: &str) -> [u8; 3
 
 impl Sealer {
     pub fn new(key: &[u8; 32], stream: u32) -> Sealer {
+        let unbound = UnboundKey::new(&AES_256_GCM, key)
+            .unwrap_or_else(|_| unreachable!("AES-256-GCM takes a 32-byte key"));
         Sealer {
-            cipher: Aes256Gcm::new(key.into()),
+            key: *key,
+            cipher: LessSafeKey::new(unbound),
             stream,
         }
     }
 
-    fn nonce(&self, seq: u32) -> Nonce<aes_gcm::aes::cipher::consts::U12> {
+    fn nonce_bytes(&self, seq: u32) -> [u8; 12] {
         let mut n = [0u8; 12];
         n[..4].copy_from_slice(&self.stream.to_le_bytes());
         n[4..8].copy_from_slice(&seq.to_le_bytes());
         n[8..].copy_from_slice(b"s->d");
-        n.into()
+        n
+    }
+
+    fn nonce(&self, seq: u32) -> Nonce {
+        Nonce::assume_unique_for_key(self.nonce_bytes(seq))
     }
 
     /// Encrypt `buf[..len]` in place and write the tag at `buf[len..len + TAG_LEN]`.
@@ -78,9 +96,9 @@ impl Sealer {
         }
         let tag = self
             .cipher
-            .encrypt_in_place_detached(&self.nonce(seq), &[], &mut buf[..len])
+            .seal_in_place_separate_tag(self.nonce(seq), Aad::empty(), &mut buf[..len])
             .map_err(|e| SealError::Seal(e.to_string()))?;
-        buf[len..len + TAG_LEN].copy_from_slice(&tag);
+        buf[len..len + TAG_LEN].copy_from_slice(tag.as_ref());
         Ok(len + TAG_LEN)
     }
 
@@ -89,9 +107,8 @@ impl Sealer {
         let Some(len) = payload.len().checked_sub(TAG_LEN) else {
             return Err(SealError::Short(payload.len()));
         };
-        let tag = *Tag::from_slice(&payload[len..]);
         self.cipher
-            .decrypt_in_place_detached(&self.nonce(seq), &[], &mut payload[..len], &tag)
+            .open_in_place(self.nonce(seq), Aad::empty(), &mut payload[..])
             .map_err(|_| SealError::Open {
                 stream: self.stream,
                 seq,
@@ -135,6 +152,43 @@ mod tests {
         assert!(s.open(5, &mut p).is_err());
         let mut p = vec![1u8; 3];
         assert!(matches!(s.open(5, &mut p), Err(SealError::Short(3))));
+    }
+
+    /// Frames sealed by the previous implementation (the portable `aes-gcm` crate) open with
+    /// ring, and the other way round: the wire format did not change.
+    #[test]
+    fn frames_of_the_previous_implementation_still_open() {
+        use aes_gcm::aead::AeadInPlace;
+        use aes_gcm::{Aes256Gcm, KeyInit, Tag};
+        let k = key(3);
+        let old = Aes256Gcm::new((&k).into());
+        let s = Sealer::new(&k, 2);
+        let plain: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+
+        let mut sealed = plain.clone();
+        let tag = old
+            .encrypt_in_place_detached(&s.nonce_bytes(9).into(), &[], &mut sealed)
+            .unwrap();
+        sealed.extend_from_slice(&tag);
+        let mut p = sealed.clone();
+        s.open(9, &mut p).unwrap();
+        assert_eq!(p, plain);
+
+        let mut buf = plain.clone();
+        buf.resize(plain.len() + TAG_LEN, 0);
+        let n = s.seal(10, &mut buf, plain.len()).unwrap();
+        assert_eq!(&buf[..n], {
+            let mut c = plain.clone();
+            let t = old
+                .encrypt_in_place_detached(&s.nonce_bytes(10).into(), &[], &mut c)
+                .unwrap();
+            c.extend_from_slice(&t);
+            c
+        });
+        let (ct, t) = buf[..n].split_at_mut(plain.len());
+        old.decrypt_in_place_detached(&s.nonce_bytes(10).into(), &[], ct, Tag::from_slice(t))
+            .unwrap();
+        assert_eq!(ct, &plain[..]);
     }
 
     #[test]
