@@ -206,9 +206,11 @@ fn agents_without_the_key_cannot_migrate_to_a_keyed_peer() {
     lab.down().unwrap();
 }
 
-/// `--encrypt` seals the page streams with a key derived from the cluster key: the guest
-/// arrives intact (digest), the summary says so; a host with `[migration] encrypt = true`
-/// refuses an unencrypted migration with what to do, and the guest stays on the source.
+/// Encryption by policy: with the cluster key configured (the lab) a migration is encrypted by
+/// default (`preferred`) with ring's AES-256-GCM and arrives intact; `--no-encrypt` sends it in
+/// the clear; a host with `encrypt = "required"` refuses a plain migration with what to do (the
+/// guest stays on the source) and takes the default one; a source with `encrypt = "off"` sends
+/// plain unless `--encrypt`.
 #[test]
 fn encrypted_migration_and_hosts_that_require_it() {
     let Some(mut lab) = lab("auth-enc") else {
@@ -230,24 +232,39 @@ fn encrypted_migration_and_hosts_that_require_it() {
             ],
         );
         f.wait_filled("a", "e");
-        let rec = f.migrate("a", "e", "b", &["--encrypt", "--verify"]);
+        let rec = f.migrate("a", "e", "b", &["--verify"]);
         assert_eq!(rec["phase"], "completed", "{rec}");
         assert_eq!(rec["summary"]["encrypted"], true, "{rec}");
+        assert_eq!(rec["summary"]["cipher"], "AES-256-GCM (ring)", "{rec}");
         assert_eq!(rec["summary"]["verified"], true, "{rec}");
-        // Back unencrypted and uncompressed (zero or raw pages only), still verified.
-        let back = f.migrate("b", "e", "a", &["--verify", "--no-compress"]);
-        assert_eq!(back["summary"]["encrypted"], false, "{back}");
-        assert_eq!(back["summary"]["verified"], true, "{back}");
-        assert_eq!(back["summary"]["encodings"]["lz4"]["pages"], 0, "{back}");
+        // The human summary says so too.
+        let back = f.cli("b", &["migrate", "e", "--to", "a"]);
+        let text = String::from_utf8_lossy(&back.stdout);
+        assert!(text.contains("encryption    AES-256-GCM (ring)"), "{text}");
+        // Unencrypted and uncompressed (zero or raw pages only), still verified.
+        let plain = f.migrate(
+            "a",
+            "e",
+            "b",
+            &["--verify", "--no-compress", "--no-encrypt"],
+        );
+        assert_eq!(plain["summary"]["encrypted"], false, "{plain}");
+        assert_eq!(plain["summary"]["verified"], true, "{plain}");
+        assert_eq!(plain["summary"]["encodings"]["lz4"]["pages"], 0, "{plain}");
+        let rec = f.migrate("b", "e", "a", &[]);
+        assert_eq!(rec["phase"], "completed", "{rec}");
     }
-    // b now requires encryption.
-    let path = lab.host("b").unwrap().config.clone();
-    let text = std::fs::read_to_string(&path).unwrap();
-    let text = text.replacen("[migration]\n", "[migration]\nencrypt = true\n", 1);
-    assert!(text.contains("encrypt = true"), "{text}");
-    std::fs::write(&path, text).unwrap();
-    lab.stop_agent("b").unwrap();
-    lab.start_agent("b").unwrap();
+    // b now requires encryption; a sends plain unless asked.
+    let set = |lab: &mut Lab, host: &str, line: &str| {
+        let path = lab.host(host).unwrap().config.clone();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replacen("[migration]\n", &format!("[migration]\n{line}\n"), 1);
+        std::fs::write(&path, text).unwrap();
+        lab.stop_agent(host).unwrap();
+        lab.start_agent(host).unwrap();
+    };
+    set(&mut lab, "b", "encrypt = \"required\"");
+    set(&mut lab, "a", "encrypt = \"off\"");
     let f = LabFerry { lab: &lab };
     let rec = f.migrate("a", "e", "b", &[]);
     assert_eq!(rec["phase"], "failed", "{rec}");
@@ -261,6 +278,14 @@ fn encrypted_migration_and_hosts_that_require_it() {
     assert_eq!(f.json("a", &["vm", "inspect", "e"])["state"], "running");
     let rec = f.migrate("a", "e", "b", &["--encrypt"]);
     assert_eq!(rec["phase"], "completed", "{rec}");
+    assert_eq!(rec["summary"]["encrypted"], true, "{rec}");
+    // b cannot be told to send in the clear.
+    let o = f.cli("b", &["migrate", "e", "--to", "a", "--no-encrypt"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("requires encrypted migrations"),
+        "{o:?}"
+    );
     lab.down().unwrap();
 }
 

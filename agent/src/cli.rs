@@ -184,10 +184,14 @@ pub struct MigrateArgs {
     /// Go ahead despite warnings from the pre-migration checks (never despite failures)
     #[arg(long)]
     pub force: bool,
-    /// Encrypt the page streams (AES-256-GCM; needs the cluster key; always on when the
-    /// config says `[migration] encrypt = true`)
-    #[arg(long)]
+    /// Encrypt this migration even where `[migration] encrypt = "off"` (AES-256-GCM; needs the
+    /// cluster key). By default (`preferred`) migrations are encrypted whenever the cluster key
+    /// is configured
+    #[arg(long, conflicts_with = "no_encrypt")]
     pub encrypt: bool,
+    /// Send this migration in the clear (refused where encryption is required)
+    #[arg(long)]
+    pub no_encrypt: bool,
     /// Send pages raw (zero pages still skipped): no LZ4, no deltas
     #[arg(long)]
     pub no_compress: bool,
@@ -853,6 +857,7 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
         streams: m.streams.unwrap_or(0),
         verify: m.verify,
         encrypt: m.encrypt,
+        no_encrypt: m.no_encrypt,
         compress: !m.no_compress,
         ..MigrateOptions::default()
     };
@@ -1083,6 +1088,14 @@ fn human_record(r: &MigrationRecord) -> String {
                     }
                 );
             }
+            s += &format!(
+                "  encryption    {}\n",
+                match (&sm.cipher, sm.encrypted) {
+                    (Some(c), true) => format!("{c}: page streams and vCPU/device state"),
+                    (None, true) => "AES-256-GCM: page streams and vCPU/device state".into(),
+                    _ => "off: sent in the clear (no cluster key, --no-encrypt, or encrypt = \"off\")".into(),
+                }
+            );
             if sm.verified {
                 s += &format!(
                     "  verified      memory digest equal ({})\n",

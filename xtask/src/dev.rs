@@ -525,6 +525,7 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32, encrypt: bool)
                 "b",
                 MigrateOptions {
                     encrypt: enc,
+                    no_encrypt: !enc,
                     ..MigrateOptions::default()
                 },
             )?;

@@ -124,6 +124,9 @@ struct MatrixArgs {
     /// Zero-copy sends: on, off
     #[arg(long, value_delimiter = ',', default_value = "on,off")]
     zero_copy: Vec<String>,
+    /// Encryption: on (the default where the cluster key is configured, as in the lab), off
+    #[arg(long, value_delimiter = ',', default_value = "on")]
+    encrypt: Vec<String>,
     /// Label for the output files (target/bench/matrix-LABEL.*)
     #[arg(long, default_value = "current")]
     label: String,
@@ -262,6 +265,7 @@ fn bench_matrix(m: MatrixArgs) -> Result<()> {
             streams: m.streams,
             compress: onoff(&m.compress, "compress")?,
             zero_copy: onoff(&m.zero_copy, "zero-copy")?,
+            encrypt: onoff(&m.encrypt, "encrypt")?,
             label: m.label.clone(),
             ferry_bin: bin,
         }

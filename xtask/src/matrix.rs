@@ -31,6 +31,8 @@ pub struct MatrixSpec {
     pub streams: Vec<u32>,
     pub compress: Vec<bool>,
     pub zero_copy: Vec<bool>,
+    /// Encrypted (the default wherever the cluster key is configured, as in the lab) or plain.
+    pub encrypt: Vec<bool>,
     /// A label for the JSON and file names (A/B comparisons).
     pub label: String,
     pub ferry_bin: PathBuf,
@@ -46,6 +48,7 @@ impl MatrixSpec {
             streams: vec![2],
             compress: vec![true],
             zero_copy: vec![true],
+            encrypt: vec![true],
             label,
             ferry_bin,
         }
@@ -59,14 +62,17 @@ impl MatrixSpec {
                     for &streams in &self.streams {
                         for &compress in &self.compress {
                             for &zero_copy in &self.zero_copy {
-                                v.push(Cell {
-                                    memory_mib,
-                                    profile,
-                                    rate,
-                                    streams,
-                                    compress,
-                                    zero_copy,
-                                });
+                                for &encrypt in &self.encrypt {
+                                    v.push(Cell {
+                                        memory_mib,
+                                        profile,
+                                        rate,
+                                        streams,
+                                        compress,
+                                        zero_copy,
+                                        encrypt,
+                                    });
+                                }
                             }
                         }
                     }
@@ -85,6 +91,8 @@ struct Cell {
     streams: u32,
     compress: bool,
     zero_copy: bool,
+    #[serde(default)]
+    encrypt: bool,
 }
 
 impl Cell {
@@ -157,13 +165,14 @@ pub fn run(spec: &MatrixSpec) -> Result<PathBuf> {
         link.insert(s, r.gbytes_per_s);
     }
     println!(
-        "\n{:<6} {:>6} {:>7} {:>4} {:>4} {:>3} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>8} {:>7} {:>7}",
+        "\n{:<6} {:>6} {:>7} {:>4} {:>4} {:>3} {:>3} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>8} {:>7} {:>7}",
         "MEM",
         "DATA",
         "DIRTY",
         "STR",
         "LZ4",
         "ZC",
+        "AES",
         "TOTAL",
         "DOWNTIME",
         "PAUSE",
@@ -208,6 +217,8 @@ pub fn run(spec: &MatrixSpec) -> Result<PathBuf> {
                 MigrateOptions {
                     streams: cell.streams,
                     compress: cell.compress,
+                    encrypt: cell.encrypt,
+                    no_encrypt: !cell.encrypt,
                     send_mode: if cell.zero_copy {
                         SendMode::ZeroCopyFixed
                     } else {
@@ -240,13 +251,14 @@ pub fn run(spec: &MatrixSpec) -> Result<PathBuf> {
                 summary: s,
             };
             println!(
-                "{:<6} {:>6} {:>7} {:>4} {:>4} {:>3} {:>7.2}s {:>6.2} ms {:>6} ms {:>6} {:>9.2} {:>9.2} {:>7.0}% {:>6.2}s {:>6.2}s",
+                "{:<6} {:>6} {:>7} {:>4} {:>4} {:>3} {:>3} {:>7.2}s {:>6.2} ms {:>6} ms {:>6} {:>9.2} {:>9.2} {:>7.0}% {:>6.2}s {:>6.2}s",
                 format!("{}M", cell.memory_mib),
                 sym(cell.profile),
                 cell.rate_label(),
                 cell.streams,
                 if cell.compress { "on" } else { "off" },
                 if cell.zero_copy { "on" } else { "off" },
+                if cell.encrypt { "on" } else { "off" },
                 row.total_s,
                 row.downtime_ms,
                 row.guest_pause_ms
@@ -290,18 +302,19 @@ pub fn run(spec: &MatrixSpec) -> Result<PathBuf> {
 
 fn markdown(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| memory | content | dirty MiB/s | streams | LZ4 | zero-copy | total s | downtime ms | guest pause ms | rounds | memory GiB/s | wire GB/s | raw link GB/s | link avg/peak Gbit/s | CPU s src/dst |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| memory | content | dirty MiB/s | streams | LZ4 | zero-copy | AES | total s | downtime ms | guest pause ms | rounds | memory GiB/s | wire GB/s | raw link GB/s | link avg/peak Gbit/s | CPU s src/dst |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let c = r.cell;
         s += &format!(
-            "| {} MiB | {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.2}/{:.2} |\n",
+            "| {} MiB | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.2}/{:.2} |\n",
             c.memory_mib,
             sym(c.profile),
             c.rate_label(),
             c.streams,
             if c.compress { "on" } else { "off" },
             if c.zero_copy { "on" } else { "off" },
+            if c.encrypt { "on" } else { "off" },
             r.total_s,
             r.downtime_ms,
             r.guest_pause_ms.map_or("-".into(), |p| format!("{p:.1}")),
@@ -394,12 +407,13 @@ fn plot(rows: &[Row], base: &Path) -> Result<()> {
         .iter()
         .map(|r| {
             format!(
-                "{} {} s{}{}{}",
+                "{} {} s{}{}{}{}",
                 sym(r.cell.profile),
                 r.cell.rate_label(),
                 r.cell.streams,
                 if r.cell.compress { "" } else { " raw" },
-                if r.cell.zero_copy { "" } else { " nozc" }
+                if r.cell.zero_copy { "" } else { " nozc" },
+                if r.cell.encrypt { "" } else { " plain" }
             )
         })
         .collect();
@@ -505,13 +519,14 @@ pub fn compare(a: &Path, b: &Path) -> Result<()> {
         println!(
             "{:<40} {:>10.2} {:>10.2} {:>7.2} {:>11.2} {:>11.2} {:>7.2}",
             format!(
-                "{}M {} {} s{} lz4 {} zc {}",
+                "{}M {} {} s{} lz4 {} zc {} aes {}",
                 c["memory_mib"],
                 c["profile"],
                 c["rate"],
                 c["streams"],
                 c["compress"],
-                c["zero_copy"]
+                c["zero_copy"],
+                c["encrypt"]
             ),
             f(x, "total_s"),
             f(y, "total_s"),

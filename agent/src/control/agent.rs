@@ -1243,6 +1243,36 @@ impl Agent {
         Ok(h.record())
     }
 
+    /// Whether an outgoing migration is encrypted: `--encrypt` / `--no-encrypt`, else the
+    /// policy (`preferred`: whenever the cluster key is configured, which an authenticated peer
+    /// holds too).
+    fn encrypts(
+        &self,
+        o: &mig::MigrateOptions,
+        policy: crate::control::config::EncryptPolicy,
+    ) -> Result<bool, AgentError> {
+        use crate::control::config::EncryptPolicy;
+        if o.encrypt && o.no_encrypt {
+            return Err(AgentError::Invalid(
+                "--encrypt and --no-encrypt contradict each other: give one".into(),
+            ));
+        }
+        if o.no_encrypt {
+            if policy == EncryptPolicy::Required {
+                return Err(AgentError::Invalid(
+                    "this host requires encrypted migrations ([migration] encrypt = \"required\"): drop --no-encrypt".into(),
+                ));
+            }
+            return Ok(false);
+        }
+        if o.encrypt && self.key.is_none() {
+            return Err(AgentError::Invalid(
+                "--encrypt needs the cluster key to derive the data key: set [cluster] key_file on both hosts".into(),
+            ));
+        }
+        Ok(o.encrypt || (policy != EncryptPolicy::Off && self.key.is_some()))
+    }
+
     fn peer_addr(&self, to: &str) -> Result<std::net::SocketAddr, AgentError> {
         let port = crate::control::config::DEFAULT_MANAGEMENT_PORT;
         if to == self.config.agent.name {
@@ -1296,6 +1326,7 @@ impl Agent {
                 req.vm
             )));
         }
+        let encrypt = self.encrypts(&req.options, mig_cfg.encrypt)?;
         let handle = Arc::new(MigrationHandle::new(mig::new_id(), &req.vm, "out", &req.to));
         self.register_migration(handle.clone());
         e.set_migration(Some(format!("out {}", handle.id)));
@@ -1306,7 +1337,7 @@ impl Agent {
             local_migration: mig_cfg.address,
             identity: self.identity(),
             options: mig::MigrateOptions {
-                encrypt: req.options.encrypt || mig_cfg.encrypt,
+                encrypt,
                 ..req.options
             },
             link: self.netpin.as_ref().ok().cloned(),
@@ -1598,7 +1629,10 @@ impl Host for Agent {
     }
 
     fn requires_encryption(&self) -> bool {
-        self.config.migration.as_ref().is_some_and(|m| m.encrypt)
+        self.config
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.encrypt == crate::control::config::EncryptPolicy::Required)
     }
 
     fn migration_addr(&self) -> Result<std::net::IpAddr, String> {

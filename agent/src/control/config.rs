@@ -22,7 +22,8 @@
 //! pin = true                              # keep migration traffic on `interface`
 //! dedicated = false                       # keep other IPv4 traffic off `interface`
 //! link_speed = "10gbit"                   # where the NIC does not report its speed (veth)
-//! encrypt = false                         # AES-256-GCM page streams (needs [cluster] key_file)
+//! encrypt = "preferred"                   # "required" | "preferred" (default) | "off": AES-256-GCM
+//!                                         # page streams and state, keyed from [cluster] key_file
 //!
 //! [datastores]                            # name -> directory
 //! shared = "/srv/ferry/shared"
@@ -178,10 +179,51 @@ pub struct MigrationSection {
     /// The migration link's speed where the NIC cannot tell (veth), e.g. "10gbit".
     #[serde(default)]
     pub link_speed: Option<String>,
-    /// Encrypt outgoing page streams (AES-256-GCM, key derived from the cluster key) and accept
-    /// only encrypted incoming migrations.
+    /// Encryption of migrations (AES-256-GCM, key derived from the cluster key).
     #[serde(default)]
-    pub encrypt: bool,
+    pub encrypt: EncryptPolicy,
+}
+
+/// `[migration] encrypt`: whether migrations are encrypted.
+///
+/// - `preferred` (default): every migration is encrypted when both peers can, i.e. when the
+///   cluster key is configured (an authenticated peer holds it too); plain otherwise.
+/// - `required`: outgoing migrations are always encrypted and incoming plain ones are refused;
+///   needs `[cluster] key_file`.
+/// - `off`: outgoing migrations are plain unless `ferry migrate --encrypt`; incoming encrypted
+///   ones are still accepted.
+///
+/// The booleans of earlier versions still parse: `true` = `required`, `false` = `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncryptPolicy {
+    Required,
+    #[default]
+    Preferred,
+    Off,
+}
+
+impl<'de> Deserialize<'de> for EncryptPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(EncryptPolicy::Required),
+            Raw::Bool(false) => Ok(EncryptPolicy::Off),
+            Raw::Text(t) => match t.as_str() {
+                "required" => Ok(EncryptPolicy::Required),
+                "preferred" => Ok(EncryptPolicy::Preferred),
+                "off" => Ok(EncryptPolicy::Off),
+                other => Err(serde::de::Error::custom(format!(
+                    "encrypt = {other:?}: give \"required\", \"preferred\" or \"off\""
+                ))),
+            },
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -342,6 +384,16 @@ impl Config {
                 )));
             }
         }
+        if self
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.encrypt == EncryptPolicy::Required)
+            && self.cluster.key_file.is_none()
+        {
+            return Err(bad(
+                "[migration] encrypt = \"required\" needs [cluster] key_file: the data key is derived from the cluster key".into(),
+            ));
+        }
         if !(2..=3600).contains(&self.cluster.lock_lease_s) {
             return Err(bad(format!(
                 "[cluster] lock_lease_s = {} is out of range: give 2 to 3600 seconds (default 30)",
@@ -398,6 +450,37 @@ pub fn valid_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encryption_policy_parses_words_and_old_booleans() {
+        let p = |v: &str| {
+            Config::parse(
+                &format!("[cluster]\nkey_file = \"/k\"\n[migration]\naddress = \"198.18.1.1\"\nencrypt = {v}\n"),
+                Path::new("t.toml"),
+            )
+            .map(|c| c.migration.unwrap().encrypt)
+        };
+        assert_eq!(p("\"required\"").unwrap(), EncryptPolicy::Required);
+        assert_eq!(p("\"preferred\"").unwrap(), EncryptPolicy::Preferred);
+        assert_eq!(p("\"off\"").unwrap(), EncryptPolicy::Off);
+        assert_eq!(p("true").unwrap(), EncryptPolicy::Required);
+        assert_eq!(p("false").unwrap(), EncryptPolicy::Off);
+        let e = p("\"maybe\"").unwrap_err().to_string();
+        assert!(e.contains("required") && e.contains("preferred"), "{e}");
+        let c = Config::parse(
+            "[migration]\naddress = \"198.18.1.1\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.migration.unwrap().encrypt, EncryptPolicy::Preferred);
+        let e = Config::parse(
+            "[migration]\naddress = \"198.18.1.1\"\nencrypt = \"required\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("key_file"), "{e}");
+    }
 
     #[test]
     fn full_example_parses() {

@@ -188,7 +188,7 @@ fn receive(
             "the source encrypts its data streams, but this host has no cluster key to derive the data key from: set [cluster] key_file".into(),
         )),
         (false, _) if host.requires_encryption() => return Err(refuse(
-            "this host accepts only encrypted migrations ([migration] encrypt = true): migrate with --encrypt, or set encrypt = true on the source".into(),
+            "this host accepts only encrypted migrations ([migration] encrypt = \"required\"): migrate without --no-encrypt (and with --encrypt where the source says encrypt = \"off\")".into(),
         )),
         (true, Some(k)) => Some(k),
         (false, _) => None,
@@ -466,6 +466,7 @@ fn receive(
         host.claimed(&setup.spec.name);
         Ok(Summary {
             encrypted: setup.encrypt,
+            cipher: setup.encrypt.then(|| super::CIPHER.to_string()),
             total_s: t0.elapsed().as_secs_f64(),
             guest_pause_ms: guest_pause_us.map(|u| u as f64 / 1000.0),
             wire_bytes: wire,

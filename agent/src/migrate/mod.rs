@@ -86,6 +86,9 @@ pub enum MigrateError {
     Other(String),
 }
 
+/// The cipher of encrypted migrations, as the summary names it.
+pub const CIPHER: &str = "AES-256-GCM (ring)";
+
 /// Options of one migration, as the user gives them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -102,8 +105,11 @@ pub struct MigrateOptions {
     pub send_mode: crate::transport::uring::SendMode,
     /// Overwrite send buffers when they are released (tests: proves none is reused early).
     pub poison_buffers: bool,
-    /// Encrypt the page frames on the data streams (AES-256-GCM; needs the cluster key).
+    /// Encrypt the page frames on the data streams and the state (AES-256-GCM; needs the
+    /// cluster key). As the user gives it: force it on; as the engine gets it: the decision.
     pub encrypt: bool,
+    /// Do not encrypt this migration (refused by a destination that requires encryption).
+    pub no_encrypt: bool,
     /// Compress pages (LZ4, XOR deltas); off: zero pages are still skipped, the rest go raw.
     pub compress: bool,
 }
@@ -118,6 +124,7 @@ impl Default for MigrateOptions {
             send_mode: Default::default(),
             poison_buffers: false,
             encrypt: false,
+            no_encrypt: false,
             compress: true,
         }
     }
@@ -234,9 +241,12 @@ pub struct Downtime {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub total_s: f64,
-    /// The page frames travelled encrypted.
+    /// The page frames and the state travelled encrypted.
     #[serde(default)]
     pub encrypted: bool,
+    /// With what ([`CIPHER`]), when encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher: Option<String>,
     pub downtime: Downtime,
     /// Largest gap between two guest heartbeats around the switchover (workload guests).
     pub guest_pause_ms: Option<f64>,

@@ -1032,6 +1032,7 @@ fn eng_run(
     let summary = Summary {
         total_s: t0.elapsed().as_secs_f64(),
         encrypted: job.options.encrypt,
+        cipher: job.options.encrypt.then(|| super::CIPHER.to_string()),
         downtime: super::Downtime {
             total_ms: 0.0,
             final_pages_ms: ms(t_pages - paused_at),
