@@ -22,6 +22,12 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("clang-19", "clang-19"),
     ("systemd", "systemd-analyze"),
     ("man-db", "man"),
+    // `cargo xtask dist` (dpkg-shlibdeps; strip from binutils, a dpkg-dev dependency) and
+    // `cargo xtask test --packaging` (xtask/src/packaging.rs).
+    ("dpkg-dev", "dpkg-shlibdeps"),
+    ("lintian", "lintian"),
+    ("debootstrap", "debootstrap"),
+    ("systemd-container", "systemd-nspawn"),
 ];
 
 /// Where the BPF program and its committed object live.
