@@ -62,6 +62,7 @@ pub fn run() -> Result<()> {
     std::fs::create_dir_all(&work)?;
     let base = base_root(&work)?;
     step(t0, "base root ready");
+    remove_stale_runs(&work);
     let run_dir = RunDir::new(work.join(format!("run-{}", std::process::id())))?;
     let root = run_dir.path.join("root");
     copy_tree(&base, &root)?;
@@ -661,6 +662,46 @@ fn snapshot(root: &Path) -> Result<BTreeSet<String>> {
     Ok(out)
 }
 
+/// Remove `run-PID` directories of earlier runs that were killed before they could clean up:
+/// their process is gone and no systemd-nspawn still uses the directory.
+fn remove_stale_runs(work: &Path) {
+    let Ok(rd) = std::fs::read_dir(work) else {
+        return;
+    };
+    let in_use = |dir: &Path| {
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return true;
+        };
+        let needle = dir.to_string_lossy().into_owned();
+        procs.flatten().any(|p| {
+            std::fs::read(p.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("run-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = e.path();
+        if pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+            && !in_use(&dir)
+        {
+            println!(
+                "packaging: removing {} (left by an interrupted run)",
+                dir.display()
+            );
+            if let Err(err) = std::fs::remove_dir_all(&dir) {
+                eprintln!("packaging: cannot remove {}: {err}", dir.display());
+            }
+        }
+    }
+}
+
 /// The run's directory (the container's root, nspawn's log), removed when dropped.
 struct RunDir {
     path: PathBuf,
@@ -794,7 +835,8 @@ impl Container {
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf)
-            .process_group(0)
+            // In our process group, so a Ctrl-C of the test reaches nspawn too (it then ends
+            // the container).
             .spawn()
             .context("cannot start systemd-nspawn (Debian package systemd-container)")?;
         let mut c = Self {
@@ -950,7 +992,7 @@ impl Drop for Container {
             );
             // Killing a PID namespace's init kills everything in it.
             kill_pid(self.init);
-            kill_group(self.nspawn.id());
+            kill_pid(self.nspawn.id());
             let _ = self.nspawn.wait();
         }
     }
