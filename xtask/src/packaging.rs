@@ -171,6 +171,9 @@ fn scenario(
         out.contains("was NOT restarted"),
         "the upgrade did not say it left the agent running:\n{out}"
     );
+    for line in out.lines().filter(|l| l.starts_with("ferry:")) {
+        println!("  dpkg said: {line}");
+    }
     ensure!(
         main_pid(c)? == pid1,
         "the upgrade restarted an agent that runs a guest"
@@ -440,7 +443,7 @@ fn lintian(deb: &Path) -> Result<()> {
     // lintian exits non-zero when it reports errors; the tags below decide.
     let out = bounded_status(
         Command::new("lintian")
-            .args(["--tag-display-limit", "0", "--info"])
+            .args(["--tag-display-limit", "0", "--display-info"])
             .arg(deb),
         600,
         "lintian",
