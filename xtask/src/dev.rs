@@ -39,10 +39,15 @@ pub const TOOLS: &[Tool] = &[
     Tool { program: "systemd-analyze", package: "systemd", used_by: "`systemd-analyze verify` of the unit (`cargo xtask test`, `cargo xtask dist`)" },
     Tool { program: "man", package: "man-db", used_by: "the unit's `Documentation=man:` links, checked by systemd-analyze" },
     Tool { program: "perf", package: "linux-perf", used_by: "xtask/perf-migration.sh (profiles a migration)" },
-    Tool { program: "tar", package: "tar", used_by: "`cargo xtask dist`" },
+    Tool { program: "dpkg-deb", package: "dpkg", used_by: "`cargo xtask dist`: builds the .deb" },
+    Tool { program: "dpkg-shlibdeps", package: "dpkg-dev", used_by: "`cargo xtask dist`: the package's Depends" },
+    Tool { program: "strip", package: "binutils", used_by: "`cargo xtask dist`: the packaged binary" },
+    Tool { program: "lintian", package: "lintian", used_by: "`cargo xtask dist` and `cargo xtask test --packaging`" },
+    Tool { program: "debootstrap", package: "debootstrap", used_by: "`cargo xtask test --packaging`: a fresh Debian 12 root" },
+    Tool { program: "systemd-nspawn", package: "systemd-container", used_by: "`cargo xtask test --packaging`: boots that root under systemd" },
 ];
 
-/// Where the BPF program and its committed object live./// Where the BPF program and its committed object live.
+/// Where the BPF program and its committed object live.
 fn ebpf_dir() -> PathBuf {
     workspace_root().join("ebpf")
 }

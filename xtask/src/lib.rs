@@ -2,8 +2,10 @@
 //!
 //! - [`lab`]: the two-host lab (network namespaces, datastores, agents).
 //! - [`dev`]: deps, test, demo, benchmarks.
+//! - [`dist`]: the Debian package; [`packaging`]: its test under a real systemd.
 
 pub mod dev;
 pub mod dist;
 pub mod lab;
 pub mod matrix;
+pub mod packaging;

@@ -45,16 +45,25 @@ enum Command {
     },
     /// Run everything CI runs: deps, fmt check, clippy, build, all tests (root, /dev/kvm).
     Test {
+        /// Instead: the packaging test only. Installs the .deb into a fresh Debian 12 root
+        /// (debootstrap, Debian's archive; cached under target/packaging), boots it under
+        /// systemd-nspawn and runs a guest, restarts, upgrades, removes and purges (minutes).
+        #[arg(long)]
+        packaging: bool,
         /// Extra arguments for `cargo test`, e.g. `-- --test-threads 1`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// The demo: build the lab, run a 1 GiB workload guest and a raw guest on host `a`.
     Demo,
-    /// A release build packaged for deployment: target/dist/ferry-VERSION-x86_64-linux.tar.gz
-    /// (binary, systemd unit, default config, man pages, completions, install notes); checks
-    /// the unit with systemd-analyze verify.
-    Dist,
+    /// A release build packaged for deployment: target/dist/ferry_VERSION_amd64.deb (binary,
+    /// systemd unit, /etc/ferry/agent.toml as a conffile, man pages, completions, docs,
+    /// maintainer scripts); checks the unit with systemd-analyze verify.
+    Dist {
+        /// Appended to the package version, e.g. `+test1` for a newer build of the same tree.
+        #[arg(long, default_value = "")]
+        version_suffix: String,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -206,9 +215,18 @@ fn run(cli: Cli) -> Result<()> {
         Command::Deps { check: false } => xtask::dev::deps(),
         Command::Deps { check: true } => xtask::dev::check_deps(),
         Command::BuildEbpf { check } => xtask::dev::build_ebpf(check),
-        Command::Test { args } => xtask::dev::test(&args),
+        Command::Test { packaging, args } => {
+            if packaging {
+                if !args.is_empty() {
+                    bail!("--packaging takes no other arguments (got {args:?})");
+                }
+                xtask::packaging::run()
+            } else {
+                xtask::dev::test(&args)
+            }
+        }
         Command::Demo => xtask::dev::demo(),
-        Command::Dist => xtask::dist::dist().map(|_| ()),
+        Command::Dist { version_suffix } => xtask::dist::dist(&version_suffix).map(|_| ()),
         Command::Bench { what } => match what {
             BenchWhat::Guest { secs } => xtask::dev::bench_guest(secs),
             BenchWhat::Transport { gib } => xtask::dev::bench_transport(gib),
