@@ -170,7 +170,7 @@ pub fn check_deps() -> Result<()> {
     for t in TOOLS {
         let ok = have(t.program);
         println!(
-            "{:<16} {:<13} {:<8} {}",
+            "{:<16} {:<18} {:<8} {}",
             t.program,
             t.package,
             if ok { "ok" } else { "MISSING" },
