@@ -2,8 +2,10 @@
 //!
 //! - [`lab`]: the two-host lab (network namespaces, datastores, agents).
 //! - [`dev`]: deps, test, demo, benchmarks.
+//! - [`guest`]: the service guest's reproducible build (`guest/ferry-guest.bin`).
 
 pub mod dev;
 pub mod dist;
+pub mod guest;
 pub mod lab;
 pub mod matrix;

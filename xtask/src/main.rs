@@ -38,6 +38,12 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Rebuild guest/ferry-guest.bin (the service guest, guest/); --check compares instead.
+    BuildGuest {
+        /// Fail if the committed image does not match a fresh build.
+        #[arg(long)]
+        check: bool,
+    },
     /// Run everything CI runs: deps, fmt check, clippy, build, all tests (root, /dev/kvm).
     Test {
         /// Extra arguments for `cargo test`, e.g. `-- --test-threads 1`.
@@ -197,6 +203,7 @@ fn run(cli: Cli) -> Result<()> {
         },
         Command::Deps => xtask::dev::deps(),
         Command::BuildEbpf { check } => xtask::dev::build_ebpf(check),
+        Command::BuildGuest { check } => xtask::guest::build_guest(check),
         Command::Test { args } => xtask::dev::test(&args),
         Command::Demo => xtask::dev::demo(),
         Command::Dist => xtask::dist::dist().map(|_| ()),
