@@ -232,9 +232,9 @@ impl Pacer {
 mod tests {
     extern crate std;
     use super::*;
+    use crate::journal_record;
     use std::string::ToString;
     use std::{vec, vec::Vec};
-    use crate::journal_record;
 
     fn scan(disk: &[[u8; SECTOR]]) -> JournalCheck {
         let mut s = JournalScan::new();
