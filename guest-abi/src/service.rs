@@ -3,7 +3,7 @@
 
 use core::fmt;
 
-use crate::{parse_journal_record, JOURNAL_STATUS, SECTOR};
+use super::{parse_journal_record, JOURNAL_STATUS, SECTOR};
 
 /// The answer on [`JOURNAL_PORT`](crate::JOURNAL_PORT), as a struct.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

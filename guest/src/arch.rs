@@ -4,7 +4,7 @@
 use core::arch::asm;
 use core::fmt;
 
-use ferry_guest_abi::{SERIAL_PORT, YIELD_PORT};
+use crate::ferry_guest_abi::{SERIAL_PORT, YIELD_PORT};
 
 /// Write bytes to the serial console (one I/O exit per byte; console lines only, never per
 /// packet).

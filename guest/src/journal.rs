@@ -3,8 +3,8 @@
 //! (the network is served while it is in flight); the flush that follows is a blocking request
 //! (virtio-drivers 0.12 has no non-blocking flush), so the network waits for it.
 
-use ferry_guest_abi::service::{JournalScan, JournalStatus, Pacer};
-use ferry_guest_abi::{journal_record, SECTOR};
+use crate::ferry_guest_abi::service::{JournalScan, JournalStatus, Pacer};
+use crate::ferry_guest_abi::{journal_record, SECTOR};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
 use virtio_drivers::transport::mmio::MmioTransport;
 

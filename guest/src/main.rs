@@ -15,6 +15,12 @@
 #![no_std]
 #![no_main]
 
+/// The contract with the VMM: `guest-abi/src/lib.rs` (crate `ferry-guest-abi`), compiled into
+/// this crate as a module so the image does not depend on the checkout's path (guest/Cargo.toml).
+#[allow(unused_attributes, dead_code)]
+#[path = "../../guest-abi/src/lib.rs"]
+mod ferry_guest_abi;
+
 mod arch;
 mod journal;
 mod mem;

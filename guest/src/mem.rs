@@ -5,7 +5,7 @@
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use ferry_guest_abi::{HEAP_START, STACK_BOTTOM};
+use crate::ferry_guest_abi::{HEAP_START, STACK_BOTTOM};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 
 static NEXT: AtomicU64 = AtomicU64::new(HEAP_START);

@@ -2,8 +2,8 @@
 //! (answered by the interface itself), UDP and TCP echo, the TCP counter stream and the journal
 //! status.
 
-use ferry_guest_abi::service::JournalStatus;
-use ferry_guest_abi::{
+use crate::ferry_guest_abi::service::JournalStatus;
+use crate::ferry_guest_abi::{
     counter_record, BootInfo, COUNTER_PORT, COUNTER_RECORD, JOURNAL_PORT, TCP_ECHO_PORT,
     UDP_ECHO_PORT,
 };
