@@ -155,7 +155,8 @@ pub struct Pinger {
     out: Option<JoinHandle<String>>,
 }
 
-fn ping_bin() -> Result<&'static str> {
+/// The `ping` binary (iputils-ping), or an error that says how to install it.
+pub fn ping_bin() -> Result<&'static str> {
     for p in ["/usr/bin/ping", "/bin/ping"] {
         if std::path::Path::new(p).exists() {
             return Ok(p);
