@@ -165,8 +165,11 @@ fn service_guest_keeps_its_clients_across_three_round_trips() {
             (counter.records() > records_before + 1000).then_some(())
         });
         eprintln!(
-            "move {i} {from}->{to}: downtime {} us, journal {} -> {}, echo rtt {rtt:?}",
-            rec["summary"]["downtime_us"], before.next_seq, after.next_seq
+            "move {i} {from}->{to}: downtime {} ms, devices {}, journal {} -> {}, echo rtt {rtt:?}",
+            rec["summary"]["downtime"]["total_ms"],
+            rec["summary"]["devices"],
+            before.next_seq,
+            after.next_seq
         );
     }
     let last = status();
