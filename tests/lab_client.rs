@@ -71,8 +71,14 @@ fn client_namespace_reaches_the_vm_network_of_both_hosts() {
     );
     assert!(text.contains(PORT_GROUP), "{text}");
 
-    // A "guest" port on host a: 1 s of 10 ms pings, every one answered.
+    // A "guest" port on host a: once it answers (a new port takes a moment to come up), 1 s of
+    // 10 ms pings, every one answered.
     plug_port(&lab, "a", "198.18.2.10/24");
+    let ping = ferry_tests::client::ping_bin().unwrap();
+    wait_for("the port on a to answer", 10, || {
+        lab.exec("cl", &[ping, "-c", "1", "-W", "1", "198.18.2.10"])
+            .ok()
+    });
     let r = ping_for(&lab, 1);
     assert!(r.replies.len() >= 50, "{r:?}");
     assert!(r.lost.is_empty(), "lost {:?}", r.lost);
@@ -93,7 +99,6 @@ fn client_namespace_reaches_the_vm_network_of_both_hosts() {
         Some("a-up"),
         "the switch has not seen the port on b yet"
     );
-    let ping = ferry_tests::client::ping_bin().unwrap();
     lab.exec(
         "b",
         &[
