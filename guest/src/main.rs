@@ -14,10 +14,11 @@
 
 #![no_std]
 #![no_main]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 /// The contract with the VMM: `guest-abi/src/lib.rs` (crate `ferry-guest-abi`), compiled into
 /// this crate as a module so the image does not depend on the checkout's path (guest/Cargo.toml).
-#[allow(unused_attributes, dead_code)]
+#[allow(unused_attributes, dead_code, clippy::wrong_self_convention)]
 #[path = "../../guest-abi/src/lib.rs"]
 mod ferry_guest_abi;
 
