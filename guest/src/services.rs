@@ -22,7 +22,7 @@ const ECHO_SOCKETS: usize = 4;
 const COUNTER_SOCKETS: usize = 2;
 const ECHO_BUF: usize = 16 * 1024;
 /// A multiple of COUNTER_RECORD, so records never straddle the ring's end.
-const COUNTER_TX: usize = 64 * 1024;
+const COUNTER_TX: usize = 256 * 1024;
 const COUNTER_RX: usize = 2 * 1024;
 const UDP_SLOTS: usize = 16;
 const UDP_BUF: usize = 16 * 1024;
