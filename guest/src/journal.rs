@@ -8,6 +8,7 @@ use crate::ferry_guest_abi::{journal_record, SECTOR};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
 use virtio_drivers::transport::mmio::MmioTransport;
 
+use crate::arch::Clock;
 use crate::mem::{self, GuestHal};
 use crate::println;
 
@@ -46,11 +47,15 @@ pub struct Journal {
     state: State,
     buf: &'static mut [u8],
     io: &'static mut Request,
+    clock: Clock,
+    /// Longest blocking flush since the last console line, microseconds.
+    flush_max_us: u64,
 }
 
 impl Journal {
     /// Check the journal on `blk` and get ready to append `rate` records per second.
-    pub fn start(mut blk: Blk, rate: u32, now_us: u64) -> Journal {
+    pub fn start(mut blk: Blk, rate: u32, clock: Clock) -> Journal {
+        let now_us = clock.now_us();
         let capacity = blk.capacity();
         let buf = mem::alloc_bytes(SCAN_CHUNK * SECTOR, mem::PAGE);
         let io = mem::alloc_zeroed::<Request>();
@@ -114,6 +119,8 @@ impl Journal {
             state,
             buf,
             io,
+            clock,
+            flush_max_us: 0,
         }
     }
 
@@ -200,14 +207,21 @@ impl Journal {
                     self.fail("writing", e);
                     return true;
                 }
+                let t0 = self.clock.now_us();
                 if let Err(e) = self.blk.flush() {
                     self.fail("flushing", e);
                     return true;
                 }
+                self.flush_max_us = self.flush_max_us.max(self.clock.now_us() - t0);
                 let before = self.durable;
                 self.durable += n as u64;
                 if self.durable / 100 > before / 100 {
-                    println!("journal: record {} durable", self.durable / 100 * 100 - 1);
+                    println!(
+                        "journal: record {} durable (longest flush {} us)",
+                        self.durable / 100 * 100 - 1,
+                        self.flush_max_us
+                    );
+                    self.flush_max_us = 0;
                 }
                 self.state = State::Idle;
                 true

@@ -125,11 +125,7 @@ extern "C" fn guest_main(boot: u64) -> ! {
         match transport(info.blk_mmio, DeviceType::Block)
             .and_then(|t| VirtIOBlk::new(t).map_err(|e| Bad::Driver("virtio-blk", e)))
         {
-            Ok(blk) => Some(journal::Journal::start(
-                blk,
-                info.journal_rate,
-                clock.now_us(),
-            )),
+            Ok(blk) => Some(journal::Journal::start(blk, info.journal_rate, clock)),
             Err(e) => {
                 println!(
                     "journal: block device at {:#x}: {e}; no journal",
