@@ -23,6 +23,7 @@
 mod ferry_guest_abi;
 
 mod arch;
+mod blk;
 mod journal;
 mod mem;
 mod net;
@@ -32,7 +33,6 @@ use core::ptr::NonNull;
 
 use ferry_guest_abi::service::Pacer;
 use ferry_guest_abi::{BootInfo, BOOT_INFO_ADDR, WORKING_SET_START};
-use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
 use virtio_drivers::transport::{DeviceType, Transport};
@@ -123,7 +123,7 @@ extern "C" fn guest_main(boot: u64) -> ! {
         None
     } else {
         match transport(info.blk_mmio, DeviceType::Block)
-            .and_then(|t| VirtIOBlk::new(t).map_err(|e| Bad::Driver("virtio-blk", e)))
+            .and_then(|t| blk::Blk::new(t).map_err(Bad::Blk))
         {
             Ok(blk) => Some(journal::Journal::start(blk, info.journal_rate, clock)),
             Err(e) => {
@@ -211,6 +211,7 @@ enum Bad {
     Mmio(virtio_drivers::transport::mmio::MmioError),
     Kind(DeviceType, DeviceType),
     Driver(&'static str, virtio_drivers::Error),
+    Blk(blk::BlkError),
 }
 
 impl core::fmt::Display for Bad {
@@ -219,6 +220,7 @@ impl core::fmt::Display for Bad {
             Bad::Mmio(e) => write!(f, "not a virtio-mmio device: {e}"),
             Bad::Kind(want, got) => write!(f, "expected a {want:?} device, found {got:?}"),
             Bad::Driver(d, e) => write!(f, "{d} driver: {e}"),
+            Bad::Blk(e) => write!(f, "virtio-blk driver: {e}"),
         }
     }
 }
