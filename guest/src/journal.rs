@@ -13,6 +13,8 @@ use crate::println;
 
 /// Most records written (and then flushed) at once: a small batch when the disk lags.
 const BATCH: usize = 16;
+/// How long to sleep at most while a request is in flight.
+const IN_FLIGHT_POLL_US: u64 = 5_000;
 /// Sectors read per request during the boot check.
 const SCAN_CHUNK: usize = 64;
 
@@ -135,7 +137,9 @@ impl Journal {
     pub fn until_next_us(&self, now_us: u64) -> Option<u64> {
         match self.state {
             State::Idle => self.pacer.until_next_us(now_us),
-            State::Writing { .. } | State::Flushing { .. } => Some(0),
+            // The device wakes the vCPU from its yield when it completes a request; the bound
+            // only covers a lost wake-up.
+            State::Writing { .. } | State::Flushing { .. } => Some(IN_FLIGHT_POLL_US),
             State::Stopped => None,
         }
     }
