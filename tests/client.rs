@@ -92,6 +92,38 @@ pub struct PingReport {
 }
 
 impl PingReport {
+    /// The replies that arrived between `from_s` and `to_s` (ping's `-D` clock: seconds since
+    /// the epoch), with the sequence numbers lost among them and the largest gap between them
+    /// (counting from the last reply before the window and to the first one after it).
+    pub fn window(&self, from_s: f64, to_s: f64) -> (usize, Vec<u64>, f64) {
+        let first = self
+            .replies
+            .iter()
+            .rposition(|r| r.at_s < from_s)
+            .unwrap_or(0);
+        let last = self
+            .replies
+            .iter()
+            .position(|r| r.at_s > to_s)
+            .unwrap_or(self.replies.len().saturating_sub(1));
+        if self.replies.is_empty() || last < first {
+            return (0, Vec::new(), 0.0);
+        }
+        let w = &self.replies[first..=last];
+        let gap = w
+            .windows(2)
+            .map(|p| (p[1].at_s - p[0].at_s) * 1000.0)
+            .fold(0.0, f64::max);
+        let (lo, hi) = (w[0].seq, w[w.len() - 1].seq);
+        let lost = self
+            .lost
+            .iter()
+            .copied()
+            .filter(|s| *s > lo && *s < hi)
+            .collect();
+        (w.len(), lost, gap)
+    }
+
     /// Parse `ping -D` output.
     pub fn parse(text: &str) -> PingReport {
         let mut r = PingReport::default();
@@ -328,6 +360,8 @@ impl CounterCheck {
 pub struct CounterReader {
     stop: Arc<AtomicBool>,
     records: Arc<AtomicU64>,
+    /// Largest stall since the last [`CounterReader::take_stall`], microseconds.
+    stall_us: Arc<AtomicU64>,
     handle: Option<JoinHandle<CounterReport>>,
 }
 
@@ -340,7 +374,8 @@ impl CounterReader {
         stream.set_read_timeout(Some(Duration::from_millis(50)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let records = Arc::new(AtomicU64::new(0));
-        let (stop2, records2) = (stop.clone(), records.clone());
+        let stall_us = Arc::new(AtomicU64::new(0));
+        let (stop2, records2, stall2) = (stop.clone(), records.clone(), stall_us.clone());
         let handle = std::thread::spawn(move || {
             let mut check = CounterCheck::default();
             let mut buf = vec![0u8; 256 * 1024];
@@ -356,6 +391,7 @@ impl CounterReader {
                         let now = Instant::now();
                         if let Some(prev) = last_data {
                             check.report.max_stall = check.report.max_stall.max(now - prev);
+                            stall2.fetch_max((now - prev).as_micros() as u64, Ordering::Relaxed);
                         }
                         last_data = Some(now);
                         check.feed(&buf[..n]);
@@ -383,6 +419,7 @@ impl CounterReader {
         Ok(CounterReader {
             stop,
             records,
+            stall_us,
             handle: Some(handle),
         })
     }
@@ -390,6 +427,11 @@ impl CounterReader {
     /// Valid records read so far.
     pub fn records(&self) -> u64 {
         self.records.load(Ordering::Relaxed)
+    }
+
+    /// The largest stall since the last call (or the start), and start a new window.
+    pub fn take_stall(&self) -> Duration {
+        Duration::from_micros(self.stall_us.swap(0, Ordering::Relaxed))
     }
 
     /// Stop reading and report.
@@ -566,6 +608,12 @@ mod tests {
         assert_eq!(r.duplicates, 1);
         assert!((r.max_gap_ms - 30.0).abs() < 1e-6, "{}", r.max_gap_ms);
         assert!((r.max_rtt_ms - 3.5).abs() < 1e-9);
+        // The window around the gap: the replies just before and after it count.
+        let (n, lost, gap) = r.window(1000.015, 1000.035);
+        assert_eq!((n, lost), (2, vec![3, 4]));
+        assert!((gap - 30.0).abs() < 1e-6, "{gap}");
+        let (n, lost, _) = r.window(1000.045, 1000.046);
+        assert_eq!((n, lost), (2, vec![]));
         // Nothing answered at all.
         let r = PingReport::parse("--- x ping statistics ---\n3 packets transmitted, 0 received, 100% packet loss, time 2ms\n");
         assert_eq!((r.transmitted, r.received), (Some(3), Some(0)));

@@ -89,6 +89,13 @@ fn service_guest_keeps_its_clients_across_three_round_trips() {
     let sw = lab.switch_netns().to_owned();
     let t_start = Instant::now();
     let first = status();
+    let epoch = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let mut windows = Vec::new();
     let moves = [
         ("a", "b"),
         ("b", "a"),
@@ -101,7 +108,10 @@ fn service_guest_keeps_its_clients_across_three_round_trips() {
         std::thread::sleep(Duration::from_millis(500));
         let before = status();
         let records_before = counter.records();
+        counter.take_stall();
+        let t0 = epoch();
         let rec = f.migrate(from, "s1", to, &["--verify"]);
+        let t1 = epoch();
         assert_eq!(rec["phase"], "completed", "move {i} {from}->{to}: {rec}");
         // Exactly one copy, on the destination.
         assert_eq!(f.vms(to), ["s1"], "move {i}");
@@ -136,6 +146,15 @@ fn service_guest_keeps_its_clients_across_three_round_trips() {
         wait_for("the counter stream to flow after the move", 10, || {
             (counter.records() > records_before + 1000).then_some(())
         });
+        windows.push((
+            format!("{from}->{to}"),
+            t0,
+            t1,
+            counter.take_stall(),
+            rec["summary"]["downtime"]["total_ms"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        ));
         eprintln!(
             "move {i} {from}->{to}: downtime {} ms, devices {}, journal {} -> {}, echo rtt {rtt:?}",
             rec["summary"]["downtime"]["total_ms"],
@@ -149,6 +168,16 @@ fn service_guest_keeps_its_clients_across_three_round_trips() {
     let rate = (last.next_seq - first.next_seq) as f64 / secs;
     let ping = pinger.stop().expect("ping report");
     let stream = counter.stop();
+    // Per move, what the client saw (the stall counts from the move's start to the checks after
+    // it).
+    for (name, t0, t1, stall, downtime) in &windows {
+        let (replies, lost, gap) = ping.window(*t0, *t1);
+        eprintln!(
+            "client during {name}: downtime {downtime:.1} ms, pings answered {replies}, lost {}, largest ping gap {gap:.1} ms, largest stream stall {:.1} ms",
+            lost.len(),
+            stall.as_secs_f64() * 1000.0
+        );
+    }
     eprintln!(
         "client: pings {} sent, {} answered, lost {:?}, largest gap {:.1} ms, largest rtt {:.1} ms; counter stream {} records, largest stall {:?}; journal {rate:.0} records/s",
         ping.transmitted.unwrap_or(0),
