@@ -4,6 +4,8 @@
 //! capability is missing the test prints why and passes as skipped, except under CI (`CI=true`),
 //! where a missing capability fails the run.
 
+pub mod client;
+
 use std::path::Path;
 use std::sync::Arc;
 

@@ -22,6 +22,8 @@
 
 #![no_std]
 
+pub mod service;
+
 /// Guest-physical address of [`BootInfo`]; also passed in `rdi` at entry.
 pub const BOOT_INFO_ADDR: u64 = 0x003f_f000;
 /// Where the guest program is loaded and entered.

@@ -35,7 +35,7 @@ pub const TOOLS: &[Tool] = &[
     Tool { program: "ping", package: "iputils-ping", used_by: "tests/netpin.rs (unmarked traffic on the migration NIC), guest continuity from the lab client" },
     Tool { program: "ps", package: "procps", used_by: "process listings in lab diagnostics" },
     Tool { program: "clang-19", package: "clang-19", used_by: "`cargo xtask build-ebpf [--check]`: the committed BPF object" },
-    Tool { program: "objcopy", package: "binutils", used_by: "`cargo xtask build-guest [--check]`: the service guest's flat binary" },
+    Tool { program: "cc", package: "gcc", used_by: "`cargo xtask build-guest [--check]`: links the service guest (as every Rust build links)" },
     Tool { program: "systemd-analyze", package: "systemd", used_by: "`systemd-analyze verify` of the unit (`cargo xtask test`, `cargo xtask dist`)" },
     Tool { program: "man", package: "man-db", used_by: "the unit's `Documentation=man:` links, checked by systemd-analyze" },
     Tool { program: "perf", package: "linux-perf", used_by: "xtask/perf-migration.sh (profiles a migration)" },
@@ -200,6 +200,7 @@ pub fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     build_ebpf(true)?;
+    crate::guest::build_guest(true)?;
     run(cargo().args([
         "clippy",
         "--workspace",

@@ -10,7 +10,13 @@
 //!    └ uplink0 ─ veth ─┐            ┌─ veth ─ uplink0 ┘
 //!                      a-up ─ br0 ─ b-up
 //!                       ferry-NAME-sw (the switch)
+//!                              └ cl-up ─ veth ─ eth0 198.18.2.200/24
+//!                                        ferry-NAME-cl (a client of the guests)
 //! ```
+//!
+//! The VM network (port group `vm-net`) is 198.18.2.0/24: guests' addresses come from it
+//! ([`vm_addr`]) and the client namespace, attached to the switch's bridge like a user's
+//! machine, has [`CLIENT_ADDR`] on it.
 //!
 //! and the directories `ROOT/datastores/{shared,local-a,local-b}` and `ROOT/{a,b}/` with each
 //! agent's `agent.toml`, `agent.sock`, `agent.log` and `state/`. Interfaces are created directly
@@ -70,6 +76,25 @@ pub const SWITCH_BRIDGE: &str = "br0";
 
 /// Prefix length of both lab subnets.
 const PREFIX_LEN: u8 = 24;
+/// The VM network on port group [`PORT_GROUP`]: guests and the client live in 198.18.2.0/24
+/// (198.18.0.0/24 is management, 198.18.1.0/24 migration).
+pub const VM_NET_PREFIX_LEN: u8 = 24;
+/// The client namespace's address on the VM network.
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 200);
+/// The client's interface (in its namespace) and its port on the switch's bridge.
+pub const CLIENT_IFACE: &str = "eth0";
+pub const CLIENT_SWITCH_PORT: &str = "cl-up";
+
+/// Address number `n` (1..=199) on the VM network, for a guest: 198.18.2.n. Numbers from 200
+/// up are the lab's own (the client).
+pub fn vm_addr(n: u8) -> Result<Ipv4Addr> {
+    if !(1..200).contains(&n) {
+        bail!(
+            "guest address number {n} is outside 1..=199 (198.18.2.200 and up belong to the lab)"
+        );
+    }
+    Ok(Ipv4Addr::new(198, 18, 2, n))
+}
 /// Longest lab name accepted (namespace names are `ferry-NAME-sw` and so on).
 const MAX_NAME_LEN: usize = 32;
 /// `sizeof(sockaddr_un.sun_path)` minus the terminating NUL.
@@ -265,12 +290,17 @@ fn switch_netns_name(lab: &str) -> String {
     format!("ferry-{lab}-sw")
 }
 
-/// All namespaces of a lab, hosts first, switch last.
+/// The namespace of the lab's client of the guests.
+pub fn client_netns_name(lab: &str) -> String {
+    format!("ferry-{lab}-cl")
+}
+
+/// All namespaces of a lab, hosts first, then the client, switch last.
 fn namespace_names(lab: &str) -> Vec<String> {
     HOSTS
         .iter()
         .map(|h| host_netns(lab, h.name))
-        .chain(std::iter::once(switch_netns_name(lab)))
+        .chain([client_netns_name(lab), switch_netns_name(lab)])
         .collect()
 }
 
@@ -353,6 +383,7 @@ pub struct Lab {
     name: String,
     root: PathBuf,
     switch_netns: String,
+    client_netns: String,
     hosts: Vec<LabHost>,
     /// Parallel to `hosts`.
     agents: Vec<Option<Agent>>,
@@ -411,6 +442,7 @@ impl Lab {
             .collect();
         let mut lab = Lab {
             switch_netns: switch_netns_name(&opts.name),
+            client_netns: client_netns_name(&opts.name),
             agents: hosts.iter().map(|_| None).collect(),
             hosts,
             name: opts.name,
@@ -465,6 +497,12 @@ impl Lab {
         &self.switch_netns
     }
 
+    /// The client namespace: interface [`CLIENT_IFACE`] with [`CLIENT_ADDR`] on the VM network,
+    /// attached to the switch's bridge (port [`CLIENT_SWITCH_PORT`]).
+    pub fn client_netns(&self) -> &str {
+        &self.client_netns
+    }
+
     /// The datastore directory both hosts share.
     pub fn shared_datastore(&self) -> PathBuf {
         self.root.join("datastores").join("shared")
@@ -481,7 +519,7 @@ impl Lab {
         self.ferry_bin.as_deref()
     }
 
-    /// Runs `args` inside the namespace of host `host` (`"a"`, `"b"`, or `"sw"` for the
+    /// Runs `args` inside the namespace of host `host` (`"a"`, `"b"`, `"cl"` for the client, or `"sw"` for the
     /// switch) and returns its stdout; fails on a non-zero exit (quoting stderr) or after
     /// [`EXEC_TIMEOUT`], when the command's process group is killed.
     pub fn exec(&self, host: &str, args: &[&str]) -> Result<String> {
@@ -633,9 +671,12 @@ impl Lab {
         if host == "sw" || host == "switch" {
             return Ok(&self.switch_netns);
         }
+        if host == "cl" || host == "client" {
+            return Ok(&self.client_netns);
+        }
         let idx = self.index_of(host).map_err(|_| {
             anyhow!(
-                "lab `{}` has no host {host:?}: use \"a\", \"b\" or \"sw\"",
+                "lab `{}` has no host {host:?}: use \"a\", \"b\", \"sw\" or \"cl\"",
                 self.name
             )
         })?;
@@ -747,6 +788,35 @@ impl Lab {
             }
             ip.run(&["-n", sw, "link", "set", &port, "up"])?;
         }
+        // The client of the guests: a machine on the VM network, plugged into the switch.
+        let cl = self.client_netns.as_str();
+        ip.run(&[
+            "-n",
+            cl,
+            "link",
+            "add",
+            CLIENT_IFACE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            CLIENT_SWITCH_PORT,
+            "netns",
+            sw,
+        ])?;
+        ip.run(&[
+            "-n",
+            sw,
+            "link",
+            "set",
+            CLIENT_SWITCH_PORT,
+            "master",
+            SWITCH_BRIDGE,
+        ])?;
+        let cidr = format!("{CLIENT_ADDR}/{VM_NET_PREFIX_LEN}");
+        ip.run(&["-n", cl, "addr", "add", &cidr, "dev", CLIENT_IFACE])?;
+        ip.run(&["-n", cl, "link", "set", CLIENT_IFACE, "up"])?;
+        ip.run(&["-n", sw, "link", "set", CLIENT_SWITCH_PORT, "up"])?;
         ip.run(&["-n", sw, "link", "set", SWITCH_BRIDGE, "up"])?;
         Ok(())
     }
@@ -764,7 +834,9 @@ impl Lab {
             .collect();
         let mut sw_ifaces: Vec<String> = self.hosts.iter().map(|h| switch_port(&h.name)).collect();
         sw_ifaces.push(SWITCH_BRIDGE.to_owned());
+        sw_ifaces.push(CLIENT_SWITCH_PORT.to_owned());
         want.push((self.switch_netns.as_str(), sw_ifaces));
+        want.push((self.client_netns.as_str(), vec![CLIENT_IFACE.to_owned()]));
 
         let deadline = Instant::now() + LINK_UP_TIMEOUT;
         loop {
@@ -1475,6 +1547,9 @@ pub struct LabStatus {
     /// Whether the root directory exists and has entries.
     pub root_in_use: bool,
     pub switch_netns: NetnsStatus,
+    /// The client namespace on the VM network, with its address.
+    pub client_netns: NetnsStatus,
+    pub client_addr: Ipv4Addr,
     pub hosts: Vec<HostStatus>,
     /// Namespaces named like this lab's that are not part of its layout.
     pub stray_namespaces: Vec<String>,
@@ -1507,6 +1582,7 @@ impl LabStatus {
         self.recorded
             || self.root_in_use
             || self.switch_netns.exists
+            || self.client_netns.exists
             || self.hosts.iter().any(|h| h.netns.exists)
             || !self.stray_namespaces.is_empty()
     }
@@ -1565,6 +1641,13 @@ impl fmt::Display for LabStatus {
             self.switch_netns.name,
             yes_no(self.switch_netns.exists)
         )?;
+        writeln!(
+            f,
+            "  client: namespace {} {}; {}/{VM_NET_PREFIX_LEN} ({CLIENT_IFACE}) on the switch's bridge (port group {PORT_GROUP}, guests 198.18.2.1-199)",
+            self.client_netns.name,
+            yes_no(self.client_netns.exists),
+            self.client_addr
+        )?;
         if !self.stray_namespaces.is_empty() {
             writeln!(
                 f,
@@ -1618,6 +1701,8 @@ pub fn status(name: Option<&str>, root: &Path) -> Result<LabStatus> {
         warning,
         root_in_use: dir_has_entries(root).unwrap_or(true),
         switch_netns: ns_status(&state.switch_netns),
+        client_netns: ns_status(&client_netns_name(&state.name)),
+        client_addr: CLIENT_ADDR,
         hosts,
         stray_namespaces,
     })
@@ -2246,8 +2331,12 @@ mod tests {
     fn namespaces_and_membership() {
         assert_eq!(
             namespace_names("lab"),
-            ["ferry-lab-a", "ferry-lab-b", "ferry-lab-sw"]
+            ["ferry-lab-a", "ferry-lab-b", "ferry-lab-cl", "ferry-lab-sw"]
         );
+        assert!(belongs_to_lab("ferry-lab-cl", "lab"));
+        assert_eq!(vm_addr(10).unwrap(), Ipv4Addr::new(198, 18, 2, 10));
+        assert!(vm_addr(0).is_err());
+        assert!(vm_addr(200).unwrap_err().to_string().contains("1..=199"));
         assert!(belongs_to_lab("ferry-lab-a", "lab"));
         assert!(belongs_to_lab("ferry-lab-sw", "lab"));
         assert!(belongs_to_lab("ferry-lab-c2", "lab"));

@@ -43,6 +43,12 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Rebuild guest/ferry-guest.bin (the service guest, guest/); --check compares instead.
+    BuildGuest {
+        /// Fail if the committed image does not match a fresh build.
+        #[arg(long)]
+        check: bool,
+    },
     /// Run everything CI runs: deps, fmt check, clippy, build, all tests (root, /dev/kvm).
     Test {
         /// Instead: the packaging test only. Installs the .deb into a fresh Debian 12 root
@@ -215,6 +221,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Deps { check: false } => xtask::dev::deps(),
         Command::Deps { check: true } => xtask::dev::check_deps(),
         Command::BuildEbpf { check } => xtask::dev::build_ebpf(check),
+        Command::BuildGuest { check } => xtask::guest::build_guest(check),
         Command::Test { packaging, args } => {
             if packaging {
                 if !args.is_empty() {
