@@ -4,7 +4,7 @@
 //! capability is missing the test prints why and passes as skipped, except under CI (`CI=true`),
 //! where a missing capability fails the run.
 
-pub mod client;
+pub use xtask::client;
 
 use std::path::Path;
 use std::sync::Arc;
