@@ -302,6 +302,11 @@ pub struct VmInfo {
     pub heartbeats: Vec<VcpuRates>,
     /// Workload guests only: requested and measured dirty rate (MiB/s, all vCPUs).
     pub dirty_rate: Option<DirtyRate>,
+    /// virtio NICs (tap, frames in and out, drops) and disks (image, requests).
+    #[serde(default)]
+    pub nics: Vec<crate::vm::virtio::net::NetStats>,
+    #[serde(default)]
+    pub disks: Vec<crate::vm::virtio::blk::BlkStats>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -489,6 +494,31 @@ impl Agent {
         Ok(())
     }
 
+    /// Where a guest's virtio devices attach here: its port groups' bridges and its disks'
+    /// image files (kinds without virtio devices need none).
+    pub fn device_env(&self, spec: &VmSpec) -> Result<crate::vm::DeviceEnv, AgentError> {
+        if !spec.kind.has_virtio() {
+            return Ok(crate::vm::DeviceEnv::default());
+        }
+        self.check_devices(spec)?;
+        let bridges = spec
+            .nics
+            .iter()
+            .map(|n| self.config.port_groups.get(&n.port_group).cloned())
+            .collect();
+        let disks = spec
+            .disks
+            .iter()
+            .map(|d| {
+                self.datastores
+                    .resolve(&d.path)
+                    .map(Some)
+                    .map_err(|e| AgentError::Invalid(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(crate::vm::DeviceEnv { bridges, disks })
+    }
+
     /// Announce every NIC of a guest that just started or resumed here.
     pub fn announce(&self, spec: &VmSpec) -> Vec<Announcement> {
         let cancel = match self.entry(&spec.name) {
@@ -614,7 +644,8 @@ impl Agent {
                 .map_err(|e| AgentError::Invalid(e.to_string()))?;
         }
         let _r = self.reserve(spec.memory_mib)?;
-        let vm = Vm::create(&self.hv, spec)?;
+        let env = self.device_env(&spec)?;
+        let vm = Vm::create_in(&self.hv, spec, &env)?;
         self.adopt(&vm.spec.name)?;
         if start {
             vm.start()?;
@@ -667,8 +698,9 @@ impl Agent {
                     }),
                 )
             }
-            GuestKind::Raw(_) => (vec![], None),
+            GuestKind::Raw(_) | GuestKind::Service(_) => (vec![], None),
         };
+        let virtio = &vm.devices().virtio;
         VmInfo {
             name: e.name.clone(),
             state: vm.status(),
@@ -685,6 +717,8 @@ impl Agent {
             exits: vm.devices().counters.stats(),
             heartbeats,
             dirty_rate,
+            nics: virtio.net.iter().map(|n| n.stats()).collect(),
+            disks: virtio.blk.iter().map(|b| b.stats()).collect(),
         }
     }
 
@@ -704,8 +738,10 @@ impl Agent {
                 vm.stop();
                 drop(vm);
                 let hv = self.hv.clone();
+                let env = self.device_env(&spec)?;
                 let fresh =
-                    blocking(move || Vm::create(&hv, spec).map_err(AgentError::from)).await?;
+                    blocking(move || Vm::create_in(&hv, spec, &env).map_err(AgentError::from))
+                        .await?;
                 fresh.start()?;
                 self.announce(&fresh.spec);
                 e.replace(fresh);
@@ -924,9 +960,11 @@ impl Agent {
         self.check_new_name(&name)?;
         let _r = self.reserve(manifest.spec.memory_mib)?;
         let hv = self.hv.clone();
-        let vm =
-            blocking(move || snapshot::restore(&hv, &dir, Some(&name)).map_err(AgentError::from))
-                .await?;
+        let env = self.device_env(&manifest.spec)?;
+        let vm = blocking(move || {
+            snapshot::restore(&hv, &dir, Some(&name), &env).map_err(AgentError::from)
+        })
+        .await?;
         self.adopt(&vm.spec.name)?;
         if !paused {
             vm.resume()?;
@@ -1481,7 +1519,9 @@ impl Host for Agent {
                 spec.memory_mib
             ));
         }
-        let vm = Vm::create_empty(&self.hv, spec.clone(), regions).map_err(|e| e.to_string())?;
+        let env = self.device_env(spec).map_err(|e| e.to_string())?;
+        let vm = Vm::create_empty_in(&self.hv, spec.clone(), regions, &env)
+            .map_err(|e| e.to_string())?;
         let e = self.insert(vm).map_err(|e| e.to_string())?;
         e.set_migration(Some(format!("in {}", handle.id)));
         if let (Ok(g), Ok(mut m)) = (e.op.clone().try_lock_owned(), self.incoming_ops.lock()) {
