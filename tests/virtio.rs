@@ -1,0 +1,434 @@
+//! virtio devices with real parts: KVM guest memory and its dirty log, a tap on the lab's
+//! `vmbr0`, a disk image on the shared datastore, and a CPL3 guest that drives the NIC through
+//! MMIO.
+//!
+//! Until the service guest program (`guest/`) exists, the `service` VMs here run a small probe
+//! program assembled below (given with `--program`): it checks both virtio-mmio windows, brings
+//! the NIC up with eight receive buffers and prints `R` for every frame it receives, re-posting
+//! the buffer.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ferry::vm::virtio::{DeviceEnv, MMIO_BASE, MMIO_STRIDE};
+use ferry::vm::{DiskSpec, GuestKind, NicSpec, ServiceParams, Vm, VmSpec};
+use ferry_tests::{hypervisor, in_netns, require, wait_for, LabFerry, Need};
+use xtask::lab::{Lab, LabOptions};
+
+const DESC: u64 = 0x0100_0000;
+const AVAIL: u64 = 0x0100_1000;
+const USED: u64 = 0x0100_2000;
+const BUFS: u64 = 0x0101_0000;
+
+/// The probe guest (entered at 0x400000 with rdi = BootInfo).
+fn probe_program() -> Vec<u8> {
+    use iced_x86::code_asm::*;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut bad = a.create_label();
+    let mut fill = a.create_label();
+    let mut poll = a.create_label();
+    let mut idle = a.create_label();
+    let mut hang = a.create_label();
+    let print = |a: &mut CodeAssembler, s: &str| {
+        a.mov(dx, 0x3f8u32).unwrap();
+        for b in s.bytes() {
+            a.mov(al, u32::from(b)).unwrap();
+            a.out(dx, al).unwrap();
+        }
+    };
+    a.mov(r15, qword_ptr(rdi + 56)).unwrap(); // net_mmio
+    a.mov(r14, qword_ptr(rdi + 64)).unwrap(); // blk_mmio
+    a.cmp(dword_ptr(r15), 0x7472_6976).unwrap();
+    a.jne(bad).unwrap();
+    a.cmp(dword_ptr(r14), 0x7472_6976).unwrap();
+    a.jne(bad).unwrap();
+    a.cmp(dword_ptr(r15 + 8), 1).unwrap(); // device id: net
+    a.jne(bad).unwrap();
+    a.cmp(dword_ptr(r14 + 8), 2).unwrap(); // device id: blk
+    a.jne(bad).unwrap();
+    print(&mut a, "MMIO OK\n");
+    // Bring the NIC up: reset, ACK, DRIVER, features VERSION_1 | MAC, FEATURES_OK.
+    for (off, v) in [
+        (0x70, 0u32),
+        (0x70, 1),
+        (0x70, 3),
+        (0x24, 1),
+        (0x20, 1),
+        (0x24, 0),
+        (0x20, 0x20),
+        (0x70, 0xb),
+    ] {
+        a.mov(dword_ptr(r15 + off), v).unwrap();
+    }
+    a.mov(eax, dword_ptr(r15 + 0x70)).unwrap();
+    a.test(eax, 8).unwrap();
+    a.jz(bad).unwrap();
+    // Receive queue 0: 8 entries.
+    for (off, v) in [
+        (0x30, 0u32),
+        (0x38, 8),
+        (0x80, DESC as u32),
+        (0x84, 0),
+        (0x90, AVAIL as u32),
+        (0x94, 0),
+        (0xa0, USED as u32),
+        (0xa4, 0),
+    ] {
+        a.mov(dword_ptr(r15 + off), v).unwrap();
+    }
+    a.mov(r12, DESC).unwrap();
+    a.mov(r13, AVAIL).unwrap();
+    a.mov(r11, USED).unwrap();
+    a.xor(ecx, ecx).unwrap();
+    a.set_label(&mut fill).unwrap();
+    a.mov(rax, rcx).unwrap();
+    a.shl(rax, 11).unwrap();
+    a.mov(r10, BUFS).unwrap();
+    a.add(rax, r10).unwrap();
+    a.mov(rbx, rcx).unwrap();
+    a.shl(rbx, 4).unwrap();
+    a.mov(qword_ptr(r12 + rbx), rax).unwrap();
+    a.mov(dword_ptr(r12 + rbx + 8), 0x800).unwrap();
+    a.mov(word_ptr(r12 + rbx + 12), 2).unwrap(); // device-writable
+    a.mov(word_ptr(r12 + rbx + 14), 0).unwrap();
+    a.mov(word_ptr(r13 + rcx * 2 + 4), cx).unwrap();
+    a.inc(ecx).unwrap();
+    a.cmp(ecx, 8).unwrap();
+    a.jb(fill).unwrap();
+    a.mov(word_ptr(r13), 0).unwrap();
+    a.mov(word_ptr(r13 + 2), 8).unwrap();
+    a.mov(dword_ptr(r15 + 0x44), 1).unwrap(); // QueueReady
+    a.mov(dword_ptr(r15 + 0x70), 0xf).unwrap(); // DRIVER_OK
+    a.mov(dword_ptr(r15 + 0x50), 0).unwrap(); // notify RX
+    print(&mut a, "NET UP\n");
+    a.xor(esi, esi).unwrap();
+    a.set_label(&mut poll).unwrap();
+    a.movzx(eax, word_ptr(r11 + 2)).unwrap();
+    a.cmp(ax, si).unwrap();
+    a.je(idle).unwrap();
+    // One used entry: give its buffer back (avail.ring[avail.idx % 8] = id), notify, print R.
+    a.mov(ebx, esi).unwrap();
+    a.and(ebx, 7).unwrap();
+    a.mov(eax, dword_ptr(r11 + rbx * 8 + 4)).unwrap();
+    a.movzx(r8d, word_ptr(r13 + 2)).unwrap();
+    a.mov(r9d, r8d).unwrap();
+    a.and(r9d, 7).unwrap();
+    a.mov(word_ptr(r13 + r9 * 2 + 4), ax).unwrap();
+    a.inc(r8d).unwrap();
+    a.mov(word_ptr(r13 + 2), r8w).unwrap();
+    a.mov(dword_ptr(r15 + 0x50), 0).unwrap();
+    a.inc(esi).unwrap();
+    print(&mut a, "R\n");
+    a.jmp(poll).unwrap();
+    a.set_label(&mut idle).unwrap();
+    a.mov(eax, 2_000_000u32).unwrap();
+    a.mov(dx, 0xf0u32).unwrap();
+    a.out(dx, eax).unwrap();
+    a.jmp(poll).unwrap();
+    a.set_label(&mut bad).unwrap();
+    print(&mut a, "BAD\n");
+    a.set_label(&mut hang).unwrap();
+    a.mov(eax, 100_000_000u32).unwrap();
+    a.mov(dx, 0xf0u32).unwrap();
+    a.out(dx, eax).unwrap();
+    a.jmp(hang).unwrap();
+    a.assemble(0x40_0000).unwrap()
+}
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("ferry-virtio-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn service_spec(name: &str, program: &Path, nic: bool) -> VmSpec {
+    let mut p = ServiceParams::new("198.18.2.10".parse().unwrap(), 24);
+    p.program = Some(program.to_path_buf());
+    VmSpec {
+        name: name.into(),
+        memory_mib: 128,
+        vcpus: 1,
+        kind: GuestKind::Service(p),
+        disks: vec![DiskSpec {
+            path: "[shared] t/disk.img".into(),
+            size_mib: 1,
+        }],
+        nics: if nic {
+            vec![NicSpec {
+                mac: "52:54:00:0a:0b:0c".into(),
+                port_group: "vm-net".into(),
+            }]
+        } else {
+            vec![]
+        },
+        cpu: Default::default(),
+    }
+}
+
+/// A virtio-blk read writes data, status byte and used ring into real guest memory: all three
+/// pages are in the next `take_dirty`, though KVM's dirty log never saw them written.
+#[test]
+fn blk_device_writes_are_dirty_in_kvm_guest_memory() {
+    let Some(hv) = hypervisor("blk_device_writes_are_dirty_in_kvm_guest_memory") else {
+        return;
+    };
+    let dir = TempDir::new("blk");
+    let program = dir.0.join("probe.bin");
+    std::fs::write(&program, probe_program()).unwrap();
+    let disk = dir.0.join("disk.img");
+    let mut img = vec![0u8; 1 << 20];
+    img[512..1024].fill(0x5a);
+    std::fs::write(&disk, &img).unwrap();
+    let env = DeviceEnv {
+        bridges: vec![],
+        disks: vec![Some(disk.clone())],
+    };
+    let vm = Vm::create_in(&hv, service_spec("blkdirty", &program, false), &env).unwrap();
+    let mem = vm.memory().clone();
+    let dev = vm.devices().clone();
+    let blk = MMIO_BASE + MMIO_STRIDE;
+    let w = |off: u64, v: u32| dev.mmio_write(blk + off, &v.to_le_bytes());
+    let r = |off: u64| {
+        let mut b = [0u8; 4];
+        dev.mmio_read(blk + off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(r(0), 0x7472_6976);
+    assert_eq!(r(8), 2);
+    let mut cap = [0u8; 8];
+    dev.mmio_read(blk + 0x100, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 2048);
+    // Driver side: queue of 4 at DESC/AVAIL/USED, one IN request for sector 1.
+    for (off, v) in [
+        (0x70, 0),
+        (0x70, 3),
+        (0x24, 1),
+        (0x20, 1),
+        (0x24, 0),
+        (0x20, 1 << 9),
+        (0x70, 0xb),
+        (0x30, 0),
+        (0x38, 4),
+        (0x80, DESC as u32),
+        (0x90, AVAIL as u32),
+        (0xa0, USED as u32),
+        (0x44, 1),
+        (0x70, 0xf),
+    ] {
+        w(off, v);
+    }
+    assert_eq!(r(0x70), 0xf, "driver OK");
+    let hdr = 0x0180_0000u64;
+    let data = 0x0181_0000u64;
+    let status = 0x0182_0000u64;
+    let mut h = [0u8; 16];
+    h[8..].copy_from_slice(&1u64.to_le_bytes());
+    mem.write(hdr, &h).unwrap();
+    let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..].copy_from_slice(&next.to_le_bytes());
+        mem.write(DESC + 16 * i, &d).unwrap();
+    };
+    desc(0, hdr, 16, 1, 1);
+    desc(1, data, 512, 3, 2);
+    desc(2, status, 1, 2, 0);
+    mem.write(AVAIL + 4, &0u16.to_le_bytes()).unwrap();
+    mem.write(AVAIL + 2, &1u16.to_le_bytes()).unwrap();
+    mem.set_dirty_logging_all(true).unwrap();
+    let clean = mem.take_dirty().unwrap();
+    for p in [data, status, USED] {
+        assert!(!clean.contains(p), "{p:#x} dirty before the request");
+    }
+    dev.virtio.activate();
+    w(0x50, 0);
+    wait_for("the request to complete", 10, || {
+        ((mem.read_u64(USED).ok()? >> 16) & 0xffff == 1).then_some(())
+    });
+    let mut got = vec![0u8; 512];
+    mem.read(data, &mut got).unwrap();
+    assert_eq!(got, vec![0x5a; 512]);
+    let mut st = [0xffu8];
+    mem.read(status, &mut st).unwrap();
+    assert_eq!(st[0], 0, "status OK");
+    let dirty = mem.take_dirty().unwrap();
+    for (p, what) in [(data, "read data"), (status, "status byte"), (USED, "used ring")] {
+        assert!(dirty.contains(p), "{what} page {p:#x} is not dirty");
+    }
+    assert!(!dirty.contains(hdr), "the device does not write the header");
+    // The pause drains and the state carries the queue position.
+    assert_eq!(vm.last_quiesced().io_drained, 0);
+    let q = dev.virtio.quiesce();
+    assert_eq!(q.io_drained, 0);
+    let st = dev.virtio.state();
+    assert_eq!(st.blk[0].transport.queues[0].next_used, 1);
+    vm.stop();
+}
+
+/// Send `n` broadcast frames (ethertype 0x88b5) out of interface `iface` in namespace `netns`.
+fn send_broadcasts(netns: &str, iface: &'static str, n: usize) {
+    in_netns(netns, move || {
+        // SAFETY: plain socket(2); checked below and closed at the end.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let name = std::ffi::CString::new(iface).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(index > 0, "no interface {iface}");
+        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_ifindex = index as i32;
+        sa.sll_halen = 6;
+        sa.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        let mut frame = vec![0xffu8; 6];
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x88, 0xb5]);
+        frame.resize(64, 0x11);
+        for _ in 0..n {
+            // SAFETY: sendto(2) of a buffer we own to a sockaddr_ll of the right size.
+            let rc = unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&sa as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: closing the socket we opened.
+        unsafe { libc::close(fd) };
+    });
+}
+
+fn console(f: &LabFerry<'_>, host: &str, vm: &str) -> String {
+    let o = f.cli(host, &["vm", "console", vm]);
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn received(text: &str) -> usize {
+    text.lines().filter(|l| *l == "R").count()
+}
+
+/// `ip -j -d link show DEV` in a lab host: (master, MAC), or None if there is no such device.
+fn link(lab: &Lab, host: &str, dev: &str) -> Option<(String, String)> {
+    let out = lab.exec(host, &["ip", "-j", "link", "show", dev]).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let l = &v[0];
+    Some((
+        l["master"].as_str().unwrap_or_default().to_string(),
+        l["address"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+fn has_open(pid: u32, path: &Path) -> bool {
+    let want = std::fs::canonicalize(path).unwrap_or(path.to_path_buf());
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == want))
+        })
+        .unwrap_or(false)
+}
+
+/// A service VM with a NIC and a disk on host a: its tap is on vmbr0 with the MAC, its image is
+/// open, frames broadcast on the bridge reach the guest's buffers; after a move to b the tap and
+/// the image are on b (and gone from a), and frames sent on b reach the guest there.
+#[test]
+fn service_vm_nic_and_disk_in_the_lab_and_across_a_migration() {
+    if !require(
+        "service_vm_nic_and_disk_in_the_lab_and_across_a_migration",
+        &[Need::Root, Need::Kvm, Need::Netns],
+    ) {
+        return;
+    }
+    let lab = Lab::up(LabOptions::for_test("virtio").with_ferry_bin(ferry_tests::ferry_bin()))
+        .expect("lab up");
+    let f = LabFerry { lab: &lab };
+    let program = lab.root().join("probe.bin");
+    std::fs::write(&program, probe_program()).unwrap();
+    let program_s = program.to_str().unwrap();
+    f.json(
+        "a",
+        &[
+            "vm",
+            "create",
+            "s1",
+            "--kind",
+            "service",
+            "--memory",
+            "128M",
+            "--ip",
+            "198.18.2.10/24",
+            "--nic",
+            "52:54:00:0a:0b:0c@vm-net",
+            "--disk",
+            "[shared] s1/disk.img:16M",
+            "--program",
+            program_s,
+            "--start",
+        ],
+    );
+    let info = f.json("a", &["vm", "inspect", "s1"]);
+    let tap = info["nics"][0]["tap"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no tap in {info}"))
+        .to_string();
+    let (master, mac) = link(&lab, "a", &tap).expect("the tap exists on host a");
+    assert_eq!(master, "vmbr0");
+    assert_eq!(mac, "fe:54:00:0a:0b:0c");
+    let image = lab.shared_datastore().join("s1/disk.img");
+    let pid_a = lab.host("a").unwrap().agent_pid.unwrap();
+    let pid_b = lab.host("b").unwrap().agent_pid.unwrap();
+    assert!(has_open(pid_a, &image), "agent a has the disk image open");
+    wait_for("the probe guest to bring its NIC up", 20, || {
+        let c = console(&f, "a", "s1");
+        assert!(!c.contains("BAD"), "probe guest failed: {c}");
+        c.contains("NET UP").then_some(())
+    });
+    let netns_a = lab.host("a").unwrap().netns.clone();
+    send_broadcasts(&netns_a, "vmbr0", 5);
+    wait_for("5 frames at the guest on a", 10, || {
+        (received(&console(&f, "a", "s1")) >= 5).then_some(())
+    });
+    let t = Instant::now();
+    let rec = f.migrate("a", "s1", "b", &["--verify"]);
+    assert_eq!(rec["phase"], "completed", "{rec}");
+    let dev = &rec["summary"]["devices"];
+    assert!(dev["state_bytes"].as_u64().unwrap_or(0) > 0, "device state in {rec}");
+    eprintln!("migration took {:?}; devices {dev}", t.elapsed());
+    // The tap moved: on b's bridge, gone from a; the image is open on b only.
+    let (master, mac) = link(&lab, "b", &tap).expect("the tap exists on host b");
+    assert_eq!((master.as_str(), mac.as_str()), ("vmbr0", "fe:54:00:0a:0b:0c"));
+    wait_for("a's tap to go", 10, || link(&lab, "a", &tap).is_none().then_some(()));
+    assert!(has_open(pid_b, &image), "agent b has the disk image open");
+    assert!(!has_open(pid_a, &image), "agent a closed the disk image");
+    // The guest on b receives what is sent on b's bridge.
+    let before = received(&console(&f, "b", "s1"));
+    assert!(before >= 5, "the console history came along");
+    let netns_b = lab.host("b").unwrap().netns.clone();
+    send_broadcasts(&netns_b, "vmbr0", 3);
+    wait_for("3 more frames at the guest on b", 10, || {
+        (received(&console(&f, "b", "s1")) >= before + 3).then_some(())
+    });
+    let info = f.json("b", &["vm", "inspect", "s1"]);
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["nics"][0]["bad_chains"], 0, "{info}");
+    let o = f.cli("b", &["vm", "destroy", "s1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for("b's tap to go", 10, || link(&lab, "b", &tap).is_none().then_some(()));
+    lab.down().expect("lab down");
+}
