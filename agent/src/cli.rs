@@ -201,6 +201,8 @@ pub struct AgentArgs {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per run; the create arguments' size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum VmCommand {
     /// Create a VM (and start it with --start)
     Create(CreateArgs),

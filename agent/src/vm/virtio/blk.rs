@@ -120,7 +120,7 @@ impl BlkDevice {
                         source,
                     })?
                     .len();
-                if len == 0 || len % SECTOR != 0 {
+                if len == 0 || !len.is_multiple_of(SECTOR) {
                     return Err(VirtioError::DiskSize {
                         path: p.to_path_buf(),
                         len,
@@ -275,7 +275,7 @@ impl BlkDevice {
         let kind = u32::from_le_bytes(readable[0..4].try_into().map_err(|_| S_IOERR)?);
         let sector = u64::from_le_bytes(readable[8..16].try_into().map_err(|_| S_IOERR)?);
         let in_range = |len: u64| {
-            len % SECTOR == 0
+            len.is_multiple_of(SECTOR)
                 && sector
                     .checked_mul(SECTOR)
                     .and_then(|o| o.checked_add(len))
@@ -440,7 +440,7 @@ fn worker_thread(dev: Weak<BlkDevice>) {
                 if w.quit {
                     return;
                 }
-                if !(w.kicked && !w.held) && Arc::strong_count(&d) == 1 {
+                if (!w.kicked || w.held) && Arc::strong_count(&d) == 1 {
                     return;
                 }
             }

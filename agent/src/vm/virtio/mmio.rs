@@ -172,13 +172,7 @@ impl Transport {
                 1 => (self.device_features >> 32) as u32,
                 _ => 0,
             },
-            REG_QUEUE_NUM_MAX => {
-                if q.is_some() {
-                    u32::from(QUEUE_MAX)
-                } else {
-                    0
-                }
-            }
+            REG_QUEUE_NUM_MAX if q.is_some() => u32::from(QUEUE_MAX),
             REG_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready)),
             REG_INTERRUPT_STATUS => self.st.interrupt_status,
             REG_STATUS => self.st.status,
@@ -255,10 +249,8 @@ impl Transport {
                     }
                 }
             }
-            REG_QUEUE_NOTIFY => {
-                if (v as usize) < self.st.queues.len() {
-                    return Event::Notify(v as u16);
-                }
+            REG_QUEUE_NOTIFY if (v as usize) < self.st.queues.len() => {
+                return Event::Notify(v as u16);
             }
             REG_INTERRUPT_ACK => self.st.interrupt_status &= !v,
             REG_STATUS => return self.write_status(v),
