@@ -4,8 +4,8 @@
 //!
 //! Until the service guest program (`guest/`) exists, the `service` VMs here run a small probe
 //! program assembled below (given with `--program`): it checks both virtio-mmio windows, brings
-//! the NIC up with eight receive buffers and prints `R` for every frame it receives, re-posting
-//! the buffer.
+//! the NIC up with eight receive buffers and prints `R` and the frame's sequence character for
+//! every test frame it receives (`X` for other frames), re-posting the buffer.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -106,10 +106,19 @@ fn probe_program() -> Vec<u8> {
     a.movzx(eax, word_ptr(r11 + 2)).unwrap();
     a.cmp(ax, si).unwrap();
     a.je(idle).unwrap();
-    // One used entry: give its buffer back (avail.ring[avail.idx % 8] = id), notify, print R.
+    // One used entry: note the frame's ethertype and sequence byte, give its buffer back
+    // (avail.ring[avail.idx % 8] = id), notify; print `R<seq>` for a test frame (ethertype
+    // 0x88b5), `X` for anything else.
+    let mut other = a.create_label();
     a.mov(ebx, esi).unwrap();
     a.and(ebx, 7).unwrap();
     a.mov(eax, dword_ptr(r11 + rbx * 8 + 4)).unwrap();
+    a.mov(r10d, eax).unwrap();
+    a.shl(r10, 11).unwrap();
+    a.mov(rcx, BUFS).unwrap();
+    a.add(r10, rcx).unwrap();
+    a.movzx(edi, word_ptr(r10 + 24)).unwrap();
+    a.movzx(r12d, byte_ptr(r10 + 26)).unwrap();
     a.movzx(r8d, word_ptr(r13 + 2)).unwrap();
     a.mov(r9d, r8d).unwrap();
     a.and(r9d, 7).unwrap();
@@ -118,7 +127,25 @@ fn probe_program() -> Vec<u8> {
     a.mov(word_ptr(r13 + 2), r8w).unwrap();
     a.mov(dword_ptr(r15 + 0x50), 0).unwrap();
     a.inc(esi).unwrap();
-    print(&mut a, "R\n");
+    a.cmp(edi, 0xb588).unwrap();
+    a.jne(other).unwrap();
+    a.mov(dx, 0x3f8u32).unwrap();
+    a.mov(al, u32::from(b'R')).unwrap();
+    a.out(dx, al).unwrap();
+    a.mov(al, r12b).unwrap();
+    a.out(dx, al).unwrap();
+    a.mov(al, 10u32).unwrap();
+    a.out(dx, al).unwrap();
+    // Take ~100 ms per frame (a spin: a yield would end early at the next delivery), so a
+    // burst keeps frames queued in the device for seconds.
+    let mut spin = a.create_label();
+    a.mov(ecx, 200_000_000u32).unwrap();
+    a.set_label(&mut spin).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(spin).unwrap();
+    a.jmp(poll).unwrap();
+    a.set_label(&mut other).unwrap();
+    print(&mut a, "X\n");
     a.jmp(poll).unwrap();
     a.set_label(&mut idle).unwrap();
     a.mov(eax, 2_000_000u32).unwrap();
@@ -263,7 +290,11 @@ fn blk_device_writes_are_dirty_in_kvm_guest_memory() {
     mem.read(status, &mut st).unwrap();
     assert_eq!(st[0], 0, "status OK");
     let dirty = mem.take_dirty().unwrap();
-    for (p, what) in [(data, "read data"), (status, "status byte"), (USED, "used ring")] {
+    for (p, what) in [
+        (data, "read data"),
+        (status, "status byte"),
+        (USED, "used ring"),
+    ] {
         assert!(dirty.contains(p), "{what} page {p:#x} is not dirty");
     }
     assert!(!dirty.contains(hdr), "the device does not write the header");
@@ -276,12 +307,17 @@ fn blk_device_writes_are_dirty_in_kvm_guest_memory() {
     vm.stop();
 }
 
-/// Send `n` broadcast frames (ethertype 0x88b5) out of interface `iface` in namespace `netns`.
-fn send_broadcasts(netns: &str, iface: &'static str, n: usize) {
+/// Send `n` broadcast frames (ethertype 0x88b5) out of interface `iface` in namespace `netns`,
+/// numbered from `first`: payload byte 0 is `seq_char(seq)`.
+fn send_broadcasts(netns: &str, iface: &'static str, first: usize, n: usize) {
     in_netns(netns, move || {
         // SAFETY: plain socket(2); checked below and closed at the end.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
         let name = std::ffi::CString::new(iface).unwrap();
         // SAFETY: a NUL-terminated name.
         let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -295,7 +331,8 @@ fn send_broadcasts(netns: &str, iface: &'static str, n: usize) {
         let mut frame = vec![0xffu8; 6];
         frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x88, 0xb5]);
         frame.resize(64, 0x11);
-        for _ in 0..n {
+        for seq in first..first + n {
+            frame[14] = seq_char(seq);
             // SAFETY: sendto(2) of a buffer we own to a sockaddr_ll of the right size.
             let rc = unsafe {
                 libc::sendto(
@@ -307,7 +344,12 @@ fn send_broadcasts(netns: &str, iface: &'static str, n: usize) {
                     std::mem::size_of::<libc::sockaddr_ll>() as u32,
                 )
             };
-            assert_eq!(rc, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                rc,
+                frame.len() as isize,
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
         }
         // SAFETY: closing the socket we opened.
         unsafe { libc::close(fd) };
@@ -319,8 +361,22 @@ fn console(f: &LabFerry<'_>, host: &str, vm: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The character the probe prints for frame `seq`.
+fn seq_char(seq: usize) -> u8 {
+    b'0' + (seq % 64) as u8
+}
+
+/// Sequence characters of the test frames the guest received, in order.
+fn received_seq(text: &str) -> Vec<u8> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix('R'))
+        .filter(|r| r.len() == 1)
+        .map(|r| r.as_bytes()[0])
+        .collect()
+}
+
 fn received(text: &str) -> usize {
-    text.lines().filter(|l| *l == "R").count()
+    received_seq(text).len()
 }
 
 /// `ip -j -d link show DEV` in a lab host: (master, MAC), or None if there is no such device.
@@ -400,7 +456,7 @@ fn service_vm_nic_and_disk_in_the_lab_and_across_a_migration() {
         c.contains("NET UP").then_some(())
     });
     let netns_a = lab.host("a").unwrap().netns.clone();
-    send_broadcasts(&netns_a, "vmbr0", 5);
+    send_broadcasts(&netns_a, "vmbr0", 0, 5);
     wait_for("5 frames at the guest on a", 10, || {
         (received(&console(&f, "a", "s1")) >= 5).then_some(())
     });
@@ -408,27 +464,73 @@ fn service_vm_nic_and_disk_in_the_lab_and_across_a_migration() {
     let rec = f.migrate("a", "s1", "b", &["--verify"]);
     assert_eq!(rec["phase"], "completed", "{rec}");
     let dev = &rec["summary"]["devices"];
-    assert!(dev["state_bytes"].as_u64().unwrap_or(0) > 0, "device state in {rec}");
+    assert!(
+        dev["state_bytes"].as_u64().unwrap_or(0) > 0,
+        "device state in {rec}"
+    );
     eprintln!("migration took {:?}; devices {dev}", t.elapsed());
     // The tap moved: on b's bridge, gone from a; the image is open on b only.
     let (master, mac) = link(&lab, "b", &tap).expect("the tap exists on host b");
-    assert_eq!((master.as_str(), mac.as_str()), ("vmbr0", "fe:54:00:0a:0b:0c"));
-    wait_for("a's tap to go", 10, || link(&lab, "a", &tap).is_none().then_some(()));
+    assert_eq!(
+        (master.as_str(), mac.as_str()),
+        ("vmbr0", "fe:54:00:0a:0b:0c")
+    );
+    wait_for("a's tap to go", 10, || {
+        link(&lab, "a", &tap).is_none().then_some(())
+    });
     assert!(has_open(pid_b, &image), "agent b has the disk image open");
     assert!(!has_open(pid_a, &image), "agent a closed the disk image");
     // The guest on b receives what is sent on b's bridge.
     let before = received(&console(&f, "b", "s1"));
     assert!(before >= 5, "the console history came along");
     let netns_b = lab.host("b").unwrap().netns.clone();
-    send_broadcasts(&netns_b, "vmbr0", 3);
+    send_broadcasts(&netns_b, "vmbr0", 5, 3);
     wait_for("3 more frames at the guest on b", 10, || {
         (received(&console(&f, "b", "s1")) >= before + 3).then_some(())
     });
     let info = f.json("b", &["vm", "inspect", "s1"]);
     assert_eq!(info["state"], "running");
     assert_eq!(info["nics"][0]["bad_chains"], 0, "{info}");
-    let o = f.cli("b", &["vm", "destroy", "s1"]);
+    // A burst the guest takes seconds to consume: what is still queued in the device at the
+    // pause travels with its state and is delivered on the destination; every frame exactly
+    // once.
+    let before = received(&console(&f, "b", "s1"));
+    send_broadcasts(&netns_b, "vmbr0", 8, 40);
+    wait_for("frames queued on b", 10, || {
+        let i = f.json("b", &["vm", "inspect", "s1"]);
+        (i["nics"][0]["rx_queued"].as_u64()? > 10).then_some(())
+    });
+    let rec = f.migrate("b", "s1", "a", &["--verify"]);
+    assert_eq!(rec["phase"], "completed", "{rec}");
+    let carried = rec["summary"]["devices"]["rx_frames_carried"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!("frames carried b -> a: {carried}");
+    assert!(
+        carried > 0,
+        "frames queued at the pause were carried: {rec}"
+    );
+    let (master, _) = link(&lab, "a", &tap).expect("the tap is back on host a");
+    assert_eq!(master, "vmbr0");
+    wait_for("b's tap to go", 10, || {
+        link(&lab, "b", &tap).is_none().then_some(())
+    });
+    wait_for("all 40 frames at the guest", 30, || {
+        (received(&console(&f, "a", "s1")) >= before + 40).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let want: Vec<u8> = (0..48).map(seq_char).collect();
+    assert_eq!(
+        String::from_utf8_lossy(&received_seq(&console(&f, "a", "s1"))),
+        String::from_utf8_lossy(&want),
+        "every frame delivered exactly once, in order, across two migrations"
+    );
+    let i = f.json("a", &["vm", "inspect", "s1"]);
+    assert_eq!(i["nics"][0]["rx_dropped"], 0, "{i}");
+    let o = f.cli("a", &["vm", "destroy", "s1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    wait_for("b's tap to go", 10, || link(&lab, "b", &tap).is_none().then_some(()));
+    wait_for("a's tap to go", 10, || {
+        link(&lab, "a", &tap).is_none().then_some(())
+    });
     lab.down().expect("lab down");
 }

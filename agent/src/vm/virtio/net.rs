@@ -51,6 +51,9 @@ pub struct NetCounters {
     pub rx_frames: AtomicU64,
     pub rx_dropped: AtomicU64,
     pub rx_truncated: AtomicU64,
+    /// Frames this device's tap queued before a migrated state replaced them (copies of what
+    /// the source also received).
+    pub rx_replaced: AtomicU64,
     pub tx_frames: AtomicU64,
     pub tx_dropped: AtomicU64,
     pub bad_chains: AtomicU64,
@@ -63,6 +66,8 @@ pub struct NetStats {
     pub rx_frames: u64,
     pub rx_dropped: u64,
     pub rx_queued: u64,
+    #[serde(default)]
+    pub rx_replaced: u64,
     pub tx_frames: u64,
     pub tx_dropped: u64,
     pub bad_chains: u64,
@@ -360,7 +365,9 @@ impl NetDevice {
         g.t.restore(&st.transport).map_err(VirtioError::Mismatch)?;
         let local = g.rx.len() as u64;
         if local > 0 {
-            self.counters.rx_dropped.fetch_add(local, Ordering::Relaxed);
+            self.counters
+                .rx_replaced
+                .fetch_add(local, Ordering::Relaxed);
         }
         g.rx = st.rx_frames.iter().cloned().collect();
         Ok(())
@@ -373,6 +380,7 @@ impl NetDevice {
             rx_frames: l(&self.counters.rx_frames),
             rx_dropped: l(&self.counters.rx_dropped),
             rx_queued: self.inner.lock().map_or(0, |g| g.rx.len() as u64),
+            rx_replaced: l(&self.counters.rx_replaced),
             tx_frames: l(&self.counters.tx_frames),
             tx_dropped: l(&self.counters.tx_dropped),
             bad_chains: l(&self.counters.bad_chains),
@@ -544,9 +552,10 @@ mod tests {
             Arc::new(Waker::default()),
         )
         .unwrap();
-        dev2.receive([vec![0xcc; 10]]); // flooded copy queued on the destination: dropped
+        dev2.receive([vec![0xcc; 10]]); // flooded copy queued on the destination: replaced
         dev2.restore(&st).unwrap();
         assert_eq!(dev2.state(), st);
+        assert_eq!((dev2.stats().rx_replaced, dev2.stats().rx_dropped), (1, 0));
         let before = mem2.snapshot();
         dev2.start_delivery();
         let used = rx.take_used(&mem2);
