@@ -19,6 +19,8 @@ const DESC: u64 = 0x0100_0000;
 const AVAIL: u64 = 0x0100_1000;
 const USED: u64 = 0x0100_2000;
 const BUFS: u64 = 0x0101_0000;
+/// Transmit queue: descriptors, avail at +0x1000, used at +0x2000, the frame at +0x3000.
+const TX: u64 = 0x0100_4000;
 
 /// The probe guest (entered at 0x400000 with rdi = BootInfo).
 fn probe_program() -> Vec<u8> {
@@ -76,6 +78,33 @@ fn probe_program() -> Vec<u8> {
     ] {
         a.mov(dword_ptr(r15 + off), v).unwrap();
     }
+    // Transmit queue 1: 8 entries, one descriptor (the echo frame) posted again and again.
+    for (off, v) in [
+        (0x30, 1u32),
+        (0x38, 8),
+        (0x80, TX as u32),
+        (0x84, 0),
+        (0x90, (TX + 0x1000) as u32),
+        (0x94, 0),
+        (0xa0, (TX + 0x2000) as u32),
+        (0xa4, 0),
+        (0x44, 1),
+        (0x30, 0),
+    ] {
+        a.mov(dword_ptr(r15 + off), v).unwrap();
+    }
+    a.mov(rbp, TX).unwrap();
+    a.mov(rax, TX + 0x3000).unwrap();
+    a.mov(qword_ptr(rbp), rax).unwrap();
+    a.mov(dword_ptr(rbp + 8), 12 + 60).unwrap();
+    // The echo: broadcast, from the guest's MAC (BootInfo + 44), ethertype 0x88b6.
+    a.mov(dword_ptr(rbp + 0x3000 + 12), 0xffff_ffffu32).unwrap();
+    a.mov(word_ptr(rbp + 0x3000 + 16), 0xffffu32).unwrap();
+    a.mov(eax, dword_ptr(rdi + 44)).unwrap();
+    a.mov(dword_ptr(rbp + 0x3000 + 18), eax).unwrap();
+    a.mov(ax, word_ptr(rdi + 48)).unwrap();
+    a.mov(word_ptr(rbp + 0x3000 + 22), ax).unwrap();
+    a.mov(word_ptr(rbp + 0x3000 + 24), 0xb688u32).unwrap();
     a.mov(r12, DESC).unwrap();
     a.mov(r13, AVAIL).unwrap();
     a.mov(r11, USED).unwrap();
@@ -136,6 +165,15 @@ fn probe_program() -> Vec<u8> {
     a.out(dx, al).unwrap();
     a.mov(al, 10u32).unwrap();
     a.out(dx, al).unwrap();
+    // Echo it: the sequence byte into the frame, the descriptor into the TX avail ring, notify.
+    a.mov(byte_ptr(rbp + 0x3000 + 26), r12b).unwrap();
+    a.movzx(r8d, word_ptr(rbp + 0x1000 + 2)).unwrap();
+    a.mov(r9d, r8d).unwrap();
+    a.and(r9d, 7).unwrap();
+    a.mov(word_ptr(rbp + r9 * 2 + 0x1000 + 4), 0).unwrap();
+    a.inc(r8d).unwrap();
+    a.mov(word_ptr(rbp + 0x1000 + 2), r8w).unwrap();
+    a.mov(dword_ptr(r15 + 0x50), 1).unwrap();
     // Take ~100 ms per frame (a spin: a yield would end early at the next delivery), so a
     // burst keeps frames queued in the device for seconds.
     let mut spin = a.create_label();
@@ -356,6 +394,63 @@ fn send_broadcasts(netns: &str, iface: &'static str, first: usize, n: usize) {
     });
 }
 
+/// A packet socket in namespace `netns` receiving frames of `ethertype` on `iface`.
+fn listen(netns: &str, iface: &'static str, ethertype: u16) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    in_netns(netns, move || {
+        let proto = ethertype.to_be();
+        // SAFETY: plain socket(2); checked below and owned by the returned OwnedFd.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let name = std::ffi::CString::new(iface).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(index > 0, "no interface {iface}");
+        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = index as i32;
+        // SAFETY: bind(2) with a sockaddr_ll of the right size.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&sa as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor we own.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+    })
+}
+
+/// Frames waiting on a packet socket: (source MAC, sequence byte), without blocking.
+fn drain_frames(fd: &std::os::fd::OwnedFd) -> Vec<([u8; 6], u8)> {
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        // SAFETY: recv(2) into a buffer we own, non-blocking.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 15 {
+            return out;
+        }
+        out.push((buf[6..12].try_into().unwrap(), buf[14]));
+    }
+}
+
 fn console(f: &LabFerry<'_>, host: &str, vm: &str) -> String {
     let o = f.cli(host, &["vm", "console", vm]);
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -455,6 +550,10 @@ fn service_vm_nic_and_disk_in_the_lab_and_across_a_migration() {
         assert!(!c.contains("BAD"), "probe guest failed: {c}");
         c.contains("NET UP").then_some(())
     });
+    // The guest echoes every test frame (ethertype 0x88b6, from its MAC): all of them pass the
+    // switch, whichever host the guest is on.
+    let echoes = listen(lab.switch_netns(), xtask::lab::SWITCH_BRIDGE, 0x88b6);
+    let mut echoed = Vec::new();
     let netns_a = lab.host("a").unwrap().netns.clone();
     send_broadcasts(&netns_a, "vmbr0", 0, 5);
     wait_for("5 frames at the guest on a", 10, || {
@@ -527,6 +626,24 @@ fn service_vm_nic_and_disk_in_the_lab_and_across_a_migration() {
     );
     let i = f.json("a", &["vm", "inspect", "s1"]);
     assert_eq!(i["nics"][0]["rx_dropped"], 0, "{i}");
+    // Every frame was echoed once, in order, from the guest's MAC, by whichever copy ran.
+    wait_for("48 echoes at the switch", 10, || {
+        echoed.extend(drain_frames(&echoes));
+        (echoed.len() >= 48).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    echoed.extend(drain_frames(&echoes));
+    assert!(echoed
+        .iter()
+        .all(|(mac, _)| *mac == [0x52, 0x54, 0, 0x0a, 0x0b, 0x0c]));
+    let seqs: Vec<u8> = echoed.iter().map(|e| e.1).collect();
+    assert_eq!(
+        String::from_utf8_lossy(&seqs),
+        String::from_utf8_lossy(&want),
+        "each frame echoed (virtio-net TX through the tap) exactly once"
+    );
+    let tx_a = i["nics"][0]["tx_frames"].as_u64().unwrap_or(0);
+    assert!(tx_a >= carried, "the carried frames were echoed on a: {i}");
     let o = f.cli("a", &["vm", "destroy", "s1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_for("a's tap to go", 10, || {
