@@ -886,3 +886,68 @@ fn blk_journal_survives_migrations() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     lab.down().expect("lab down");
 }
+
+fn vm_console(vm: &Vm) -> String {
+    let c = vm.devices().console.lock().unwrap();
+    String::from_utf8_lossy(&c.read_from(0, 1 << 20).1).into_owned()
+}
+
+/// `vm save` / `vm restore` carry the block device's state: a journaling guest saved mid-run
+/// and restored from the files goes on at the next record, and the image holds every record.
+#[test]
+fn blk_state_survives_save_and_restore() {
+    let Some(hv) = hypervisor("blk_state_survives_save_and_restore") else {
+        return;
+    };
+    let dir = TempDir::new("save");
+    let program = dir.0.join("journal.bin");
+    std::fs::write(&program, journal_program()).unwrap();
+    let disk = dir.0.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let env = DeviceEnv {
+        bridges: vec![],
+        disks: vec![Some(disk.clone())],
+    };
+    let vm = Vm::create_in(&hv, service_spec("jsave", &program, false), &env).unwrap();
+    vm.start().unwrap();
+    let marks = |vm: &Vm| {
+        let c = vm_console(vm);
+        assert!(!c.contains("BAD"), "a block request failed: {c}");
+        journal_marks(&c)
+    };
+    wait_for("the journal to advance", 20, || {
+        (marks(&vm).last().copied().unwrap_or(0) >= 64).then_some(())
+    });
+    vm.pause().unwrap();
+    let at_save = marks(&vm).last().copied().unwrap();
+    let save_dir = dir.0.join("saved");
+    ferry::vm::snapshot::save(&vm, &save_dir).unwrap();
+    let (_, state) = ferry::vm::snapshot::read(&save_dir).unwrap();
+    let q = state.devices.virtio.blk[0].transport.queues[0];
+    assert!(q.ready && u32::from(q.next_used) >= 2 * at_save, "{q:?}");
+    vm.stop();
+    drop(vm);
+    let vm = ferry::vm::snapshot::restore(&hv, &save_dir, None, &env).unwrap();
+    vm.resume().unwrap();
+    wait_for("the journal to go on after the restore", 20, || {
+        (marks(&vm).last().copied().unwrap_or(0) >= at_save + 64).then_some(())
+    });
+    vm.pause().unwrap();
+    let m = marks(&vm);
+    for w in m.windows(2) {
+        assert_eq!(w[1], w[0] + 16, "journal marks jump: {m:?}");
+    }
+    let durable = *m.last().unwrap() as usize;
+    let image = std::fs::read(&disk).unwrap();
+    for n in 0..durable {
+        assert_eq!(
+            u64::from_le_bytes(image[n * 512..n * 512 + 8].try_into().unwrap()),
+            n as u64,
+            "sector {n}"
+        );
+    }
+    vm.stop();
+}
