@@ -951,3 +951,103 @@ fn blk_state_survives_save_and_restore() {
     }
     vm.stop();
 }
+
+/// The destination agent is killed during the switchover (before the commit) and then at the
+/// commit, while the guest journals through its disk: each time the guest resumes on the
+/// source, its tap still on a's bridge and b's gone, and the journal goes on without a gap or a
+/// repeat; every durable record is in the image.
+#[test]
+fn blk_journal_survives_a_destination_killed_at_switchover_and_commit() {
+    if !require(
+        "blk_journal_survives_a_destination_killed_at_switchover_and_commit",
+        &[Need::Root, Need::Kvm, Need::Netns],
+    ) {
+        return;
+    }
+    let mut lab = Lab::up(LabOptions::for_test("vfault").with_ferry_bin(ferry_tests::ferry_bin()))
+        .expect("lab up");
+    let program = lab.root().join("journal.bin");
+    std::fs::write(&program, journal_program()).unwrap();
+    {
+        let f = LabFerry { lab: &lab };
+        f.json(
+            "a",
+            &[
+                "vm",
+                "create",
+                "j2",
+                "--kind",
+                "service",
+                "--memory",
+                "128M",
+                "--ip",
+                "198.18.2.12/24",
+                "--nic",
+                "vm-net",
+                "--disk",
+                "[shared] j2/disk.img:16M",
+                "--program",
+                program.to_str().unwrap(),
+                "--start",
+            ],
+        );
+    }
+    let tap = LabFerry { lab: &lab }.json("a", &["vm", "inspect", "j2"])["nics"][0]["tap"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for point in ["dest:before-prepared", "dest:commit"] {
+        let f = LabFerry { lab: &lab };
+        let marks = || {
+            let c = console(&f, "a", "j2");
+            assert!(!c.contains("BAD"), "a block request failed: {c}");
+            journal_marks(&c)
+        };
+        let seen = marks().last().copied().unwrap_or(0);
+        wait_for("the journal to advance", 20, || {
+            (marks().last().copied().unwrap_or(0) >= seen + 64).then_some(())
+        });
+        let c = ferry::control::client::Client::new(&lab.host("b").unwrap().socket);
+        let _: serde_json::Value = c
+            .post(
+                "/v1/debug/faults",
+                &serde_json::json!({"point": point, "action": "kill"}),
+            )
+            .unwrap_or_else(|e| panic!("arm {point}: {e}"));
+        let rec = f.migrate("a", "j2", "b", &[]);
+        assert_eq!(rec["phase"], "failed", "{rec}");
+        assert_eq!(rec["guest_on"], "source", "{rec}");
+        let (master, _) = link(&lab, "a", &tap).expect("a's tap is still there");
+        assert_eq!(master, "vmbr0");
+        assert!(
+            link(&lab, "b", &tap).is_none(),
+            "b's tap went with its agent"
+        );
+        let at = marks().last().copied().unwrap_or(0);
+        wait_for("the journal to go on at the source", 20, || {
+            (marks().last().copied().unwrap_or(0) >= at + 64).then_some(())
+        });
+        eprintln!("{point}: guest resumed on a, journal at {at}");
+        lab.stop_agent("b").unwrap();
+        lab.start_agent("b").unwrap();
+    }
+    let f = LabFerry { lab: &lab };
+    f.json("a", &["vm", "pause", "j2"]);
+    let m = journal_marks(&console(&f, "a", "j2"));
+    for w in m.windows(2) {
+        assert_eq!(w[1], w[0] + 16, "journal marks jump: {m:?}");
+    }
+    let durable = *m.last().unwrap() as usize;
+    let image = std::fs::read(lab.shared_datastore().join("j2/disk.img")).unwrap();
+    for n in 0..durable {
+        let s = &image[n * 512..n * 512 + 512];
+        assert_eq!(
+            u64::from_le_bytes(s[..8].try_into().unwrap()),
+            n as u64,
+            "sector {n}"
+        );
+    }
+    let o = f.cli("a", &["vm", "destroy", "j2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    lab.down().expect("lab down");
+}
