@@ -98,6 +98,7 @@ fn vm_status(e: &VmError) -> u16 {
         | VmError::MemoryTooLarge(_)
         | VmError::Raw(_)
         | VmError::Workload(_)
+        | VmError::Service(_)
         | VmError::Mismatch(_) => 400,
         VmError::State(..) => 409,
         _ => 500,

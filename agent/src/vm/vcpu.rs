@@ -234,6 +234,20 @@ impl VcpuShared {
     /// Hand a request to the parked vCPU thread (does not wait).
     fn submit(&self, req: Request) -> Result<(), VcpuError> {
         let mut g = self.ctl.lock().map_err(|_| VcpuError::Gone(self.id))?;
+        // A thread that was just spawned (or just told to pause) is on its way to park: give it
+        // a moment rather than refusing (a restore right after creating the VM raced here).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !g.parked && !g.exited && self.want.load(Ordering::SeqCst) != WANT_RUN {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, deadline - now)
+                .map_err(|_| VcpuError::Gone(self.id))?
+                .0;
+        }
         if g.exited {
             return Err(VcpuError::Gone(self.id));
         }
