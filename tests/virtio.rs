@@ -388,11 +388,12 @@ fn service_spec(name: &str, program: &Path, nic: bool) -> VmSpec {
     }
 }
 
-/// A virtio-blk read writes data, status byte and used ring into real guest memory: all three
-/// pages are in the next `take_dirty`, though KVM's dirty log never saw them written.
+/// A virtio-blk read writes data, status byte and used ring into real guest memory, a
+/// virtio-net receive a frame and its used ring: all those pages are in the next `take_dirty`,
+/// though KVM's dirty log never saw them written.
 #[test]
-fn blk_device_writes_are_dirty_in_kvm_guest_memory() {
-    let Some(hv) = hypervisor("blk_device_writes_are_dirty_in_kvm_guest_memory") else {
+fn device_writes_are_dirty_in_kvm_guest_memory() {
+    let Some(hv) = hypervisor("device_writes_are_dirty_in_kvm_guest_memory") else {
         return;
     };
     let dir = TempDir::new("blk");
@@ -403,10 +404,10 @@ fn blk_device_writes_are_dirty_in_kvm_guest_memory() {
     img[512..1024].fill(0x5a);
     std::fs::write(&disk, &img).unwrap();
     let env = DeviceEnv {
-        bridges: vec![],
+        bridges: vec![None],
         disks: vec![Some(disk.clone())],
     };
-    let vm = Vm::create_in(&hv, service_spec("blkdirty", &program, false), &env).unwrap();
+    let vm = Vm::create_in(&hv, service_spec("devdirty", &program, true), &env).unwrap();
     let mem = vm.memory().clone();
     let dev = vm.devices().clone();
     let blk = MMIO_BASE + MMIO_STRIDE;
@@ -491,6 +492,56 @@ fn blk_device_writes_are_dirty_in_kvm_guest_memory() {
     assert_eq!(q.io_drained, 0);
     let st = dev.virtio.state();
     assert_eq!(st.blk[0].transport.queues[0].next_used, 1);
+
+    // virtio-net: a received frame lands in a posted buffer; buffer and used ring are dirty.
+    let net = MMIO_BASE;
+    let wn = |off: u64, v: u32| dev.mmio_write(net + off, &v.to_le_bytes());
+    let (rdesc, ravail, rused, rbuf) = (
+        0x0190_0000u64,
+        0x0190_1000u64,
+        0x0190_2000u64,
+        0x0191_0000u64,
+    );
+    for (off, v) in [
+        (0x70, 0),
+        (0x70, 3),
+        (0x24, 1),
+        (0x20, 1),
+        (0x24, 0),
+        (0x20, 1 << 5),
+        (0x70, 0xb),
+        (0x30, 0),
+        (0x38, 4),
+        (0x80, rdesc as u32),
+        (0x90, ravail as u32),
+        (0xa0, rused as u32),
+        (0x44, 1),
+        (0x70, 0xf),
+    ] {
+        wn(off, v);
+    }
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&rbuf.to_le_bytes());
+    d[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    d[12..14].copy_from_slice(&2u16.to_le_bytes());
+    mem.write(rdesc, &d).unwrap();
+    mem.write(ravail + 4, &0u16.to_le_bytes()).unwrap();
+    mem.write(ravail + 2, &1u16.to_le_bytes()).unwrap();
+    let clean = mem.take_dirty().unwrap();
+    assert!(!clean.contains(rbuf) && !clean.contains(rused));
+    let nic = &dev.virtio.net[0];
+    nic.start_delivery();
+    nic.receive([vec![0x42u8; 100]]);
+    wait_for("the frame to be delivered", 10, || {
+        ((mem.read_u64(rused).ok()? >> 16) & 0xffff == 1).then_some(())
+    });
+    let mut got = vec![0u8; 100];
+    mem.read(rbuf + 12, &mut got).unwrap();
+    assert_eq!(got, vec![0x42; 100]);
+    let dirty = mem.take_dirty().unwrap();
+    for (p, what) in [(rbuf, "RX buffer"), (rused, "RX used ring")] {
+        assert!(dirty.contains(p), "{what} page {p:#x} is not dirty");
+    }
     vm.stop();
 }
 
