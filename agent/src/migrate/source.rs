@@ -955,8 +955,15 @@ fn eng_run(
             "injected fault at source:before-state".into(),
         ));
     }
-    let state = vm.capture_state()?;
     let quiesced = vm.last_quiesced();
+    if quiesced.io_stuck > 0 {
+        return Err(MigrateError::Other(format!(
+            "{} disk(s) still had requests in flight {} s after the pause; the guest stays here (check the datastore)",
+            quiesced.io_stuck,
+            crate::vm::virtio::blk::DRAIN_TIMEOUT.as_secs()
+        )));
+    }
+    let state = vm.capture_state()?;
     let devices = super::DeviceSummary {
         state_bytes: state.devices.virtio.size() as u64,
         io_drained: quiesced.io_drained,

@@ -325,13 +325,16 @@ impl BlkDevice {
     }
 
     /// The vCPUs stopped: complete every request the guest made available, then hold the
-    /// worker. Returns how many requests completed in the drain ("in-flight I/O drained").
-    pub fn drain(&self) -> u64 {
+    /// worker. Returns how many requests completed in the drain ("in-flight I/O drained"), and
+    /// whether requests were still in flight when [`DRAIN_TIMEOUT`] ran out (the state must
+    /// then not be moved: the request would be lost there and finished here).
+    pub fn drain(&self) -> (u64, bool) {
         let before = self.completed.load(Ordering::SeqCst);
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         let Ok(mut w) = self.worker.lock() else {
-            return 0;
+            return (0, true);
         };
+        let mut stuck = false;
         // Whatever is available now is in flight: let the worker run once more over it, even
         // if it was held (a drain of a never-started VM finds nothing).
         w.held = false;
@@ -340,17 +343,18 @@ impl BlkDevice {
         while w.kicked || w.busy {
             let now = Instant::now();
             if now >= deadline {
-                tracing::warn!(vm = %self.vm, disk = self.index, "block requests still in flight after {DRAIN_TIMEOUT:?}; capturing anyway");
+                tracing::warn!(vm = %self.vm, disk = self.index, "block requests still in flight after {DRAIN_TIMEOUT:?}; the guest's state must not move");
+                stuck = true;
                 break;
             }
             w = match self.cv.wait_timeout(w, deadline - now) {
                 Ok((g, _)) => g,
-                Err(_) => return 0,
+                Err(_) => return (0, true),
             };
         }
         w.held = true;
         drop(w);
-        self.completed.load(Ordering::SeqCst) - before
+        (self.completed.load(Ordering::SeqCst) - before, stuck)
     }
 
     /// The VM runs again: the worker may go on, and looks at the queue once (requests the
@@ -600,7 +604,7 @@ mod tests {
     fn drain_completes_in_flight_requests_and_holds_the_worker() {
         let mut r = rig(64);
         // Hold the worker (as a pause does), then post without it running.
-        assert_eq!(r.dev.drain(), 0);
+        assert_eq!(r.dev.drain(), (0, false));
         r.mem.guest_write(0x20000, &header(T_OUT, 1));
         r.mem.guest_write(0x30000, &[7u8; 512]);
         r.q.post(
@@ -618,7 +622,7 @@ mod tests {
             "a held worker must not run"
         );
         // The drain completes it, into the file.
-        assert_eq!(r.dev.drain(), 1);
+        assert_eq!(r.dev.drain(), (1, false));
         assert_eq!(r.q.take_used(&r.mem).len(), 1);
         assert_eq!(&std::fs::read(&r.path).unwrap()[512..1024], &[7u8; 512]);
         // State round trip on a second device over the same image.

@@ -156,6 +156,10 @@ pub struct Quiesced {
     pub io_drained: u64,
     /// Frames queued for the guest (they travel with the state).
     pub rx_queued: u64,
+    /// Disks whose requests did not complete within the drain timeout: the state must not
+    /// be moved to another host (a migration fails and the guest resumes here).
+    #[serde(default)]
+    pub io_stuck: u64,
 }
 
 /// Slot of NIC `i` and of disk `i`.
@@ -263,7 +267,9 @@ impl VirtioDevices {
             q.rx_queued += n.stop_delivery() as u64;
         }
         for b in &self.blk {
-            q.io_drained += b.drain();
+            let (drained, stuck) = b.drain();
+            q.io_drained += drained;
+            q.io_stuck += u64::from(stuck);
         }
         q
     }
