@@ -219,6 +219,8 @@ pub struct AgentArgs {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per run; the create arguments' size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum VmCommand {
     /// Create a VM (and start it with --start)
     Create(CreateArgs),
@@ -273,6 +275,8 @@ pub enum KindArg {
     Workload,
     /// A flat binary image
     Raw,
+    /// The Rust service guest: virtio NIC and disk, echo, counter stream, disk journal
+    Service,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -307,12 +311,25 @@ pub struct CreateArgs {
     /// Workload: content profile of its memory
     #[arg(long, value_enum, default_value = "mixed")]
     pub profile: ProfileArg,
-    /// Workload: MiB/s of memory re-written after the initial fill (0 = idle)
+    /// Workload, service: MiB/s of memory re-written after the initial fill (0 = idle)
     #[arg(long, default_value_t = 0, value_name = "MIB_PER_S")]
     pub dirty_rate: u64,
-    /// Workload: size of the re-written working set, e.g. 256M [default: all memory]
+    /// Workload, service: size of the re-written working set, e.g. 256M [workload default: all
+    /// memory; service default: none]
     #[arg(long, value_parser = parse_size_mib, value_name = "SIZE")]
     pub working_set: Option<u64>,
+    /// Service: the guest's IPv4 address and prefix, e.g. 198.18.2.10/24
+    #[arg(long, value_name = "ADDR/PREFIX")]
+    pub ip: Option<String>,
+    /// Service: default gateway
+    #[arg(long, value_name = "ADDR")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Service: journal records appended and flushed per second (0 = no journal)
+    #[arg(long, default_value_t = 0, value_name = "PER_S")]
+    pub journal_rate: u32,
+    /// Service: program image to run instead of the one built into the agent
+    #[arg(long, value_name = "FILE")]
+    pub program: Option<PathBuf>,
     /// Raw: the image file
     #[arg(long, value_name = "FILE")]
     pub image: Option<PathBuf>,
@@ -1303,8 +1320,58 @@ fn absolute(p: &std::path::Path) -> Result<PathBuf, Failure> {
     std::path::absolute(p).map_err(|e| fail(format!("{}: {e}", p.display())))
 }
 
+/// Parse "A.B.C.D/N".
+fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (ip, prefix) = s.split_once('/').ok_or_else(|| {
+        format!("--ip {s:?}: write the address with its prefix, e.g. 198.18.2.10/24")
+    })?;
+    let ip = ip
+        .parse()
+        .map_err(|_| format!("--ip {s:?}: {ip:?} is not an IPv4 address"))?;
+    let prefix = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| format!("--ip {s:?}: {prefix:?} is not a prefix length (0-32)"))?;
+    Ok((ip, prefix))
+}
+
 fn create_request(a: &CreateArgs) -> Result<CreateRequest, Failure> {
+    let usage = |m: &str| Failure {
+        code: 2,
+        message: m.to_string(),
+    };
+    if a.kind != KindArg::Service
+        && (a.ip.is_some() || a.gateway.is_some() || a.journal_rate != 0 || a.program.is_some())
+    {
+        return Err(usage(
+            "--ip, --gateway, --journal-rate and --program are for --kind service",
+        ));
+    }
     let kind = match a.kind {
+        KindArg::Service => {
+            if a.image.is_some() {
+                return Err(usage(
+                    "--image is for --kind raw (a service guest takes --program)",
+                ));
+            }
+            let ip = a.ip.as_deref().ok_or_else(|| {
+                usage("--kind service needs --ip ADDR/PREFIX, e.g. 198.18.2.10/24")
+            })?;
+            let (ip, prefix_len) = parse_cidr(ip).map_err(|m| usage(&m))?;
+            let u32_of = |v: u64, what: &str| {
+                u32::try_from(v).map_err(|_| usage(&format!("{what} {v} is too large")))
+            };
+            GuestKind::Service(crate::vm::ServiceParams {
+                ip,
+                prefix_len,
+                gateway: a.gateway,
+                journal_rate: a.journal_rate,
+                working_set_mib: u32_of(a.working_set.unwrap_or(0), "--working-set")?,
+                dirty_rate_mib: u32_of(a.dirty_rate, "--dirty-rate")?,
+                program: a.program.as_deref().map(absolute).transpose()?,
+            })
+        }
         KindArg::Workload => {
             if a.image.is_some() {
                 return Err(Failure {
@@ -1447,6 +1514,35 @@ fn human_info(i: &VmInfo) -> String {
                 p.mode
             );
         }
+        GuestKind::Service(p) => {
+            s += &format!(
+                "address:     {}/{}\njournal:     {} records/s\nworking set: {} MiB at {} MiB/s\n",
+                p.ip, p.prefix_len, p.journal_rate, p.working_set_mib, p.dirty_rate_mib
+            );
+        }
+    }
+    for n in &i.nics {
+        s += &format!(
+            "nic:         tap {} rx {} (dropped {}, queued {}) tx {} (dropped {})\n",
+            n.tap.as_deref().unwrap_or("-"),
+            n.rx_frames,
+            n.rx_dropped,
+            n.rx_queued,
+            n.tx_frames,
+            n.tx_dropped
+        );
+    }
+    for d in &i.disks {
+        s += &format!(
+            "disk:        {} reads {} writes {} flushes {} errors {}\n",
+            d.path
+                .as_ref()
+                .map_or("-".into(), |p| p.display().to_string()),
+            d.reads,
+            d.writes,
+            d.flushes,
+            d.errors
+        );
     }
     if let Some(f) = &i.fault {
         s += &format!("fault:       {f}\n");
@@ -1540,6 +1636,66 @@ mod tests {
         assert_eq!(parse_entry("0000:7c00"), Ok((0, 0x7c00)));
         assert!(parse_entry("7c00").is_err());
         assert_eq!(parse_u64("0x400000"), Ok(0x400000));
+    }
+
+    #[test]
+    fn service_create_arguments() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["ferry", "vm", "create", "s1", "--kind", "service"];
+            v.extend_from_slice(args);
+            let cli = Cli::try_parse_from(v).unwrap();
+            let Command::Vm(VmCommand::Create(a)) = cli.command else {
+                panic!()
+            };
+            create_request(&a)
+        };
+        let r = parse(&[
+            "--ip",
+            "198.18.2.10/24",
+            "--journal-rate",
+            "200",
+            "--working-set",
+            "64M",
+            "--dirty-rate",
+            "16",
+        ])
+        .unwrap();
+        let GuestKind::Service(p) = r.kind else {
+            panic!("not a service kind")
+        };
+        assert_eq!(p.ip, std::net::Ipv4Addr::new(198, 18, 2, 10));
+        assert_eq!(
+            (
+                p.prefix_len,
+                p.journal_rate,
+                p.working_set_mib,
+                p.dirty_rate_mib
+            ),
+            (24, 200, 64, 16)
+        );
+        for (args, needle) in [
+            (&[][..], "needs --ip"),
+            (&["--ip", "198.18.2.10"][..], "prefix"),
+            (&["--ip", "198.18.2/24"][..], "not an IPv4"),
+            (&["--ip", "198.18.2.10/40"][..], "prefix length"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.code, 2);
+            assert!(
+                e.message.contains(needle),
+                "{:?} lacks {needle:?}",
+                e.message
+            );
+        }
+        let cli =
+            Cli::try_parse_from(["ferry", "vm", "create", "w", "--ip", "198.18.2.10/24"]).unwrap();
+        let Command::Vm(VmCommand::Create(a)) = cli.command else {
+            panic!()
+        };
+        assert!(create_request(&a)
+            .unwrap_err()
+            .message
+            .contains("--kind service"));
     }
 
     #[test]

@@ -101,6 +101,7 @@ fn vm_status(e: &VmError) -> u16 {
         | VmError::MemoryTooLarge(_)
         | VmError::Raw(_)
         | VmError::Workload(_)
+        | VmError::Service(_)
         | VmError::Mismatch(_) => 400,
         VmError::State(..) => 409,
         _ => 500,
@@ -308,6 +309,11 @@ pub struct VmInfo {
     /// Each disk and the guest (and host) that holds its lock.
     #[serde(default)]
     pub disk_locks: Vec<DiskLockInfo>,
+    /// virtio NICs (tap, frames in and out, drops) and disks (image, requests).
+    #[serde(default)]
+    pub nics: Vec<crate::vm::virtio::net::NetStats>,
+    #[serde(default)]
+    pub disks: Vec<crate::vm::virtio::blk::BlkStats>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -525,6 +531,31 @@ impl Agent {
         Ok(())
     }
 
+    /// Where a guest's virtio devices attach here: its port groups' bridges and its disks'
+    /// image files (kinds without virtio devices need none).
+    pub fn device_env(&self, spec: &VmSpec) -> Result<crate::vm::DeviceEnv, AgentError> {
+        if !spec.kind.has_virtio() {
+            return Ok(crate::vm::DeviceEnv::default());
+        }
+        self.check_devices(spec)?;
+        let bridges = spec
+            .nics
+            .iter()
+            .map(|n| self.config.port_groups.get(&n.port_group).cloned())
+            .collect();
+        let disks = spec
+            .disks
+            .iter()
+            .map(|d| {
+                self.datastores
+                    .resolve(&d.path)
+                    .map(Some)
+                    .map_err(|e| AgentError::Invalid(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(crate::vm::DeviceEnv { bridges, disks })
+    }
+
     /// Announce every NIC of a guest that just started or resumed here.
     pub fn announce(&self, spec: &VmSpec) -> Vec<Announcement> {
         let cancel = match self.entry(&spec.name) {
@@ -650,7 +681,8 @@ impl Agent {
                 .map_err(|e| AgentError::Invalid(e.to_string()))?;
         }
         let _r = self.reserve(spec.memory_mib)?;
-        let vm = Vm::create(&self.hv, spec)?;
+        let env = self.device_env(&spec)?;
+        let vm = Vm::create_in(&self.hv, spec, &env)?;
         self.adopt(&vm.spec.name)?;
         if start {
             self.lock_disks(&vm.spec, &self.config.agent.name)?;
@@ -707,8 +739,9 @@ impl Agent {
                     }),
                 )
             }
-            GuestKind::Raw(_) => (vec![], None),
+            GuestKind::Raw(_) | GuestKind::Service(_) => (vec![], None),
         };
+        let virtio = &vm.devices().virtio;
         VmInfo {
             name: e.name.clone(),
             state: vm.status(),
@@ -726,6 +759,8 @@ impl Agent {
             heartbeats,
             dirty_rate,
             disk_locks: self.disk_locks(&vm.spec),
+            nics: virtio.net.iter().map(|n| n.stats()).collect(),
+            disks: virtio.blk.iter().map(|b| b.stats()).collect(),
         }
     }
 
@@ -836,8 +871,10 @@ impl Agent {
                 vm.stop();
                 drop(vm);
                 let hv = self.hv.clone();
+                let env = self.device_env(&spec)?;
                 let fresh =
-                    blocking(move || Vm::create(&hv, spec).map_err(AgentError::from)).await?;
+                    blocking(move || Vm::create_in(&hv, spec, &env).map_err(AgentError::from))
+                        .await?;
                 fresh.start()?;
                 self.announce(&fresh.spec);
                 e.replace(fresh);
@@ -1064,9 +1101,11 @@ impl Agent {
         self.check_new_name(&name)?;
         let _r = self.reserve(manifest.spec.memory_mib)?;
         let hv = self.hv.clone();
-        let vm =
-            blocking(move || snapshot::restore(&hv, &dir, Some(&name)).map_err(AgentError::from))
-                .await?;
+        let env = self.device_env(&manifest.spec)?;
+        let vm = blocking(move || {
+            snapshot::restore(&hv, &dir, Some(&name), &env).map_err(AgentError::from)
+        })
+        .await?;
         self.adopt(&vm.spec.name)?;
         self.lock_disks(&vm.spec, &self.config.agent.name)?;
         if !paused {
@@ -1668,7 +1707,9 @@ impl Host for Agent {
         let source = handle.record().peer;
         let source = source.split_once(" (").map_or(source.as_str(), |(n, _)| n);
         self.lock_disks(spec, source).map_err(|e| e.to_string())?;
-        let vm = Vm::create_empty(&self.hv, spec.clone(), regions).map_err(|e| e.to_string())?;
+        let env = self.device_env(spec).map_err(|e| e.to_string())?;
+        let vm = Vm::create_empty_in(&self.hv, spec.clone(), regions, &env)
+            .map_err(|e| e.to_string())?;
         let e = self.insert(vm).map_err(|e| e.to_string())?;
         e.set_migration(Some(format!("in {}", handle.id)));
         if let (Ok(g), Ok(mut m)) = (e.op.clone().try_lock_owned(), self.incoming_ops.lock()) {

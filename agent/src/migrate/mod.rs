@@ -271,6 +271,20 @@ pub struct Summary {
     pub link: Option<crate::netpin::LinkUtilization>,
     /// MAC announcements made by the destination after the guest resumed there.
     pub announcements: Vec<crate::announce::Announcement>,
+    /// virtio devices at the switchover (source side).
+    #[serde(default)]
+    pub devices: DeviceSummary,
+}
+
+/// What the switchover did with the guest's virtio devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSummary {
+    /// Bytes of virtio device state in the VM state (queues, negotiated features, queued frames).
+    pub state_bytes: u64,
+    /// Block requests in flight at the pause, completed to the image before the capture.
+    pub io_drained: u64,
+    /// Frames queued for the guest at the pause, carried to the destination.
+    pub rx_frames_carried: u64,
 }
 
 /// Where the guest runs once a migration has ended.

@@ -955,7 +955,26 @@ fn eng_run(
             "injected fault at source:before-state".into(),
         ));
     }
+    let quiesced = vm.last_quiesced();
+    if quiesced.io_stuck > 0 {
+        return Err(MigrateError::Other(format!(
+            "{} disk(s) still had requests in flight {} s after the pause; the guest stays here (check the datastore)",
+            quiesced.io_stuck,
+            crate::vm::virtio::blk::DRAIN_TIMEOUT.as_secs()
+        )));
+    }
     let state = vm.capture_state()?;
+    let devices = super::DeviceSummary {
+        state_bytes: state.devices.virtio.size() as u64,
+        io_drained: quiesced.io_drained,
+        rx_frames_carried: state
+            .devices
+            .virtio
+            .net
+            .iter()
+            .map(|n| n.rx_frames.len() as u64)
+            .sum(),
+    };
     let mut blob = state.encode()?;
     if let Some(k) = &eng.data_key {
         // The vCPU state (registers may hold secrets) is sealed like the pages, on the control
@@ -1062,7 +1081,15 @@ fn eng_run(
             .as_ref()
             .and_then(|l| l.migration_tx_between(copy_started, t_pages)),
         announcements: Vec::new(),
+        devices,
     };
+    tracing::info!(
+        vm = %vm.spec.name,
+        device_state_bytes = devices.state_bytes,
+        io_drained = devices.io_drained,
+        rx_frames_carried = devices.rx_frames_carried,
+        "switchover: device state captured"
+    );
     Ok((
         summary,
         SwitchoverMark {

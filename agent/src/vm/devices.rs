@@ -1,13 +1,15 @@
 //! Emulated devices and exit accounting: a 16550-style UART at 0x3f8 whose output is the VM's
 //! console, the workload guest's yield port, and counters for everything else. Unknown ports
-//! read as all ones and ignore writes (what an empty ISA bus does); they are counted, and the first
+//! read as all ones and ignore writes, as does MMIO outside the virtio windows (`virtio/`) (what an empty ISA bus does); they are counted, and the first
 //! access to each is logged once.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+
+use super::virtio::{VirtioDevices, VirtioError, VirtioState, Waker};
 
 pub const COM1_BASE: u16 = 0x3f8;
 /// How many bytes of console output the agent keeps per VM.
@@ -143,6 +145,25 @@ pub struct DeviceState {
     pub serial: SerialRegs,
     /// The last bytes of console output, so the console's history follows the guest.
     pub console_tail: Vec<u8>,
+    /// virtio-mmio devices (state version 3 on).
+    pub virtio: VirtioState,
+}
+
+/// Version 2 of [`DeviceState`] (no virtio devices), still read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStateV2 {
+    pub serial: SerialRegs,
+    pub console_tail: Vec<u8>,
+}
+
+impl From<DeviceStateV2> for DeviceState {
+    fn from(v: DeviceStateV2) -> Self {
+        DeviceState {
+            serial: v.serial,
+            console_tail: v.console_tail,
+            virtio: VirtioState::default(),
+        }
+    }
 }
 
 /// What a port access asks of the vCPU thread.
@@ -162,6 +183,10 @@ pub struct Devices {
     pub counters: ExitCounters,
     /// Port the workload guest yields on (None for other kinds).
     pub yield_port: Option<u16>,
+    /// virtio-mmio devices (NICs and disks of a kind that drives them).
+    pub virtio: VirtioDevices,
+    /// Wakes yielding vCPUs when a device has work for the guest.
+    pub waker: Arc<Waker>,
 }
 
 impl Devices {
@@ -172,6 +197,22 @@ impl Devices {
             console: Mutex::new(Console::default()),
             counters: ExitCounters::default(),
             yield_port,
+            virtio: VirtioDevices::default(),
+            waker: Arc::new(Waker::default()),
+        }
+    }
+
+    /// Devices with virtio NICs and disks (built by the caller with this `waker`).
+    pub fn with_virtio(
+        vm_name: &str,
+        yield_port: Option<u16>,
+        virtio: VirtioDevices,
+        waker: Arc<Waker>,
+    ) -> Self {
+        Devices {
+            virtio,
+            waker,
+            ..Self::new(vm_name, yield_port)
         }
     }
 
@@ -188,10 +229,12 @@ impl Devices {
         DeviceState {
             serial,
             console_tail,
+            virtio: self.virtio.state(),
         }
     }
 
-    pub fn restore(&self, st: &DeviceState) {
+    pub fn restore(&self, st: &DeviceState) -> Result<(), VirtioError> {
+        self.virtio.restore(&st.virtio)?;
         if let Ok(mut s) = self.serial.lock() {
             *s = st.serial;
         }
@@ -200,6 +243,7 @@ impl Devices {
                 c.push(b);
             }
         }
+        Ok(())
     }
 
     /// `out` to `port`.
@@ -236,14 +280,20 @@ impl Devices {
         data.fill(0xff);
     }
 
-    pub fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         self.counters.mmio_read.fetch_add(1, Ordering::Relaxed);
+        if self.virtio.mmio_read(addr, data) {
+            return;
+        }
         self.counters.unknown_mmio.fetch_add(1, Ordering::Relaxed);
         data.fill(0xff);
     }
 
-    pub fn mmio_write(&self, _addr: u64, _data: &[u8]) {
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         self.counters.mmio_write.fetch_add(1, Ordering::Relaxed);
+        if self.virtio.mmio_write(addr, data) {
+            return;
+        }
         self.counters.unknown_mmio.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -314,7 +364,7 @@ mod tests {
         assert_eq!(st.serial.dll, 0x0c);
         assert_eq!(st.serial.lcr, 0x03);
         let e = Devices::new("u", None);
-        e.restore(&st);
+        e.restore(&st).unwrap();
         assert_eq!(e.state(), st);
     }
 

@@ -5,10 +5,17 @@
 //!    └─ Vm ── GuestMemory (regions + dirty log)       memory.rs
 //!         ├── Vcpu threads (KVM_RUN, pause, state)     vcpu.rs
 //!         ├── Devices (serial console, yield port)     devices.rs
+//!         │     └ virtio-mmio net (tap) and blk (image) virtio/
 //!         └── VmState (versioned, serializable)        state.rs
 //!  guest kinds: workload (generated CPL3 program)      workload.rs
 //!               raw (flat image in real mode)          raw.rs
+//!               service (Rust program with virtio)     service.rs
 //! ```
+//!
+//! Only the `service` kind gets virtio devices for its NICs and disks (the other kinds have no
+//! drivers: their `--nic` is a MAC the agent announces, their `--disk` a file). Devices attach to
+//! host backends given as a [`virtio::DeviceEnv`] (port group bridges, image paths) that the agent
+//! resolves from its configuration.
 //!
 //! A [`Vm`] is always created with its vCPUs parked: [`Vm::start`] runs them. A guest is loaded
 //! by its kind's loader, which writes memory and returns how each vCPU begins ([`BootVcpu`]); a
@@ -18,9 +25,11 @@
 pub mod devices;
 pub mod memory;
 pub mod raw;
+pub mod service;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
+pub mod virtio;
 pub mod workload;
 pub mod x86;
 
@@ -42,6 +51,8 @@ use state::{VcpuState, VmState};
 use vcpu::{Fault, Vcpu, VcpuError, VmShared};
 
 pub use raw::{RawMode, RawParams};
+pub use service::ServiceParams;
+pub use virtio::DeviceEnv;
 pub use workload::{Profile, WorkloadParams};
 
 /// How long a pause may take before it is reported as stuck.
@@ -76,6 +87,10 @@ pub enum VmError {
     Workload(#[from] workload::WorkloadError),
     #[error(transparent)]
     Raw(#[from] raw::RawError),
+    #[error(transparent)]
+    Service(#[from] service::ServiceError),
+    #[error(transparent)]
+    Virtio(#[from] virtio::VirtioError),
     #[error("VM is {0}; {1}")]
     State(VmStatus, &'static str),
     #[error("the saved state does not fit this VM: {0}")]
@@ -92,6 +107,8 @@ pub enum GuestKind {
     Workload(WorkloadParams),
     /// A flat binary started in 16-bit real mode.
     Raw(RawParams),
+    /// The Rust service guest with a virtio NIC and disk (added last: older states still decode).
+    Service(ServiceParams),
 }
 
 impl GuestKind {
@@ -99,7 +116,13 @@ impl GuestKind {
         match self {
             GuestKind::Workload(_) => "workload",
             GuestKind::Raw(_) => "raw",
+            GuestKind::Service(_) => "service",
         }
+    }
+
+    /// Whether the guest's NICs and disks are virtio devices.
+    pub fn has_virtio(&self) -> bool {
+        matches!(self, GuestKind::Service(_))
     }
 }
 
@@ -200,6 +223,9 @@ impl VmSpec {
         self.cpu
             .hidden()
             .map_err(|e| VmError::Device(e.to_string()))?;
+        if let GuestKind::Service(p) = &self.kind {
+            p.validate(self)?;
+        }
         Ok(())
     }
 }
@@ -448,6 +474,8 @@ pub struct Vm {
     status: Mutex<VmStatus>,
     last_pause_ns: AtomicU64,
     last_resume_ns: AtomicU64,
+    /// What the last pause did to the devices.
+    last_quiesced: Mutex<virtio::Quiesced>,
     /// The CPUID the guest sees (vCPU 0), for migration checks.
     guest_cpuid: Mutex<Vec<CpuidEntry>>,
     /// The CPUID Ferry set on each vCPU. Captured state records these rather than what
@@ -470,6 +498,7 @@ impl Vm {
         hv: &Hypervisor,
         spec: VmSpec,
         regions: &[RegionLayout],
+        env: &DeviceEnv,
     ) -> Result<(Vm, Vec<kvm_ioctls::VcpuFd>), VmError> {
         spec.validate()?;
         let vm_fd = Arc::new(hv.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
@@ -486,8 +515,28 @@ impl Vm {
         )?);
         // Every kind may yield on the port (a raw long-user image sleeps with `out 0xf0, eax`).
         let yield_port = Some(workload::YIELD_PORT);
+        let devices = if spec.kind.has_virtio() {
+            let waker = Arc::new(virtio::Waker::default());
+            let macs: Vec<[u8; 6]> = spec
+                .nics
+                .iter()
+                .map(|n| parse_mac(&n.mac).unwrap_or([0x52, 0x54, 0, 0, 0, 0]))
+                .collect();
+            let mem: Arc<dyn virtio::DeviceMemory> = memory.clone();
+            let v = virtio::VirtioDevices::new(
+                &spec.name,
+                &macs,
+                spec.disks.len(),
+                env,
+                mem,
+                waker.clone(),
+            )?;
+            Devices::with_virtio(&spec.name, yield_port, v, waker)
+        } else {
+            Devices::new(&spec.name, yield_port)
+        };
         let shared = Arc::new(VmShared {
-            devices: Arc::new(Devices::new(&spec.name, yield_port)),
+            devices: Arc::new(devices),
             tsc_khz: hv.tsc_khz,
             throttle: std::sync::atomic::AtomicU8::new(0),
             fault: Mutex::new(None),
@@ -516,6 +565,7 @@ impl Vm {
                 status: Mutex::new(VmStatus::Created),
                 last_pause_ns: AtomicU64::new(0),
                 last_resume_ns: AtomicU64::new(0),
+                last_quiesced: Mutex::new(virtio::Quiesced::default()),
                 guest_cpuid: Mutex::new(guest_cpuid),
                 set_cpuids: Mutex::new(set_cpuids),
             },
@@ -535,16 +585,30 @@ impl Vm {
         }
         self.vcpus = threads.iter().map(|v| v.shared.clone()).collect();
         let _ = self.shared.vcpus.set(self.vcpus.clone());
+        let weak = Arc::downgrade(&self.shared);
+        self.shared.devices.waker.set(Box::new(move || {
+            if let Some(all) = weak.upgrade().as_ref().and_then(|s| s.vcpus.get()) {
+                for v in all {
+                    v.wake();
+                }
+            }
+        }));
         if let Ok(mut t) = self.threads.lock() {
             *t = threads;
         }
         Ok(())
     }
 
-    /// Create and load a VM from its spec; its vCPUs are parked until [`Vm::start`].
+    /// Create and load a VM from its spec; its vCPUs are parked until [`Vm::start`]. Its
+    /// devices have no host backends (see [`Vm::create_in`]).
     pub fn create(hv: &Hypervisor, spec: VmSpec) -> Result<Vm, VmError> {
+        Self::create_in(hv, spec, &DeviceEnv::default())
+    }
+
+    /// Create and load a VM whose devices attach to the backends of `env`.
+    pub fn create_in(hv: &Hypervisor, spec: VmSpec, env: &DeviceEnv) -> Result<Vm, VmError> {
         let regions = memory::standard_layout(spec.memory_mib << 20)?;
-        let (mut vm, fds) = Self::build(hv, spec, &regions)?;
+        let (mut vm, fds) = Self::build(hv, spec, &regions, env)?;
         let boots: Vec<BootVcpu> = match &vm.spec.kind {
             GuestKind::Workload(p) => workload::load(&vm.memory, vm.spec.vcpus, p, hv.tsc_khz)?
                 .into_iter()
@@ -556,6 +620,7 @@ impl Vm {
                 })
                 .collect(),
             GuestKind::Raw(p) => raw::load(&vm.memory, vm.spec.vcpus, p)?,
+            GuestKind::Service(p) => service::load(&vm.memory, &vm.spec, p, hv.tsc_khz)?,
         };
         for (fd, boot) in fds.iter().zip(&boots) {
             set_boot_state(fd, boot)?;
@@ -568,6 +633,15 @@ impl Vm {
     /// Create a VM of the state's shape with empty memory; fill the memory through
     /// [`Vm::memory`], then call [`Vm::restore_state`].
     pub fn create_for_restore(hv: &Hypervisor, state: &VmState) -> Result<Vm, VmError> {
+        Self::create_for_restore_in(hv, state, &DeviceEnv::default())
+    }
+
+    /// [`Vm::create_for_restore`] with device backends.
+    pub fn create_for_restore_in(
+        hv: &Hypervisor,
+        state: &VmState,
+        env: &DeviceEnv,
+    ) -> Result<Vm, VmError> {
         if state.vcpus.len() != state.spec.vcpus as usize {
             return Err(VmError::Mismatch(format!(
                 "{} vCPU states for {} vCPUs",
@@ -575,7 +649,7 @@ impl Vm {
                 state.spec.vcpus
             )));
         }
-        Self::create_empty(hv, state.spec.clone(), &state.regions)
+        Self::create_empty_in(hv, state.spec.clone(), &state.regions, env)
     }
 
     /// Create a VM of a given shape with empty memory and parked vCPUs (an incoming
@@ -585,6 +659,18 @@ impl Vm {
         spec: VmSpec,
         regions: &[RegionLayout],
     ) -> Result<Vm, VmError> {
+        Self::create_empty_in(hv, spec, regions, &DeviceEnv::default())
+    }
+
+    /// [`Vm::create_empty`] with device backends (an incoming migration's destination: its
+    /// taps are on the bridge and its images open before the switchover; nothing is delivered
+    /// to the guest until it runs).
+    pub fn create_empty_in(
+        hv: &Hypervisor,
+        spec: VmSpec,
+        regions: &[RegionLayout],
+        env: &DeviceEnv,
+    ) -> Result<Vm, VmError> {
         let total: u64 = regions.iter().map(|r| r.size).sum();
         if total != spec.memory_mib << 20 {
             return Err(VmError::Mismatch(format!(
@@ -592,7 +678,7 @@ impl Vm {
                 spec.memory_mib
             )));
         }
-        let (mut vm, fds) = Self::build(hv, spec, regions)?;
+        let (mut vm, fds) = Self::build(hv, spec, regions, env)?;
         vm.spawn(hv, fds)?;
         Ok(vm)
     }
@@ -630,7 +716,7 @@ impl Vm {
         if let Ok(mut s) = self.set_cpuids.lock() {
             *s = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
         }
-        self.shared.devices.restore(&state.devices);
+        self.shared.devices.restore(&state.devices)?;
         Ok(())
     }
 
@@ -701,6 +787,8 @@ impl Vm {
         }
         self.set_status(VmStatus::Running);
         let t = Instant::now();
+        // Devices first: frames queued while paused reach the guest's buffers as it resumes.
+        self.shared.devices.virtio.activate();
         for v in &self.vcpus {
             v.resume();
         }
@@ -731,6 +819,12 @@ impl Vm {
         for v in &self.vcpus {
             v.pause(PAUSE_TIMEOUT)?;
         }
+        // Devices stop writing guest memory: NICs stop delivering (and keep queueing), disks
+        // complete every in-flight request. Only then is the state complete.
+        let q = self.shared.devices.virtio.quiesce();
+        if let Ok(mut l) = self.last_quiesced.lock() {
+            *l = q;
+        }
         let took = t.elapsed();
         self.last_pause_ns
             .store(took.as_nanos() as u64, Ordering::Relaxed);
@@ -758,6 +852,8 @@ impl Vm {
         if let Ok(mut t) = self.threads.lock() {
             t.clear();
         }
+        // The device threads end and the taps go.
+        self.shared.devices.virtio.shutdown();
         if self.fault().is_none() {
             self.set_status(VmStatus::Stopped);
         }
@@ -775,6 +871,11 @@ impl Vm {
     /// How long the last pause took.
     pub fn last_pause(&self) -> Duration {
         Duration::from_nanos(self.last_pause_ns.load(Ordering::Relaxed))
+    }
+
+    /// What the last pause did to the devices (in-flight I/O drained, frames queued).
+    pub fn last_quiesced(&self) -> virtio::Quiesced {
+        self.last_quiesced.lock().map(|q| *q).unwrap_or_default()
     }
 
     /// How long the last start or resume took, until every vCPU thread ran guest code again.

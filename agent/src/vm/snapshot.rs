@@ -248,12 +248,17 @@ pub fn read(dir: &Path) -> Result<(Manifest, VmState), SnapshotError> {
 }
 
 /// Rebuild a VM from `dir`, paused; `rename` gives it another name.
-pub fn restore(hv: &Hypervisor, dir: &Path, rename: Option<&str>) -> Result<Vm, SnapshotError> {
+pub fn restore(
+    hv: &Hypervisor,
+    dir: &Path,
+    rename: Option<&str>,
+    env: &super::DeviceEnv,
+) -> Result<Vm, SnapshotError> {
     let (manifest, mut state) = read(dir)?;
     if let Some(n) = rename {
         state.spec.name = n.to_string();
     }
-    let vm = Vm::create_for_restore(hv, &state)?;
+    let vm = Vm::create_for_restore_in(hv, &state, env)?;
     for (i, r) in manifest.regions.iter().enumerate() {
         let path = dir.join(&r.file);
         load_region(vm.memory(), i, r, &path)?;

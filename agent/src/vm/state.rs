@@ -15,7 +15,8 @@
 //!
 //! KVM's own structures (`kvm_regs`, `kvm_sregs`, `kvm_xsave`, `kvm_lapic_state`, ...) travel as
 //! their kernel byte layout (kvm-bindings' serde support). The decoder accepts this version and
-//! the previous one; anything else is refused with a message naming both versions.
+//! the previous ones (1 and 2: no virtio devices); anything else is refused with a message naming
+//! the range.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
@@ -23,13 +24,14 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::devices::DeviceState;
+use super::devices::{DeviceState, DeviceStateV2};
 use super::memory::RegionLayout;
 use super::VmSpec;
 
 pub const STATE_MAGIC: [u8; 8] = *b"FERRYST\0";
-/// Current format version (2: the VM spec carries disks, NICs and a CPU policy).
-pub const STATE_VERSION: u32 = 2;
+/// Current format version (2: the VM spec carries disks, NICs and a CPU policy; 3: virtio
+/// device state).
+pub const STATE_VERSION: u32 = 3;
 /// Oldest version this build can read.
 pub const STATE_MIN_VERSION: u32 = 1;
 
@@ -195,11 +197,11 @@ impl VmState {
         if found != expected {
             return Err(StateError::Checksum { found, expected });
         }
-        if version == 1 {
-            let v1: VmStateV1 = postcard::from_bytes(body)?;
-            return Ok(v1.into());
+        match version {
+            1 => Ok(postcard::from_bytes::<VmStateV1>(body)?.into()),
+            2 => Ok(postcard::from_bytes::<VmStateV2>(body)?.into()),
+            _ => Ok(postcard::from_bytes(body)?),
         }
-        Ok(postcard::from_bytes(body)?)
     }
 }
 
@@ -220,7 +222,31 @@ struct VmStateV1 {
     vcpus: Vec<VcpuState>,
     irqchips: Vec<kvm_irqchip>,
     clock: Option<kvm_clock_data>,
-    devices: DeviceState,
+    devices: DeviceStateV2,
+}
+
+/// Version 2 of [`VmState`]: devices without virtio (still read).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmStateV2 {
+    spec: VmSpec,
+    regions: Vec<RegionLayout>,
+    vcpus: Vec<VcpuState>,
+    irqchips: Vec<kvm_irqchip>,
+    clock: Option<kvm_clock_data>,
+    devices: DeviceStateV2,
+}
+
+impl From<VmStateV2> for VmState {
+    fn from(v: VmStateV2) -> VmState {
+        VmState {
+            spec: v.spec,
+            regions: v.regions,
+            vcpus: v.vcpus,
+            irqchips: v.irqchips,
+            clock: v.clock,
+            devices: v.devices.into(),
+        }
+    }
 }
 
 impl From<VmStateV1> for VmState {
@@ -239,7 +265,7 @@ impl From<VmStateV1> for VmState {
             vcpus: v.vcpus,
             irqchips: v.irqchips,
             clock: v.clock,
-            devices: v.devices,
+            devices: v.devices.into(),
         }
     }
 }
@@ -322,7 +348,10 @@ mod tests {
             vcpus: s.vcpus.clone(),
             irqchips: vec![],
             clock: None,
-            devices: s.devices.clone(),
+            devices: DeviceStateV2 {
+                serial: s.devices.serial,
+                console_tail: s.devices.console_tail.clone(),
+            },
         };
         let body = postcard::to_allocvec(&v1).unwrap();
         let mut blob = Vec::new();
@@ -334,6 +363,44 @@ mod tests {
         let d = VmState::decode(&blob).unwrap();
         assert_eq!(d.spec, s.spec);
         assert_eq!(d.vcpus[0].regs.rax, 42);
+    }
+
+    #[test]
+    fn version_2_is_still_read_and_virtio_state_round_trips() {
+        let mut s = sample();
+        let v2 = VmStateV2 {
+            spec: s.spec.clone(),
+            regions: s.regions.clone(),
+            vcpus: s.vcpus.clone(),
+            irqchips: vec![],
+            clock: None,
+            devices: DeviceStateV2 {
+                serial: s.devices.serial,
+                console_tail: b"hello".to_vec(),
+            },
+        };
+        let body = postcard::to_allocvec(&v2).unwrap();
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&STATE_MAGIC);
+        blob.extend_from_slice(&2u32.to_le_bytes());
+        blob.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        blob.extend_from_slice(&body);
+        blob.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        let d = VmState::decode(&blob).unwrap();
+        assert_eq!(d.devices.console_tail, b"hello");
+        assert_eq!(d.devices.virtio, Default::default());
+        // Version 3 carries the devices' state.
+        s.devices.virtio.net.push(crate::vm::virtio::net::NetState {
+            mac: [0x52, 0x54, 0, 1, 2, 3],
+            rx_frames: vec![vec![1, 2, 3]],
+            ..Default::default()
+        });
+        s.devices.virtio.blk.push(crate::vm::virtio::blk::BlkState {
+            capacity_sectors: 2048,
+            ..Default::default()
+        });
+        let d = VmState::decode(&s.encode().unwrap()).unwrap();
+        assert_eq!(d.devices, s.devices);
     }
 
     #[test]

@@ -104,6 +104,9 @@ enum Response {
 struct Ctl {
     parked: bool,
     exited: bool,
+    /// A device completed work for the guest since it last yielded: the next (or current)
+    /// yield ends at once.
+    woken: bool,
     request: Option<Request>,
     response: Option<Response>,
 }
@@ -183,6 +186,15 @@ impl VcpuShared {
         self.set_want(WANT_RUN);
     }
 
+    /// End the vCPU's current yield early (a device has work for the guest), or the next one
+    /// if it is not yielding now.
+    pub fn wake(&self) {
+        if let Ok(mut g) = self.ctl.lock() {
+            g.woken = true;
+            self.cv.notify_all();
+        }
+    }
+
     /// Wait until the thread has left its parked state (it is back in `KVM_RUN`), up to
     /// `timeout`; false if it did not.
     pub fn wait_unparked(&self, timeout: Duration) -> bool {
@@ -222,6 +234,20 @@ impl VcpuShared {
     /// Hand a request to the parked vCPU thread (does not wait).
     fn submit(&self, req: Request) -> Result<(), VcpuError> {
         let mut g = self.ctl.lock().map_err(|_| VcpuError::Gone(self.id))?;
+        // A thread that was just spawned (or just told to pause) is on its way to park: give it
+        // a moment rather than refusing (a restore right after creating the VM raced here).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !g.parked && !g.exited && self.want.load(Ordering::SeqCst) != WANT_RUN {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, deadline - now)
+                .map_err(|_| VcpuError::Gone(self.id))?
+                .0;
+        }
         if g.exited {
             return Err(VcpuError::Gone(self.id));
         }
@@ -557,7 +583,7 @@ fn throttle_point(me: &VcpuShared, vm: &VmShared, ran_since: &mut Instant) {
     if ran_since.elapsed() < THROTTLE_PERIOD * (100 - pct) / 100 {
         return;
     }
-    sleep_interruptible(me, THROTTLE_PERIOD * pct / 100);
+    sleep_interruptible(me, THROTTLE_PERIOD * pct / 100, false);
     *ran_since = Instant::now();
 }
 
@@ -576,14 +602,20 @@ fn guest_yield(me: &VcpuShared, cycles: u32, tsc_khz: u32) {
     sleep_interruptible(
         me,
         Duration::from_micros(us.clamp(YIELD_QUANTUM_US, YIELD_MAX_US)),
+        true,
     );
 }
 
-/// Sleep up to `d` on the vCPU's condition variable; a pause or stop request ends it early.
-fn sleep_interruptible(me: &VcpuShared, d: Duration) {
+/// Sleep up to `d` on the vCPU's condition variable; a pause or stop request ends it early, and
+/// with `wakeable` so does a device's [`VcpuShared::wake`].
+fn sleep_interruptible(me: &VcpuShared, d: Duration, wakeable: bool) {
     let deadline = Instant::now() + d;
     let Ok(mut g) = me.ctl.lock() else { return };
     while me.want.load(Ordering::SeqCst) == WANT_RUN {
+        if wakeable && g.woken {
+            g.woken = false;
+            break;
+        }
         let now = Instant::now();
         if now >= deadline {
             break;

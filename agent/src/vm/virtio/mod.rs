@@ -1,0 +1,406 @@
+//! virtio devices over virtio-mmio (version 2, "modern"): a network card backed by a tap on the
+//! NIC's port group bridge and a block device backed by the disk image on its datastore.
+//!
+//! ```text
+//!  vCPU thread ── MMIO exit ──> Devices::mmio_* ──> VirtioDevices (by window)
+//!                                                    ├ NetDevice  mmio.rs + queue.rs + net.rs
+//!                                                    │   TX on QueueNotify (vCPU thread)
+//!                                                    │   RX thread: tap -> queued frames -> RX ring
+//!                                                    └ BlkDevice  mmio.rs + queue.rs + blk.rs
+//!                                                        worker thread: requests -> image file
+//! ```
+//!
+//! Windows: `ferry_guest_abi::MMIO_BASE + slot * MMIO_STRIDE`, slot 0 the first NIC, slot 1 the
+//! first disk (the service guest's ABI), further NICs and disks in the slots after (2, 3, ...,
+//! alternating). A Linux guest finds them with `virtio_mmio.device=4K@0xd0000000:IRQ`.
+//!
+//! Every byte a device writes into guest memory goes through [`DeviceMemory::write`], which for
+//! [`GuestMemory`] marks the pages in the agent's own dirty log: received frames, block read data,
+//! status bytes and used rings are dirty pages for migration like the guest's own writes.
+//!
+//! Interrupts: the guest here polls with interrupts off. The devices still keep the
+//! InterruptStatus register (bit 0: used buffer) and accept InterruptACK. On a host with an
+//! in-kernel irqchip a device would, after setting the bit, signal an irqfd registered for a GSI
+//! routed to the IOAPIC pin given on the guest's command line; that is not wired here because the
+//! CPL3 guest has no IDT (an injected interrupt would triple-fault it).
+//!
+//! Device state ([`VirtioState`]) is plain data in the VM's versioned state: negotiated features,
+//! queue addresses and indices, interrupt status, and frames queued for the guest.
+
+pub mod blk;
+pub mod mmio;
+pub mod net;
+pub mod queue;
+pub mod tap;
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use serde::{Deserialize, Serialize};
+
+use super::memory::{GuestMemory, MemoryError};
+
+pub use ferry_guest_abi::{MMIO_BASE, MMIO_STRIDE};
+
+/// Errors of the virtio devices.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    #[error("cannot open /dev/net/tun: {0}; run as root with the tun module loaded")]
+    TunOpen(#[source] std::io::Error),
+    #[error("cannot create tap {name}: {source}; is another VM using this name on this host?")]
+    TapCreate {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot attach tap {tap} to bridge {bridge}: {source}; check that [port_groups] names an existing bridge")]
+    Bridge {
+        tap: String,
+        bridge: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot configure tap {tap}: {what}: {source}")]
+    TapConfig {
+        tap: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open disk image {path}: {source}")]
+    DiskOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk image {path} is {len} bytes, not a positive multiple of 512")]
+    DiskSize { path: PathBuf, len: u64 },
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the saved device state does not fit this VM: {0}")]
+    Mismatch(String),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// Guest memory as a device sees it: checked copies in and out; writes are dirty-tracked.
+pub trait DeviceMemory: Send + Sync {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
+    /// Copy into guest memory and mark the pages dirty (Ferry's own-writes log).
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError>;
+}
+
+impl DeviceMemory for GuestMemory {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        GuestMemory::read(self, gpa, buf)
+    }
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        GuestMemory::write(self, gpa, data)
+    }
+}
+
+/// Wakes the guest's vCPUs from a yield when a device completed work for them.
+#[derive(Default)]
+pub struct Waker(OnceLock<Box<dyn Fn() + Send + Sync>>);
+
+impl Waker {
+    pub fn set(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.0.set(f);
+    }
+    pub fn wake(&self) {
+        if let Some(f) = self.0.get() {
+            f();
+        }
+    }
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waker")
+    }
+}
+
+/// Where a VM's devices attach on this host (resolved by the agent from its configuration).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceEnv {
+    /// Per NIC of the spec, the bridge (or interface) of its port group; None: a NIC with no
+    /// backend (frames it sends are dropped; nothing arrives).
+    pub bridges: Vec<Option<String>>,
+    /// Per disk of the spec, the image file; None: every request fails with IOERR.
+    pub disks: Vec<Option<PathBuf>>,
+}
+
+/// State of all virtio devices of a VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioState {
+    pub net: Vec<net::NetState>,
+    pub blk: Vec<blk::BlkState>,
+}
+
+impl VirtioState {
+    /// Bytes of device state (what the migration summary reports).
+    pub fn size(&self) -> usize {
+        postcard::to_allocvec(self).map_or(0, |v| v.len())
+    }
+}
+
+/// What the pause did to the devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quiesced {
+    /// Block requests that were in flight when the vCPUs stopped and were completed to the
+    /// image before the state could be captured.
+    pub io_drained: u64,
+    /// Frames queued for the guest (they travel with the state).
+    pub rx_queued: u64,
+    /// Disks whose requests did not complete within the drain timeout: the state must not
+    /// be moved to another host (a migration fails and the guest resumes here).
+    #[serde(default)]
+    pub io_stuck: u64,
+}
+
+/// Slot of NIC `i` and of disk `i`.
+pub fn net_slot(i: usize) -> u64 {
+    if i == 0 {
+        ferry_guest_abi::NET_SLOT
+    } else {
+        2 * i as u64
+    }
+}
+pub fn blk_slot(i: usize) -> u64 {
+    if i == 0 {
+        ferry_guest_abi::BLK_SLOT
+    } else {
+        2 * i as u64 + 1
+    }
+}
+
+/// All virtio devices of one VM.
+#[derive(Debug, Default)]
+pub struct VirtioDevices {
+    pub net: Vec<Arc<net::NetDevice>>,
+    pub blk: Vec<Arc<blk::BlkDevice>>,
+}
+
+impl VirtioDevices {
+    /// Build the devices of `spec` (NICs and disks) with the host backends of `env`.
+    pub fn new(
+        vm_name: &str,
+        nics: &[[u8; 6]],
+        disks: usize,
+        env: &DeviceEnv,
+        mem: Arc<dyn DeviceMemory>,
+        waker: Arc<Waker>,
+    ) -> Result<VirtioDevices, VirtioError> {
+        let mut out = VirtioDevices::default();
+        for (i, mac) in nics.iter().enumerate() {
+            let bridge = env.bridges.get(i).cloned().flatten();
+            let tap = match bridge {
+                Some(b) => Some(tap::Tap::create(&tap::tap_name(vm_name, i), &b, mac)?),
+                None => None,
+            };
+            out.net.push(net::NetDevice::new(
+                vm_name,
+                *mac,
+                tap,
+                mem.clone(),
+                waker.clone(),
+            )?);
+        }
+        for i in 0..disks {
+            let path = env.disks.get(i).cloned().flatten();
+            out.blk.push(blk::BlkDevice::new(
+                vm_name,
+                i,
+                path.as_deref(),
+                mem.clone(),
+                waker.clone(),
+            )?);
+        }
+        Ok(out)
+    }
+
+    fn find(&self, addr: u64) -> Option<(Dev<'_>, u64)> {
+        let off = addr.checked_sub(MMIO_BASE)?;
+        let slot = off / MMIO_STRIDE;
+        let within = off % MMIO_STRIDE;
+        for (i, n) in self.net.iter().enumerate() {
+            if net_slot(i) == slot {
+                return Some((Dev::Net(n), within));
+            }
+        }
+        for (i, b) in self.blk.iter().enumerate() {
+            if blk_slot(i) == slot {
+                return Some((Dev::Blk(b), within));
+            }
+        }
+        None
+    }
+
+    /// An MMIO read; false if no device owns `addr`.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
+            Some((Dev::Net(n), off)) => n.mmio_read(off, data),
+            Some((Dev::Blk(b), off)) => b.mmio_read(off, data),
+            None => return false,
+        }
+        true
+    }
+
+    /// An MMIO write; false if no device owns `addr`.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
+            Some((Dev::Net(n), off)) => n.mmio_write(off, data),
+            Some((Dev::Blk(b), off)) => b.mmio_write(off, data),
+            None => return false,
+        }
+        true
+    }
+
+    /// The vCPUs stopped: no more deliveries, every in-flight block request completed.
+    pub fn quiesce(&self) -> Quiesced {
+        let mut q = Quiesced::default();
+        for n in &self.net {
+            q.rx_queued += n.stop_delivery() as u64;
+        }
+        for b in &self.blk {
+            let (drained, stuck) = b.drain();
+            q.io_drained += drained;
+            q.io_stuck += u64::from(stuck);
+        }
+        q
+    }
+
+    /// The vCPUs run again: deliver what queued up, serve what the guest posted meanwhile.
+    pub fn activate(&self) {
+        for n in &self.net {
+            n.start_delivery();
+        }
+        for b in &self.blk {
+            b.activate();
+        }
+    }
+
+    pub fn state(&self) -> VirtioState {
+        VirtioState {
+            net: self.net.iter().map(|n| n.state()).collect(),
+            blk: self.blk.iter().map(|b| b.state()).collect(),
+        }
+    }
+
+    pub fn restore(&self, st: &VirtioState) -> Result<(), VirtioError> {
+        if st.net.len() != self.net.len() || st.blk.len() != self.blk.len() {
+            return Err(VirtioError::Mismatch(format!(
+                "state has {} NICs and {} disks, this VM {} and {}",
+                st.net.len(),
+                st.blk.len(),
+                self.net.len(),
+                self.blk.len()
+            )));
+        }
+        for (n, s) in self.net.iter().zip(&st.net) {
+            n.restore(s)?;
+        }
+        for (b, s) in self.blk.iter().zip(&st.blk) {
+            b.restore(s)?;
+        }
+        Ok(())
+    }
+
+    /// Stop device threads and close backends (the taps disappear).
+    pub fn shutdown(&self) {
+        for n in &self.net {
+            n.shutdown();
+        }
+        for b in &self.blk {
+            b.shutdown();
+        }
+    }
+}
+
+enum Dev<'a> {
+    Net(&'a Arc<net::NetDevice>),
+    Blk(&'a Arc<blk::BlkDevice>),
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    //! A plain-memory fake of guest memory that records which pages were written.
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    pub struct FakeMem {
+        pub bytes: Mutex<Vec<u8>>,
+        pub dirty: Mutex<BTreeSet<u64>>,
+    }
+
+    impl FakeMem {
+        pub fn new(size: usize) -> Arc<FakeMem> {
+            Arc::new(FakeMem {
+                bytes: Mutex::new(vec![0; size]),
+                dirty: Mutex::new(BTreeSet::new()),
+            })
+        }
+        /// Write without marking dirty (what the guest's own stores are to KVM).
+        pub fn guest_write(&self, gpa: u64, data: &[u8]) {
+            let mut b = self.bytes.lock().unwrap();
+            b[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
+        }
+        pub fn guest_read(&self, gpa: u64, len: usize) -> Vec<u8> {
+            self.bytes.lock().unwrap()[gpa as usize..gpa as usize + len].to_vec()
+        }
+        pub fn snapshot(&self) -> Vec<u8> {
+            self.bytes.lock().unwrap().clone()
+        }
+        /// Every page whose bytes differ from `before` must have been marked dirty.
+        pub fn assert_changes_dirty(&self, before: &[u8]) {
+            let now = self.snapshot();
+            let dirty = self.dirty.lock().unwrap();
+            for (p, (a, b)) in before.chunks(4096).zip(now.chunks(4096)).enumerate() {
+                if a != b {
+                    assert!(
+                        dirty.contains(&(p as u64)),
+                        "page {p} changed by a device but is not marked dirty"
+                    );
+                }
+            }
+        }
+    }
+
+    impl DeviceMemory for FakeMem {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+            let b = self.bytes.lock().unwrap();
+            let end = gpa
+                .checked_add(buf.len() as u64)
+                .filter(|&e| e <= b.len() as u64)
+                .ok_or(MemoryError::OutOfRange {
+                    gpa,
+                    len: buf.len() as u64,
+                })?;
+            buf.copy_from_slice(&b[gpa as usize..end as usize]);
+            Ok(())
+        }
+        fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+            let mut b = self.bytes.lock().unwrap();
+            let end = gpa
+                .checked_add(data.len() as u64)
+                .filter(|&e| e <= b.len() as u64)
+                .ok_or(MemoryError::OutOfRange {
+                    gpa,
+                    len: data.len() as u64,
+                })?;
+            b[gpa as usize..end as usize].copy_from_slice(data);
+            if !data.is_empty() {
+                let mut d = self.dirty.lock().unwrap();
+                for p in gpa / 4096..=(end - 1) / 4096 {
+                    d.insert(p);
+                }
+            }
+            Ok(())
+        }
+    }
+}
