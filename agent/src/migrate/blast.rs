@@ -382,7 +382,10 @@ pub fn serve(
         Err(e) => return Err(refuse(cw, e)),
     };
     let listener: TcpListener = transport::listen(local).map_err(|e| refuse(cw, e.to_string()))?;
-    let token = format!("{:016x}", super::random_u64());
+    let token = match super::random_u64() {
+        Ok(t) => format!("{t:016x}"),
+        Err(e) => return Err(refuse(cw, e.to_string())),
+    };
     cw.send_msg(
         Command::Ready,
         &Ready {

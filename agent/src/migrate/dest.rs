@@ -212,7 +212,7 @@ fn receive(
     let data_addr = listener
         .local_addr()
         .map_err(protocol::ProtocolError::from)?;
-    let token = format!("{:016x}{:016x}", super::random_u64(), super::random_u64());
+    let token = format!("{:016x}{:016x}", super::random_u64()?, super::random_u64()?);
     let data_key =
         cluster_key.map(|k| crate::transport::seal::data_key(&k, &setup.migration_id, &token));
     cw.send_msg(

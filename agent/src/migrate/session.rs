@@ -126,12 +126,13 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// A fresh 32-byte nonce, hex.
-pub fn nonce() -> String {
-    let parts: Vec<String> = (0..4)
-        .map(|_| format!("{:016x}", super::random_u64()))
-        .collect();
-    parts.concat()
+/// A fresh 32-byte nonce, hex (an error if the kernel's random source fails: no fallback).
+pub fn nonce() -> Result<String, MigrateError> {
+    let mut s = String::with_capacity(64);
+    for _ in 0..4 {
+        s.push_str(&format!("{:016x}", super::random_u64()?));
+    }
+    Ok(s)
 }
 
 /// Body of `Auth`.
@@ -176,7 +177,7 @@ pub fn connect(
     let mut r = FrameReader::new(BufReader::new(
         conn.try_clone().map_err(protocol::ProtocolError::from)?,
     ));
-    let nc = nonce();
+    let nc = nonce()?;
     w.set_version(protocol::MIN_VERSION);
     w.send_msg(
         Command::Hello,
@@ -267,7 +268,7 @@ pub fn accept(
         return Err(MigrateError::Refused(reason));
     };
     w.set_version(version);
-    let ns = nonce();
+    let ns = nonce()?;
     let proof = me
         .key
         .as_ref()
@@ -310,7 +311,7 @@ mod tests {
     fn proofs_bind_key_role_nonces_and_name() {
         let k = ClusterKey::from_bytes(&[7u8; 32]);
         let other = ClusterKey::from_bytes(&[8u8; 32]);
-        let (a, b) = (nonce(), nonce());
+        let (a, b) = (nonce().unwrap(), nonce().unwrap());
         assert_ne!(a, b);
         let p = k.proof("ferry-client", &a, &b, "x");
         assert!(k.verify("ferry-client", &a, &b, "x", &p));
@@ -318,7 +319,7 @@ mod tests {
         assert!(!k.verify("ferry-server", &a, &b, "x", &p));
         assert!(!k.verify("ferry-client", &b, &a, "x", &p));
         assert!(
-            !k.verify("ferry-client", &a, &nonce(), "x", &p),
+            !k.verify("ferry-client", &a, &nonce().unwrap(), "x", &p),
             "a new nonce defeats replay"
         );
         assert!(!k.verify("ferry-client", &a, &b, "y", &p));
