@@ -6,6 +6,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod peer;
 pub mod sdnotify;
 
 /// An error and its causes on one line, each cause once (for the CLI and API messages).

@@ -110,25 +110,60 @@ enum StreamEvent {
     },
 }
 
-/// Serve one incoming control connection to its end.
+/// Serve one incoming control connection to its end, handshake included, over blocking I/O.
+/// (The agent authenticates peers on its async runtime instead, then calls [`serve_session`].)
 pub fn serve(conn: TcpStream, host: Arc<dyn Host>) {
     let peer = conn
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
-    if let Err(e) = handle(conn, host.as_ref(), &peer) {
-        tracing::warn!(peer = %peer, error = %crate::control::error_chain(&e), "incoming migration failed");
+    let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let opened = (|| -> Result<_, MigrateError> {
+        let mut cw = FrameWriter::new(conn.try_clone().map_err(protocol::ProtocolError::from)?);
+        let mut cr = FrameReader::new(BufReader::new(
+            conn.try_clone().map_err(protocol::ProtocolError::from)?,
+        ));
+        let (hello, _version) = super::session::accept(&mut cw, &mut cr, &host.identity())?;
+        Ok((cw, cr, hello))
+    })();
+    match opened {
+        Ok((cw, cr, hello)) => serve_session(conn, cw, cr, &hello.agent, host),
+        Err(e) => {
+            // Unauthenticated: nothing it said above debug level.
+            tracing::debug!(peer = %peer, error = %crate::migrate::untrusted::peer_text(&crate::control::error_chain(&e), 512), "peer handshake failed");
+        }
     }
 }
 
-fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateError> {
+/// Serve an authenticated control session to its end: `cw`/`cr` continue the handshake's
+/// frame numbering; `agent` is the name the peer proved.
+pub fn serve_session(
+    conn: TcpStream,
+    mut cw: FrameWriter<TcpStream>,
+    mut cr: FrameReader<BufReader<TcpStream>>,
+    agent: &str,
+    host: Arc<dyn Host>,
+) {
+    let peer = conn
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    if let Err(e) = handle(conn, &mut cw, &mut cr, host.as_ref(), &peer, agent) {
+        let agent = super::untrusted::peer_str(agent);
+        tracing::warn!(peer = %peer, agent = %agent, error = %crate::control::error_chain(&e), "incoming migration failed");
+    }
+}
+
+fn handle(
+    conn: TcpStream,
+    cw: &mut FrameWriter<TcpStream>,
+    cr: &mut FrameReader<BufReader<TcpStream>>,
+    host: &dyn Host,
+    peer: &str,
+    agent: &str,
+) -> Result<(), MigrateError> {
     let _ = conn.set_nodelay(true);
     let _ = transport::keepalive(&conn);
     let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let mut cw = FrameWriter::new(conn.try_clone().map_err(protocol::ProtocolError::from)?);
-    let mut cr = FrameReader::new(BufReader::new(
-        conn.try_clone().map_err(protocol::ProtocolError::from)?,
-    ));
-    let (hello, _version) = super::session::accept(&mut cw, &mut cr, &host.identity())?;
+    cr.set_timeout(Some(HANDSHAKE_TIMEOUT), "the peer's request");
     let first = cr.read_frame()?;
     if first.command == Command::Query {
         let q: super::query::Query = first.msg(Command::Query)?;
@@ -137,17 +172,17 @@ fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateErr
     }
     if first.command == Command::Blast {
         let req: super::blast::BlastRequest = first.msg(Command::Blast)?;
-        return super::blast::serve(&mut cw, req, host.migration_addr());
+        return super::blast::serve(cw, req, host.migration_addr());
     }
     let setup: Setup = first.msg(Command::Setup)?;
     let handle = Arc::new(MigrationHandle::new(
-        setup.migration_id.clone(),
-        &setup.spec.name,
+        super::untrusted::peer_str(&setup.migration_id),
+        &super::untrusted::peer_str(&setup.spec.name),
         "in",
-        &format!("{} ({peer})", hello.agent),
+        &format!("{} ({peer})", super::untrusted::peer_str(agent)),
     ));
     host.register(handle.clone());
-    let result = receive(&conn, &mut cw, &mut cr, host, &setup, &handle, &hello.agent);
+    let result = receive(&conn, cw, cr, host, &setup, &handle, agent);
     match &result {
         Ok(summary) => handle.complete(summary.clone()),
         Err(e) => {
@@ -322,6 +357,7 @@ fn receive(
         // Pre-copy runs on the data streams; the control connection is quiet until the
         // switchover. A source that dies closes it.
         let _ = conn.set_read_timeout(None);
+        cr.set_timeout(None, "the switchover");
         let frame = match cr.read_frame() {
             Ok(f) => f,
             Err(e) => {
@@ -336,6 +372,7 @@ fn receive(
         };
         frame.expect(Command::State)?;
         let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+        cr.set_timeout(Some(HANDSHAKE_TIMEOUT), "the rest of the switchover from the source");
         handle.set_phase(Phase::Switchover);
         let mut payload = frame.payload;
         if let Some(k) = &data_key {
@@ -593,7 +630,11 @@ fn receive_stream(
                 let a: Abort = serde_json::from_slice(&payload).unwrap_or(Abort {
                     reason: "(unreadable)".into(),
                 });
-                return Err(protocol::ProtocolError::Aborted(a.reason).into());
+                return Err(protocol::ProtocolError::Aborted(super::untrusted::peer_text(
+                    &a.reason,
+                    super::untrusted::PEER_REASON_MAX,
+                ))
+                .into());
             }
             other => {
                 return Err(protocol::ProtocolError::Unexpected {

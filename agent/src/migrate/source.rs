@@ -614,6 +614,7 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
             let e = match e {
                 MigrateError::Stream { .. } | MigrateError::Protocol(_) => {
                     let _ = ctl.set_read_timeout(Some(Duration::from_secs(1)));
+                    cr.set_timeout(Some(Duration::from_secs(1)), "the destination's reason");
                     match cr.read_frame().and_then(|f| f.expect(Command::Ready)) {
                         Err(protocol::ProtocolError::Aborted(reason)) => {
                             MigrateError::Refused(reason)
@@ -671,17 +672,14 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
     );
     job.handle.set_phase(Phase::Committed);
     let _ = ctl.set_read_timeout(Some(RESUMED_TIMEOUT));
+    cr.set_timeout(Some(RESUMED_TIMEOUT), "Resumed");
     let resumed: Resumed = match cr.read_frame().and_then(|f| f.msg(Command::Resumed)) {
         Ok(r) => r,
         Err(e) => {
             let error = match e {
                 protocol::ProtocolError::Aborted(reason) => MigrateError::Refused(reason),
-                protocol::ProtocolError::Io(io)
-                    if matches!(
-                        io.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
+                protocol::ProtocolError::TimedOut { .. }
+                | protocol::ProtocolError::TimedOutUnknown(_) => {
                     MigrateError::Timeout("`Resumed` from the destination after the commit")
                 }
                 e => e.into(),
@@ -704,6 +702,7 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
     // The guest runs there: now the streams may take their time to wind down.
     drop(state_done.streams);
     let _ = ctl.set_read_timeout(Some(Duration::from_secs(3)));
+    cr.set_timeout(Some(Duration::from_secs(3)), "Observed");
     if let Ok(o) = cr
         .read_frame()
         .and_then(|f| f.msg::<Observed>(Command::Observed))
@@ -1002,15 +1001,12 @@ fn eng_run(
         .get_ref()
         .get_ref()
         .set_read_timeout(Some(PREPARED_TIMEOUT + digest_time));
+    cr.set_timeout(Some(PREPARED_TIMEOUT + digest_time), "Prepared");
     let prepared: Prepared = match cr
         .read_frame()
         .map_err(|e| match e {
-            protocol::ProtocolError::Io(io)
-                if matches!(
-                    io.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
+            protocol::ProtocolError::TimedOut { .. }
+            | protocol::ProtocolError::TimedOutUnknown(_) => {
                 MigrateError::Timeout("the destination to prepare (the guest is paused)")
             }
             e => e.into(),
