@@ -660,6 +660,10 @@ pub struct Setup {
     /// Page frames on the data streams are sealed (AES-256-GCM, see `transport::seal`).
     #[serde(default)]
     pub encrypt: bool,
+    /// The address the source's data streams come from (its migration address): the
+    /// destination's data port ignores connections from anywhere else. None from older sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_addr: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

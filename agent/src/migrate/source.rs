@@ -763,6 +763,7 @@ fn precopy_and_prepare(
             regions: mem.layout(),
             streams: n,
             encrypt: job.options.encrypt,
+            source_addr: Some(job.local_migration),
         },
     )?;
     let ready: Ready = match cr.read_frame()?.msg(Command::Ready) {
@@ -778,6 +779,9 @@ fn precopy_and_prepare(
     let data_key =
         cluster_key.map(|k| crate::transport::seal::data_key(&k, &job.handle.id, &ready.token));
 
+    if crate::faults::armed() {
+        crate::faults::hit("source:before-streams");
+    }
     // Data streams and their workers.
     let cache_pages = ((mem.size() as f64 * job.options.cache_percent / 100.0) / PAGE as f64)
         as usize
