@@ -215,9 +215,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     });
 
     let app = api::router(agent.clone());
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
+    let served = super::api_server::serve(listener, app, shutdown_signal()).await;
     sampler.abort();
     if let Some(w) = watchdog {
         w.abort();

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_server;
 pub mod client;
 pub mod config;
 pub mod daemon;
