@@ -1682,3 +1682,18 @@ async fn blocking<T: Send + 'static>(
 
 /// How long to wait between heartbeat samples.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod meminfo_tests {
+    use super::parse_meminfo;
+
+    #[test]
+    fn meminfo_that_cannot_be_read_is_an_error_not_zero() {
+        let text = "MemTotal:       16384000 kB\nMemFree: 1 kB\nMemAvailable:    8192000 kB\n";
+        assert_eq!(parse_meminfo(text), Ok((16000, 8000)));
+        let e = parse_meminfo("").unwrap_err();
+        assert!(e.contains("MemTotal"), "{e}");
+        assert!(parse_meminfo("MemTotal: 5 kB\n").is_err());
+        assert!(parse_meminfo("MemTotal: x kB\nMemAvailable: 1 kB\n").is_err());
+    }
+}
