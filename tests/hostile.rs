@@ -112,7 +112,10 @@ fn api_answers_within(lab: &Lab, host: &str, bound: Duration) {
         .collect();
     let fast = lat.iter().filter(|l| **l <= bound).count();
     eprintln!("API latencies on {host}: {lat:?}");
-    assert!(fast >= 8, "only {fast} of 10 API calls answered within {bound:?}: {lat:?}");
+    assert!(
+        fast >= 8,
+        "only {fast} of 10 API calls answered within {bound:?}: {lat:?}"
+    );
 }
 
 fn raise_fd_limit() {
@@ -256,8 +259,14 @@ fn log_injection_and_flooding_before_authentication() {
         !new.lines().any(|l| l.starts_with("2026-11-30T00:00:00")),
         "a forged line made it into the log:\n{new}"
     );
-    assert!(!new.contains("FORGED-4242"), "the peer's name was logged:\n{new}");
-    assert!(!new.contains('\x1b') || !new.contains("[32m"), "a peer's escape code reached the log");
+    assert!(
+        !new.contains("FORGED-4242"),
+        "the peer's name was logged:\n{new}"
+    );
+    assert!(
+        !new.contains('\x1b') || !new.contains("[32m"),
+        "a peer's escape code reached the log"
+    );
     let longest = new.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 4096, "a {longest}-byte log line");
     let warnings = new.matches("failed the handshake").count();
@@ -297,7 +306,8 @@ fn listening_ports(pid: u32, ip: Ipv4Addr) -> Vec<u16> {
 fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> Option<TcpStream> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
     s.bind(&SocketAddr::new(src.into(), 0).into()).ok()?;
-    s.connect_timeout(&dst.into(), Duration::from_secs(2)).ok()?;
+    s.connect_timeout(&dst.into(), Duration::from_secs(2))
+        .ok()?;
     Some(s.into())
 }
 
@@ -446,7 +456,9 @@ fn api_socket_times_out_idle_and_slow_clients() {
         + ferry::control::api_server::BODY_TIMEOUT
         + Duration::from_secs(5);
     let closed = |s: &mut UnixStream| {
-        let left = limit.saturating_sub(t_open.elapsed()).max(Duration::from_millis(10));
+        let left = limit
+            .saturating_sub(t_open.elapsed())
+            .max(Duration::from_millis(10));
         s.set_read_timeout(Some(left)).unwrap();
         let mut buf = Vec::new();
         match s.read_to_end(&mut buf) {
@@ -456,7 +468,10 @@ fn api_socket_times_out_idle_and_slow_clients() {
         }
     };
     for s in idle.iter_mut() {
-        assert!(closed(s).is_some(), "an idle client was still connected after {limit:?}");
+        assert!(
+            closed(s).is_some(),
+            "an idle client was still connected after {limit:?}"
+        );
     }
     for s in nobody.iter_mut() {
         let r = closed(s).expect("a client that never sent its body was still connected");

@@ -139,7 +139,10 @@ impl Datastores {
             return Err(DatastoreError::BadPath(path.to_string(), why));
         }
         let (store, rel) = DiskSpec::parse_path(path).ok_or_else(|| {
-            DatastoreError::BadPath(path.to_string(), "must look like \"[datastore] dir/file.img\"")
+            DatastoreError::BadPath(
+                path.to_string(),
+                "must look like \"[datastore] dir/file.img\"",
+            )
         })?;
         let (dir, _) = self
             .stores

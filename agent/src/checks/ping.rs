@@ -248,9 +248,8 @@ pub fn ping(
     timeout: Duration,
 ) -> Result<PingReport, PingError> {
     let s = Icmp::open(local, remote, iface)?;
-    let id = (crate::migrate::random_u64()
-        .map_err(|e| PingError::Random(e.to_string()))?
-        & 0xffff) as u16;
+    let id = (crate::migrate::random_u64().map_err(|e| PingError::Random(e.to_string()))? & 0xffff)
+        as u16;
     let mut rtts = Vec::new();
     for seq in 0..count as u16 {
         let t = Instant::now();

@@ -367,9 +367,8 @@ pub const MIGRATIONS_KEPT: usize = 100;
 /// /proc/meminfo values in MiB: (total, available). A file that cannot be read (e.g. no fds
 /// left) or lacks a field is an error, never "0 MiB".
 pub fn host_memory() -> Result<(u64, u64), String> {
-    let text = std::fs::read_to_string("/proc/meminfo").map_err(|e| {
-        format!("cannot read /proc/meminfo to learn how much memory is free: {e}")
-    })?;
+    let text = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| format!("cannot read /proc/meminfo to learn how much memory is free: {e}"))?;
     parse_meminfo(&text)
 }
 

@@ -76,7 +76,8 @@ fn lock(c: &Mutex<Conns>) -> std::sync::MutexGuard<'_, Conns> {
 }
 
 fn error(status: StatusCode, code: &str, message: String) -> Response<Body> {
-    let body = serde_json::json!({"error": {"status": status.as_u16(), "code": code, "message": message}});
+    let body =
+        serde_json::json!({"error": {"status": status.as_u16(), "code": code, "message": message}});
     let mut r = Response::new(Body::from(body.to_string()));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -153,11 +154,19 @@ pub async fn serve(
             () = &mut shutdown => return Ok(()),
         };
         let Some((id, busy, closed, evicted)) = lock(&conns).admit() else {
-            warn_limited!(refused, cap = MAX_CONNECTIONS, "API connection refused: every connection is busy with a request");
+            warn_limited!(
+                refused,
+                cap = MAX_CONNECTIONS,
+                "API connection refused: every connection is busy with a request"
+            );
             continue;
         };
         if evicted {
-            warn_limited!(refused, cap = MAX_CONNECTIONS, "API connections at the cap: closed the oldest idle one");
+            warn_limited!(
+                refused,
+                cap = MAX_CONNECTIONS,
+                "API connections at the cap: closed the oldest idle one"
+            );
         }
         let app = app.clone();
         let conns = conns.clone();

@@ -57,7 +57,9 @@ pub enum PeerError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Protocol(#[from] protocol::ProtocolError),
-    #[error("a {what} of {len} bytes is larger than any agent sends (at most {MAX_HANDSHAKE_FRAME})")]
+    #[error(
+        "a {what} of {len} bytes is larger than any agent sends (at most {MAX_HANDSHAKE_FRAME})"
+    )]
     TooLarge { what: &'static str, len: u32 },
     #[error(transparent)]
     Migrate(#[from] crate::migrate::MigrateError),
@@ -355,9 +357,7 @@ async fn handshake(mut conn: TcpStream, me: &Identity) -> Result<Authenticated, 
     let mut read = 1;
     let written = 1;
     if me.key.is_some() {
-        let auth: Auth = read_frame(&mut conn, 1, false)
-            .await?
-            .msg(Command::Auth)?;
+        let auth: Auth = read_frame(&mut conn, 1, false).await?.msg(Command::Auth)?;
         read = 2;
         if let Err(e) = session::check_auth(me, &server, &hello, &auth) {
             let b = frame_bytes(
@@ -408,7 +408,9 @@ mod tests {
         ));
         // Many sources: the total cap holds.
         for i in 0..(MAX_PENDING * 2) {
-            let ip: IpAddr = format!("198.19.{}.{}", i / 250, i % 250 + 1).parse().unwrap();
+            let ip: IpAddr = format!("198.19.{}.{}", i / 250, i % 250 + 1)
+                .parse()
+                .unwrap();
             p.admit(ip);
             assert!(p.len() <= MAX_PENDING);
         }

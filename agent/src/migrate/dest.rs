@@ -361,7 +361,10 @@ fn receive(
         };
         frame.expect(Command::State)?;
         let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-        cr.set_timeout(Some(HANDSHAKE_TIMEOUT), "the rest of the switchover from the source");
+        cr.set_timeout(
+            Some(HANDSHAKE_TIMEOUT),
+            "the rest of the switchover from the source",
+        );
         handle.set_phase(Phase::Switchover);
         let mut payload = frame.payload;
         if let Some(k) = &data_key {
@@ -616,7 +619,10 @@ fn accept_streams(
                     }
                     if pending.len() >= MAX_UNVERIFIED {
                         let old = pending.remove(0);
-                        stray(old.from, "crowded out by newer connections before its hello");
+                        stray(
+                            old.from,
+                            "crowded out by newer connections before its hello",
+                        );
                     }
                     pending.push(Unverified {
                         s,
@@ -806,11 +812,13 @@ fn receive_stream(
                 let a: Abort = serde_json::from_slice(&payload).unwrap_or(Abort {
                     reason: "(unreadable)".into(),
                 });
-                return Err(protocol::ProtocolError::Aborted(super::untrusted::peer_text(
-                    &a.reason,
-                    super::untrusted::PEER_REASON_MAX,
-                ))
-                .into());
+                return Err(
+                    protocol::ProtocolError::Aborted(super::untrusted::peer_text(
+                        &a.reason,
+                        super::untrusted::PEER_REASON_MAX,
+                    ))
+                    .into(),
+                );
             }
             other => {
                 return Err(protocol::ProtocolError::Unexpected {

@@ -108,7 +108,9 @@ pub enum ProtocolError {
     /// A read timeout ran out (what the kernel reports as `EAGAIN`, "os error 11").
     #[error("timed out after {secs} s waiting for {what}: the peer went silent (stalled, or the network to it failed)")]
     TimedOut { secs: u64, what: &'static str },
-    #[error("timed out waiting for {0}: the peer went silent (stalled, or the network to it failed)")]
+    #[error(
+        "timed out waiting for {0}: the peer went silent (stalled, or the network to it failed)"
+    )]
     TimedOutUnknown(&'static str),
 }
 
@@ -582,7 +584,9 @@ impl<R: Read> FrameReader<R> {
     /// Read the next frame into `payload` (reused between calls).
     pub fn next_into(&mut self, payload: &mut Vec<u8>) -> Result<(Command, u32), ProtocolError> {
         let mut hb = [0u8; HEADER_LEN];
-        self.inner.read_exact(&mut hb).map_err(|e| self.io_error(e))?;
+        self.inner
+            .read_exact(&mut hb)
+            .map_err(|e| self.io_error(e))?;
         let (h, cmd) = match FrameHeader::parse_any_version(&hb)? {
             (h, Command::Hello) if self.hello_any_version => (h, Command::Hello),
             _ => FrameHeader::parse(&hb)?,

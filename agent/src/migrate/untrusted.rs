@@ -4,8 +4,8 @@
 //! any input; `fuzz/` drives it with cargo-fuzz (nightly), and the unit test below with a
 //! bounded mutation run on stable, in CI.
 
-use std::io::Cursor;
 use std::fmt::Write as _;
+use std::io::Cursor;
 
 use super::codec;
 use super::protocol::{self, Command, FrameReader};
@@ -32,7 +32,9 @@ pub fn peer_text(s: &str, max: usize) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+        if c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
             let _ = write!(out, "{}", c.escape_default());
         } else if c == '\\' {
             out.push_str("\\\\");
@@ -120,7 +122,8 @@ mod tests {
 
     #[test]
     fn peer_strings_are_escaped_and_bounded() {
-        let forged = "b\n2026-11-30T00:00:00Z  INFO ferry: \x1b[32mincoming migration committed\x1b[0m";
+        let forged =
+            "b\n2026-11-30T00:00:00Z  INFO ferry: \x1b[32mincoming migration committed\x1b[0m";
         let s = peer_str(forged);
         assert!(!s.chars().any(char::is_control), "{s:?}");
         assert!(s.starts_with("b\\n2026"), "{s:?}");
@@ -132,7 +135,11 @@ mod tests {
         assert_eq!(peer_str("agent-b"), "agent-b");
         assert_eq!(peer_str(""), "");
         assert_eq!(peer_str("é€ name"), "é€ name");
-        assert_eq!(peer_str("a\\nb"), "a\\\\nb", "a literal backslash-n differs from an escaped newline");
+        assert_eq!(
+            peer_str("a\\nb"),
+            "a\\\\nb",
+            "a literal backslash-n differs from an escaped newline"
+        );
         assert_eq!(peer_str("rtl\u{202e}x"), "rtl\\u{202e}x");
         assert_eq!(peer_text("abcdef", 3), "abc…");
         assert_eq!(peer_text("abc", 3), "abc");

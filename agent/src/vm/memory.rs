@@ -739,7 +739,11 @@ mod volatile_copy_tests {
                 let mut back = vec![0u8; 300];
                 // SAFETY: start + len <= 300, inside `back`; `out` is separate.
                 unsafe { volatile_copy_in(&out[1..], back.as_mut_ptr().add(start)) };
-                assert_eq!(&back[start..start + len], &src[start..start + len], "in {start} {len}");
+                assert_eq!(
+                    &back[start..start + len],
+                    &src[start..start + len],
+                    "in {start} {len}"
+                );
                 assert!(back[..start].iter().all(|b| *b == 0));
                 assert!(back[start + len..].iter().all(|b| *b == 0));
             }
