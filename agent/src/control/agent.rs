@@ -1237,6 +1237,8 @@ impl Agent {
                         entry.set_migration(None);
                     }
                 }
+                drop(job);
+                crate::control::memory::give_back();
             });
         if let Err(err) = spawned {
             e.set_migration(None);

@@ -114,6 +114,7 @@ fn start_netpin(config: &Config) -> Result<Arc<crate::netpin::NetPin>, String> {
 
 /// Run the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    super::memory::tune();
     let hv = Hypervisor::open()?;
     hv.huge_pages.store(
         config.limits.huge_pages,

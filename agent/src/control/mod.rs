@@ -7,6 +7,7 @@ pub mod api_server;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod memory;
 pub mod peer;
 pub mod sdnotify;
 

@@ -273,6 +273,8 @@ impl Listener {
             .spawn(move || {
                 crate::migrate::dest::serve_session(conn, w, r, &hello.agent, host);
                 count.fetch_sub(1, Ordering::SeqCst);
+                // Its receive buffers are free now: hand them back to the system.
+                super::memory::give_back();
             });
         if let Err(e) = spawned {
             self.sessions.fetch_sub(1, Ordering::SeqCst);
