@@ -450,7 +450,7 @@ impl GuestMemory {
     /// assume the bytes do not change under it. Racing writes then give some mix of old and new
     /// bytes, which callers accept (they pause the guest for exact copies; migration re-sends
     /// pages the dirty log reports). Aligned 8-byte volatile loads keep it fast (see
-    /// docs/architecture.md, "Reading guest memory").
+    /// docs/vm-runtime.md, "Memory and dirty tracking").
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let (r, off) = self.find(gpa, buf.len() as u64)?;
         // SAFETY: `find` checked that [off, off+len) lies inside the region's mapping, which
