@@ -27,16 +27,17 @@ const B_CONTROL: &str = "198.18.0.2:7720";
 
 /// Threads and open fds of process `pid`.
 fn held(pid: u32) -> (usize, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    try_held(pid).unwrap_or_else(|| panic!("process {pid} is gone"))
+}
+
+fn try_held(pid: u32) -> Option<(usize, usize)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let threads = status
         .lines()
         .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("Threads: line");
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("fds")
-        .count();
-    (threads, fds)
+        .and_then(|v| v.trim().parse().ok())?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+    Some((threads, fds))
 }
 
 /// Samples `pid`'s threads and fds every 50 ms in the background; the maxima when stopped.
@@ -54,7 +55,8 @@ impl Watch {
         let t = std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(300);
             while !s.load(Ordering::SeqCst) && Instant::now() < deadline {
-                let (t, f) = held(pid);
+                // The agent may be gone when a failed test tears the lab down.
+                let Some((t, f)) = try_held(pid) else { break };
                 let mut g = m.lock().unwrap();
                 *g = (g.0.max(t), g.1.max(f));
                 drop(g);
@@ -237,12 +239,29 @@ fn log_injection_and_flooding_before_authentication() {
     in_netns(&ns, move || {
         let addr: SocketAddr = B_CONTROL.parse().unwrap();
         for name in [forged2.as_str(), big.as_str()] {
-            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+            let c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
             c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let _ = c.write_all(&hello_bytes(name));
-            // The server answers (HelloAck, an Abort) or hangs up; then an Auth it cannot check.
+            // A Hello, then an Auth with a made-up proof: the server's complaint is where a
+            // name would show.
+            let mut w = FrameWriter::new(c.try_clone().unwrap());
+            let _ = w.send_msg(
+                Command::Hello,
+                &Hello {
+                    min_version: protocol::MIN_VERSION,
+                    max_version: protocol::VERSION,
+                    agent: name.into(),
+                    nonce: "00".repeat(32),
+                },
+            );
+            let _ = w.send_msg(
+                Command::Auth,
+                &ferry::migrate::session::Auth {
+                    proof: "00".repeat(32),
+                },
+            );
             let mut buf = [0u8; 4096];
-            let _ = c.read(&mut buf);
+            let mut r = &c;
+            let _ = r.read(&mut buf);
         }
         for i in 0..300 {
             let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
@@ -264,15 +283,16 @@ fn log_injection_and_flooding_before_authentication() {
         "the peer's name was logged:\n{new}"
     );
     assert!(
-        !new.contains('\x1b') || !new.contains("[32m"),
+        !new.contains("\x1b[32m") && !new.contains("\x1b[31m"),
         "a peer's escape code reached the log"
     );
     let longest = new.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 4096, "a {longest}-byte log line");
-    let warnings = new.matches("failed the handshake").count();
+    let warnings = new.lines().filter(|l| l.contains("WARN")).count();
+    eprintln!("{warnings} warnings for 302 failed handshakes");
     assert!(
         warnings <= 3,
-        "{warnings} handshake warnings for 302 failed handshakes (rate-limited to one per 10 s):\n{new}"
+        "{warnings} warnings for 302 failed handshakes (rate-limited to one per 10 s):\n{new}"
     );
     assert!(
         (text.len() as u64 - log_before) < 64 << 10,
@@ -391,12 +411,12 @@ fn stray_connections_to_the_data_port() {
         keep
     });
     eprintln!("{} stray connections made", held_conns.len());
-    assert!(held_conns.len() >= 40, "the attack could not connect");
     let rec = wait_for("the migration to finish", 60, || {
         let r = f.json("a", &["migrations", &id]);
         matches!(r["phase"].as_str(), Some("completed" | "failed")).then_some(r)
     });
     assert_eq!(rec["phase"], "completed", "{rec}");
+    assert!(held_conns.len() >= 40, "the attack could not connect");
     assert_eq!(rec["summary"]["verified"], true, "{rec}");
     f.wait_runs_on("b", "v");
     drop(held_conns);

@@ -27,7 +27,9 @@ pub fn tune() {
                 && libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX) == 1
         };
         if !ok {
-            tracing::debug!("mallopt refused a setting; the agent's heap may grow after migrations");
+            tracing::debug!(
+                "mallopt refused a setting; the agent's heap may grow after migrations"
+            );
         }
     }
 }
