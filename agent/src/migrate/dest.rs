@@ -400,7 +400,12 @@ fn receive(
                 Ok(StreamEvent::Failed { stream, error }) => {
                     return Err(MigrateError::Stream { stream, error })
                 }
-                Err(_) => return Err(MigrateError::Timeout("the data streams to finish")),
+                Err(_) => {
+                    return Err(MigrateError::Timeout {
+                        what: "the data streams to finish",
+                        secs: HANDSHAKE_TIMEOUT.as_secs(),
+                    })
+                }
             }
         }
         for (i, (got, want)) in done.iter().zip(&complete.pages_per_stream).enumerate() {
@@ -582,7 +587,7 @@ fn stray(from: std::net::SocketAddr, why: &'static str) {
 /// [`UNVERIFIED_TIMEOUT`]; all others are closed and ignored, without holding up the rest (the
 /// hellos are read without blocking, at most [`MAX_UNVERIFIED`] at once). The hello is read
 /// exactly, so no page bytes behind it leave the socket. Returns the streams by index.
-fn accept_streams(
+pub(super) fn accept_streams(
     listener: &std::net::TcpListener,
     expect: Option<IpAddr>,
     migration_id: &str,

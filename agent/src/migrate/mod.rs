@@ -74,8 +74,8 @@ pub enum MigrateError {
         source_digest: String,
         dest_digest: String,
     },
-    #[error("timed out waiting for {0}")]
-    Timeout(&'static str),
+    #[error("timed out after {secs} s waiting for {what}")]
+    Timeout { what: &'static str, secs: u64 },
     #[error("authentication: {0}")]
     Auth(String),
     #[error(transparent)]

@@ -679,9 +679,10 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
             let error = match e {
                 protocol::ProtocolError::Aborted(reason) => MigrateError::Refused(reason),
                 protocol::ProtocolError::TimedOut { .. }
-                | protocol::ProtocolError::TimedOutUnknown(_) => {
-                    MigrateError::Timeout("`Resumed` from the destination after the commit")
-                }
+                | protocol::ProtocolError::TimedOutUnknown(_) => MigrateError::Timeout {
+                    what: "`Resumed` from the destination after the commit",
+                    secs: RESUMED_TIMEOUT.as_secs(),
+                },
                 e => e.into(),
             };
             let _ = ctl.shutdown(std::net::Shutdown::Both);
@@ -1010,9 +1011,10 @@ fn eng_run(
         .read_frame()
         .map_err(|e| match e {
             protocol::ProtocolError::TimedOut { .. }
-            | protocol::ProtocolError::TimedOutUnknown(_) => {
-                MigrateError::Timeout("the destination to prepare (the guest is paused)")
-            }
+            | protocol::ProtocolError::TimedOutUnknown(_) => MigrateError::Timeout {
+                what: "the destination to prepare (the guest is paused)",
+                secs: (PREPARED_TIMEOUT + digest_time).as_secs(),
+            },
             e => e.into(),
         })?
         .msg(Command::Prepared)
