@@ -453,3 +453,51 @@ fn stopping_the_agent_stops_its_guests_and_says_so() {
     let b = TestAgent::start("restart2");
     assert_eq!(b.json(&["vm", "list"]).as_array().unwrap().len(), 0);
 }
+
+/// Requests that cannot be right are 400s that say why, and log no ERROR: a disk path that
+/// leaves its datastore, absurd dirty rates and working sets (issue 13).
+#[test]
+fn impossible_specs_are_400s_that_say_why() {
+    if !can_run("impossible_specs") {
+        return;
+    }
+    let a = TestAgent::start("impossible_specs");
+    let c = a.client();
+    let cases: [(&str, &str); 5] = [
+        (
+            r#"{"name":"x","memory_mib":64,"vcpus":1,"kind":{"workload":{}},"disks":[{"path":"[shared] ../../etc/passwd","size_mib":1}]}"#,
+            "'..'",
+        ),
+        (
+            r#"{"name":"x","memory_mib":64,"vcpus":1,"kind":{"workload":{}},"disks":[{"path":"[shared] /etc/passwd","size_mib":1}]}"#,
+            "absolute",
+        ),
+        (
+            r#"{"name":"x","memory_mib":64,"vcpus":1,"kind":{"workload":{"dirty_rate_mib":18446744073709551615}}}"#,
+            "dirty rate",
+        ),
+        (
+            r#"{"name":"x","memory_mib":64,"vcpus":1,"kind":{"workload":{"working_set_mib":18446744073709551615}}}"#,
+            "working set",
+        ),
+        (
+            r#"{"name":"x","memory_mib":64,"vcpus":1,"kind":{"workload":{"working_set_mib":0}}}"#,
+            "working set",
+        ),
+    ];
+    for (body, says) in cases {
+        let (st, resp) = c.raw("POST", "/v1/vms", Some(body.as_bytes())).unwrap();
+        let text = String::from_utf8_lossy(&resp);
+        assert_eq!(st, 400, "{body}: {text}");
+        assert!(
+            text.contains(says),
+            "{body}: the answer should say {says:?}: {text}"
+        );
+    }
+    assert!(a.json(&["vm", "list"]).as_array().unwrap().is_empty());
+    let log = a.log();
+    assert!(
+        !log.contains("ERROR"),
+        "a bad request logged an ERROR:\n{log}"
+    );
+}

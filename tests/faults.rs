@@ -236,6 +236,21 @@ fn guest_intact(f: &LabFerry, host: &str, vm: &str) {
 }
 
 /// The source runs the guest again within `bound` of `since`.
+/// Wait (up to `secs`, polling every 5 ms) for process `pid` to die; when it was seen dead.
+/// Resume bounds are measured from this moment, the fault, not from when a later query
+/// happened to report the migration failed (by then the source may long have resumed).
+fn died_at(pid: u32, secs: u64) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !dead(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the destination agent (pid {pid}) did not die at the armed fault within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Instant::now()
+}
+
 fn source_resumed(f: &LabFerry, vm: &str, since: Instant, bound: Duration) {
     wait_for(
         "the source to resume the guest",
@@ -317,9 +332,10 @@ fn destination_killed_in_round(test: &str, round: u32) {
         f.slow_migration_link("a", "400mbit");
         let base = baseline(&lab, "a");
         arm(&lab, "b", &format!("dest:round:{round}"), "kill");
+        let pid_b = lab.host("b").unwrap().agent_pid.unwrap();
         let id = start(&f, "v", &["--max-rounds", "30"]);
+        let t_fault = died_at(pid_b, 60);
         let rec = finished(&f, &id, 60);
-        let t_fault = Instant::now();
         assert_eq!(rec["phase"], "failed", "{rec}");
         assert!(
             error_of(&rec).contains("lost the destination b"),
@@ -357,9 +373,10 @@ fn destination_killed_during_switchover_before_the_commit() {
         guest(&f, "v", "128M", "mixed", 16);
         let base = baseline(&lab, "a");
         arm(&lab, "b", "dest:before-prepared", "kill");
+        let pid_b = lab.host("b").unwrap().agent_pid.unwrap();
         let id = start(&f, "v", &[]);
+        let t = died_at(pid_b, 60);
         let rec = finished(&f, &id, 60);
-        let t = Instant::now();
         assert_eq!(rec["phase"], "failed", "{rec}");
         assert_eq!(rec["guest_on"], "source", "{rec}");
         source_resumed(&f, "v", t, RESUME_AFTER_RESET);
@@ -382,9 +399,10 @@ fn destination_killed_at_the_commit() {
         guest(&f, "v", "128M", "mixed", 16);
         let base = baseline(&lab, "a");
         arm(&lab, "b", "dest:commit", "kill");
+        let pid_b = lab.host("b").unwrap().agent_pid.unwrap();
         let id = start(&f, "v", &[]);
+        let t = died_at(pid_b, 60);
         let rec = finished(&f, &id, 60);
-        let t = Instant::now();
         assert_eq!(rec["phase"], "failed", "{rec}");
         assert_eq!(rec["guest_on"], "source", "{rec}");
         assert!(

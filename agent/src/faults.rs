@@ -12,6 +12,7 @@
 //! | `dest:memory` | destination, every page and the state applied, before the `--verify` digest: `corrupt` flips one bit of guest memory |
 //! | `source:corrupt` | source, the next `Pages` frame gets one payload byte flipped after its checksum |
 //! | `source:before-state` | source, guest paused, before its state is sent |
+//! | `source:before-streams` | source, `Ready` received, before it opens the data streams (e.g. `sleep:MS` holds the destination's data port open) |
 //!
 //! Actions: `kill` (the agent SIGKILLs itself), `fail` (the operation fails), `sleep:MS`,
 //! `corrupt` (for `source:corrupt` and `dest:memory`).
@@ -36,7 +37,7 @@ static ANY: AtomicBool = AtomicBool::new(false);
 /// Errors arming a fault.
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
-    #[error("unknown fault point {0:?}: one of dest:round:N, dest:before-prepared, dest:commit, dest:after-record, dest:create, dest:memory, source:corrupt, source:before-state")]
+    #[error("unknown fault point {0:?}: one of dest:round:N, dest:before-prepared, dest:commit, dest:after-record, dest:create, dest:memory, source:corrupt, source:before-state, source:before-streams")]
     Point(String),
     #[error("unknown fault action {0:?}: one of kill, fail, sleep:MS, corrupt")]
     Action(String),
@@ -54,6 +55,7 @@ impl Fault {
                 | "dest:memory"
                 | "source:corrupt"
                 | "source:before-state"
+                | "source:before-streams"
         ) || p
             .strip_prefix("dest:round:")
             .is_some_and(|n| n.parse::<u32>().is_ok());

@@ -18,5 +18,6 @@ pub mod faults;
 pub mod metrics;
 pub mod migrate;
 pub mod netpin;
+pub mod ratelimit;
 pub mod transport;
 pub mod vm;

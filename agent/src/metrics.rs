@@ -74,7 +74,7 @@ pub fn reason(e: &MigrateError) -> &'static str {
     match e {
         MigrateError::Cancelled => "cancelled",
         MigrateError::Refused(_) => "refused",
-        MigrateError::Timeout(_) => "timeout",
+        MigrateError::Timeout { .. } => "timeout",
         MigrateError::Policy(_) => "policy",
         MigrateError::Connect { .. } => "connect",
         MigrateError::Stream { .. } | MigrateError::Protocol(_) => "stream",

@@ -32,8 +32,8 @@ pub enum DatastoreError {
         path: PathBuf,
         why: String,
     },
-    #[error("disk {0:?}: the path must look like \"[datastore] dir/file.img\"")]
-    BadPath(String),
+    #[error("disk {0:?}: the path {1}")]
+    BadPath(String, &'static str),
     #[error(
         "disk {path:?}: datastore {name:?} is not configured on this host (add it to [datastores])"
     )]
@@ -75,11 +75,14 @@ impl Datastores {
             {
                 Ok(mut f) => {
                     let ident = Identity {
-                        id: format!(
-                            "{:016x}{:016x}",
-                            crate::migrate::random_u64(),
-                            crate::migrate::random_u64()
-                        ),
+                        id: {
+                            let r = || {
+                                crate::migrate::random_u64().map_err(|e| {
+                                    io(name, &idf)(std::io::Error::other(e.to_string()))
+                                })
+                            };
+                            format!("{:016x}{:016x}", r()?, r()?)
+                        },
                         name: name.clone(),
                         created_unix: std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
@@ -132,8 +135,15 @@ impl Datastores {
 
     /// Where a disk path lives on this host.
     pub fn resolve(&self, path: &str) -> Result<PathBuf, DatastoreError> {
-        let (store, rel) =
-            DiskSpec::parse_path(path).ok_or_else(|| DatastoreError::BadPath(path.to_string()))?;
+        if let Some(why) = DiskSpec::path_problem(path) {
+            return Err(DatastoreError::BadPath(path.to_string(), why));
+        }
+        let (store, rel) = DiskSpec::parse_path(path).ok_or_else(|| {
+            DatastoreError::BadPath(
+                path.to_string(),
+                "must look like \"[datastore] dir/file.img\"",
+            )
+        })?;
         let (dir, _) = self
             .stores
             .get(store)
@@ -147,8 +157,12 @@ impl Datastores {
     /// The directory of the datastore a disk path names, and the path inside it.
     pub fn locate<'a>(&self, path: &'a str) -> Result<(PathBuf, &'a str), DatastoreError> {
         self.resolve(path)?;
-        let (store, rel) =
-            DiskSpec::parse_path(path).ok_or_else(|| DatastoreError::BadPath(path.to_string()))?;
+        let (store, rel) = DiskSpec::parse_path(path).ok_or_else(|| {
+            DatastoreError::BadPath(
+                path.to_string(),
+                "must look like \"[datastore] dir/file.img\"",
+            )
+        })?;
         let dir = self
             .stores
             .get(store)

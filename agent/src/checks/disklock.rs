@@ -148,11 +148,11 @@ impl DiskLocks {
     /// Write `rec` to a temporary file in the lock directory; returns its path.
     fn write_temp(dir: &Path, rec: &LockRecord) -> Result<PathBuf, LockError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let tmp = dir.join(format!(
-            ".tmp-{}-{:016x}",
-            std::process::id(),
-            crate::migrate::random_u64()
-        ));
+        let nonce = crate::migrate::random_u64().map_err(|e| LockError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let tmp = dir.join(format!(".tmp-{}-{nonce:016x}", std::process::id()));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

@@ -35,6 +35,8 @@ pub struct PingReport {
 /// Errors of the probe.
 #[derive(Debug, thiserror::Error)]
 pub enum PingError {
+    #[error("{0}")]
+    Random(String),
     #[error("cannot open an ICMP socket (needs root / CAP_NET_RAW): {0}")]
     Socket(std::io::Error),
     #[error("cannot bind the probe to {what}: {source}")]
@@ -246,7 +248,8 @@ pub fn ping(
     timeout: Duration,
 ) -> Result<PingReport, PingError> {
     let s = Icmp::open(local, remote, iface)?;
-    let id = (crate::migrate::random_u64() & 0xffff) as u16;
+    let id = (crate::migrate::random_u64().map_err(|e| PingError::Random(e.to_string()))? & 0xffff)
+        as u16;
     let mut rtts = Vec::new();
     for seq in 0..count as u16 {
         let t = Instant::now();

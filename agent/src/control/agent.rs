@@ -102,7 +102,8 @@ fn vm_status(e: &VmError) -> u16 {
         | VmError::Raw(_)
         | VmError::Workload(_)
         | VmError::Service(_)
-        | VmError::Mismatch(_) => 400,
+        | VmError::Mismatch(_)
+        | VmError::Spec(_) => 400,
         VmError::State(..) => 409,
         _ => 500,
     }
@@ -346,6 +347,9 @@ pub struct HostInfo {
     pub memory_available_mib: u64,
     pub memory_reserve_mib: u64,
     pub memory_committed_mib: u64,
+    /// Why the memory figures above are unknown (they are 0 then), e.g. /proc/meminfo unreadable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_error: Option<String>,
     pub vms: usize,
 }
 
@@ -396,17 +400,25 @@ impl From<LockError> for AgentError {
 /// How many finished migrations `ferry migrations` remembers.
 pub const MIGRATIONS_KEPT: usize = 100;
 
-/// /proc/meminfo values in MiB: (total, available).
-pub fn host_memory() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+/// /proc/meminfo values in MiB: (total, available). A file that cannot be read (e.g. no fds
+/// left) or lacks a field is an error, never "0 MiB".
+pub fn host_memory() -> Result<(u64, u64), String> {
+    let text = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| format!("cannot read /proc/meminfo to learn how much memory is free: {e}"))?;
+    parse_meminfo(&text)
+}
+
+/// (MemTotal, MemAvailable) in MiB from the text of /proc/meminfo.
+pub fn parse_meminfo(text: &str) -> Result<(u64, u64), String> {
     let field = |name: &str| {
         text.lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kib| kib / 1024)
+            .map(|kib| kib / 1024)
+            .ok_or_else(|| format!("/proc/meminfo has no readable {name} line"))
     };
-    (field("MemTotal:"), field("MemAvailable:"))
+    Ok((field("MemTotal:")?, field("MemAvailable:")?))
 }
 
 impl Agent {
@@ -479,7 +491,10 @@ impl Agent {
     }
 
     pub fn host_info(&self) -> HostInfo {
-        let (total, avail) = host_memory();
+        let (total, avail, memory_error) = match host_memory() {
+            Ok((t, a)) => (t, a, None),
+            Err(e) => (0, 0, Some(e)),
+        };
         HostInfo {
             name: self.config.agent.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -490,13 +505,16 @@ impl Agent {
             memory_available_mib: avail,
             memory_reserve_mib: self.config.limits.memory_reserve_mib,
             memory_committed_mib: self.committed_mib(),
+            memory_error,
             vms: self.entries().len(),
         }
     }
 
     /// Refuse memory the host cannot give; on success the amount is reserved until released.
     fn reserve(&self, mib: u64) -> Result<Reservation<'_>, AgentError> {
-        let (total, avail) = host_memory();
+        let (total, avail) = host_memory().map_err(|e| {
+            AgentError::Internal(format!("{e}; cannot tell whether the VM fits, try again"))
+        })?;
         let reserve = self.config.limits.memory_reserve_mib;
         let committed = self.committed_mib();
         let can_total = total.saturating_sub(reserve).saturating_sub(committed);
@@ -582,7 +600,11 @@ impl Agent {
 
     /// This host, as a peer sees it; with the sizes of the given disk paths.
     pub fn host_facts(&self, disks: &[String]) -> HostFacts {
-        let (total, avail) = host_memory();
+        let (total, avail) = host_memory().unwrap_or_else(|e| {
+            // A peer's memory check then fails (room 0); say why here.
+            tracing::warn!(error = %e, "telling a peer this host has no room");
+            (0, 0)
+        });
         let reserve = self.config.limits.memory_reserve_mib;
         let committed = self.committed_mib();
         let room = total
@@ -1366,7 +1388,12 @@ impl Agent {
             )));
         }
         let encrypt = self.encrypts(&req.options, mig_cfg.encrypt)?;
-        let handle = Arc::new(MigrationHandle::new(mig::new_id(), &req.vm, "out", &req.to));
+        let handle = Arc::new(MigrationHandle::new(
+            mig::new_id().map_err(|e| AgentError::Internal(e.to_string()))?,
+            &req.vm,
+            "out",
+            &req.to,
+        ));
         self.register_migration(handle.clone());
         e.set_migration(Some(format!("out {}", handle.id)));
         let job = SourceJob {
@@ -1427,6 +1454,8 @@ impl Agent {
                         entry.set_migration(None);
                     }
                 }
+                drop(job);
+                crate::control::memory::give_back();
             });
         if let Err(err) = spawned {
             e.set_migration(None);
@@ -1885,3 +1914,18 @@ async fn blocking<T: Send + 'static>(
 
 /// How long to wait between heartbeat samples.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod meminfo_tests {
+    use super::parse_meminfo;
+
+    #[test]
+    fn meminfo_that_cannot_be_read_is_an_error_not_zero() {
+        let text = "MemTotal:       16384000 kB\nMemFree: 1 kB\nMemAvailable:    8192000 kB\n";
+        assert_eq!(parse_meminfo(text), Ok((16000, 8000)));
+        let e = parse_meminfo("").unwrap_err();
+        assert!(e.contains("MemTotal"), "{e}");
+        assert!(parse_meminfo("MemTotal: 5 kB\n").is_err());
+        assert!(parse_meminfo("MemTotal: x kB\nMemAvailable: 1 kB\n").is_err());
+    }
+}

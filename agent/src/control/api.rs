@@ -24,6 +24,9 @@
 //! | POST | `/v1/disks/unlock` | `{"disk": "[shared] dk/dk.img"}` | the stale lock's former holder (409 while its host is alive) |
 //! | POST | `/v1/ping` | `{"to": "b"}` (ICMP over the migration NIC) or with `"throughput": {"streams": 2, "secs": 3, "bytes": 0, "mode": "tcp"}` | probe result |
 //!
+//! Served by [`super::api_server`]: a request's head must arrive within 10 s, its body within
+//! 10 s (408) and 4 MiB (413), at most 128 connections at once.
+//!
 //! Errors are `{"error": {"status": 404, "code": "not_found", "message": "..."}}` with a 4xx
 //! status for requests that are wrong (malformed JSON with its line and column, unknown fields,
 //! unknown VM, bad shape, no room) and 5xx only for failures of the host.

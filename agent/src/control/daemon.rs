@@ -114,6 +114,7 @@ fn start_netpin(config: &Config) -> Result<Arc<crate::netpin::NetPin>, String> {
 
 /// Run the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    super::memory::tune();
     let hv = Hypervisor::open()?;
     hv.huge_pages.store(
         config.limits.huge_pages,
@@ -156,30 +157,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     if let Some(m) = &agent.config.management {
         let addr = std::net::SocketAddr::new(m.address, m.port);
         let l = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
             .map_err(|source| DaemonError::Listen { addr, source })?;
-        let a = agent.clone();
-        std::thread::Builder::new()
-            .name("peer-listener".into())
-            .spawn(move || {
-                for conn in l.incoming() {
-                    match conn {
-                        Ok(c) => {
-                            let host: Arc<dyn crate::migrate::dest::Host> = a.clone();
-                            let spawned = std::thread::Builder::new()
-                                .name("mig-in".into())
-                                .spawn(move || crate::migrate::dest::serve(c, host));
-                            if let Err(e) = spawned {
-                                tracing::error!(error = %e, "cannot start a thread for an incoming migration");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accepting a peer connection failed");
-                            std::thread::sleep(std::time::Duration::from_millis(100));
-                        }
-                    }
-                }
-            })
-            .map_err(|source| DaemonError::Listen { addr, source })?;
+        let host: Arc<dyn crate::migrate::dest::Host> = agent.clone();
+        tokio::spawn(super::peer::serve(l, host));
         tracing::info!(%addr, "listening for peer agents");
     }
 
@@ -248,9 +230,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     });
 
     let app = api::router(agent.clone());
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
+    let served = super::api_server::serve(listener, app, shutdown_signal()).await;
     sampler.abort();
     lease_renewer.abort();
     if let Some(w) = watchdog {

@@ -3,9 +3,12 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_server;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod memory;
+pub mod peer;
 pub mod sdnotify;
 
 /// An error and its causes on one line, each cause once (for the CLI and API messages).

@@ -382,7 +382,10 @@ pub fn serve(
         Err(e) => return Err(refuse(cw, e)),
     };
     let listener: TcpListener = transport::listen(local).map_err(|e| refuse(cw, e.to_string()))?;
-    let token = format!("{:016x}", super::random_u64());
+    let token = match super::random_u64() {
+        Ok(t) => format!("{t:016x}"),
+        Err(e) => return Err(refuse(cw, e.to_string())),
+    };
     cw.send_msg(
         Command::Ready,
         &Ready {
@@ -394,21 +397,11 @@ pub fn serve(
         },
     )?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut socks = Vec::new();
-    for _ in 0..req.streams {
-        let s = transport::accept_until(&listener, deadline)
-            .map_err(|e| MigrateError::Other(format!("waiting for blast streams: {e}")))?;
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let h: StreamHello = FrameReader::new(&s)
-            .read_frame()?
-            .msg(Command::StreamHello)?;
-        if h.token != token {
-            return Err(MigrateError::Refused(
-                "wrong token on a blast stream".into(),
-            ));
-        }
+    // As a migration's data port: strays and wrong tokens are closed and ignored (dest.rs).
+    let socks =
+        super::dest::accept_streams(&listener, None, "blast", &token, req.streams, deadline)?;
+    for s in &socks {
         let _ = s.set_read_timeout(Some(Duration::from_secs(30 + req.secs as u64)));
-        socks.push(s);
     }
     let t0 = Instant::now();
     let joins: Vec<_> = socks

@@ -110,25 +110,60 @@ enum StreamEvent {
     },
 }
 
-/// Serve one incoming control connection to its end.
+/// Serve one incoming control connection to its end, handshake included, over blocking I/O.
+/// (The agent authenticates peers on its async runtime instead, then calls [`serve_session`].)
 pub fn serve(conn: TcpStream, host: Arc<dyn Host>) {
     let peer = conn
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
-    if let Err(e) = handle(conn, host.as_ref(), &peer) {
-        tracing::warn!(peer = %peer, error = %crate::control::error_chain(&e), "incoming migration failed");
+    let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let opened = (|| -> Result<_, MigrateError> {
+        let mut cw = FrameWriter::new(conn.try_clone().map_err(protocol::ProtocolError::from)?);
+        let mut cr = FrameReader::new(BufReader::new(
+            conn.try_clone().map_err(protocol::ProtocolError::from)?,
+        ));
+        let (hello, _version) = super::session::accept(&mut cw, &mut cr, &host.identity())?;
+        Ok((cw, cr, hello))
+    })();
+    match opened {
+        Ok((cw, cr, hello)) => serve_session(conn, cw, cr, &hello.agent, host),
+        Err(e) => {
+            // Unauthenticated: nothing it said above debug level.
+            tracing::debug!(peer = %peer, error = %crate::migrate::untrusted::peer_text(&crate::control::error_chain(&e), 512), "peer handshake failed");
+        }
     }
 }
 
-fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateError> {
+/// Serve an authenticated control session to its end: `cw`/`cr` continue the handshake's
+/// frame numbering; `agent` is the name the peer proved.
+pub fn serve_session(
+    conn: TcpStream,
+    mut cw: FrameWriter<TcpStream>,
+    mut cr: FrameReader<BufReader<TcpStream>>,
+    agent: &str,
+    host: Arc<dyn Host>,
+) {
+    let peer = conn
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    if let Err(e) = handle(conn, &mut cw, &mut cr, host.as_ref(), &peer, agent) {
+        let agent = super::untrusted::peer_str(agent);
+        tracing::warn!(peer = %peer, agent = %agent, error = %crate::control::error_chain(&e), "incoming migration failed");
+    }
+}
+
+fn handle(
+    conn: TcpStream,
+    cw: &mut FrameWriter<TcpStream>,
+    cr: &mut FrameReader<BufReader<TcpStream>>,
+    host: &dyn Host,
+    peer: &str,
+    agent: &str,
+) -> Result<(), MigrateError> {
     let _ = conn.set_nodelay(true);
     let _ = transport::keepalive(&conn);
     let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let mut cw = FrameWriter::new(conn.try_clone().map_err(protocol::ProtocolError::from)?);
-    let mut cr = FrameReader::new(BufReader::new(
-        conn.try_clone().map_err(protocol::ProtocolError::from)?,
-    ));
-    let (hello, _version) = super::session::accept(&mut cw, &mut cr, &host.identity())?;
+    cr.set_timeout(Some(HANDSHAKE_TIMEOUT), "the peer's request");
     let first = cr.read_frame()?;
     if first.command == Command::Query {
         let q: super::query::Query = first.msg(Command::Query)?;
@@ -137,17 +172,17 @@ fn handle(conn: TcpStream, host: &dyn Host, peer: &str) -> Result<(), MigrateErr
     }
     if first.command == Command::Blast {
         let req: super::blast::BlastRequest = first.msg(Command::Blast)?;
-        return super::blast::serve(&mut cw, req, host.migration_addr());
+        return super::blast::serve(cw, req, host.migration_addr());
     }
     let setup: Setup = first.msg(Command::Setup)?;
     let handle = Arc::new(MigrationHandle::new(
-        setup.migration_id.clone(),
-        &setup.spec.name,
+        super::untrusted::peer_str(&setup.migration_id),
+        &super::untrusted::peer_str(&setup.spec.name),
         "in",
-        &format!("{} ({peer})", hello.agent),
+        &format!("{} ({peer})", super::untrusted::peer_str(agent)),
     ));
     host.register(handle.clone());
-    let result = receive(&conn, &mut cw, &mut cr, host, &setup, &handle, &hello.agent);
+    let result = receive(&conn, cw, cr, host, &setup, &handle, agent);
     match &result {
         Ok(summary) => handle.complete(summary.clone()),
         Err(e) => {
@@ -212,7 +247,7 @@ fn receive(
     let data_addr = listener
         .local_addr()
         .map_err(protocol::ProtocolError::from)?;
-    let token = format!("{:016x}{:016x}", super::random_u64(), super::random_u64());
+    let token = format!("{:016x}{:016x}", super::random_u64()?, super::random_u64()?);
     let data_key =
         cluster_key.map(|k| crate::transport::seal::data_key(&k, &setup.migration_id, &token));
     cw.send_msg(
@@ -223,37 +258,26 @@ fn receive(
         },
     )?;
 
-    // Data connections: each must name this migration, the token, and a fresh index.
-    let deadline = Instant::now() + STREAMS_TIMEOUT;
-    let mut streams: Vec<Option<FrameReader<BufReader<UringReader>>>> =
-        (0..n).map(|_| None).collect();
-    for _ in 0..n {
-        let s = transport::accept_until(&listener, deadline)
-            .map_err(|e| MigrateError::Other(format!("waiting for data connections: {e}")))?;
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        // The hello is read unbuffered, so no page bytes behind it are taken from the socket.
-        let hello: StreamHello = FrameReader::new(&s)
-            .read_frame()?
-            .msg(Command::StreamHello)?;
-        if hello.migration_id != setup.migration_id || hello.token != token {
-            return Err(refuse("a data connection presented the wrong token".into()));
-        }
-        let slot = streams
-            .get_mut(hello.index as usize)
-            .ok_or_else(|| refuse(format!("data stream index {} out of range", hello.index)))?;
-        if slot.is_some() {
-            return Err(refuse(format!(
-                "data stream {} connected twice",
-                hello.index
-            )));
-        }
-        let _ = s.set_read_timeout(None);
-        *slot = Some(FrameReader::with_seq(
-            BufReader::with_capacity(1 << 20, UringReader::new(s)),
-            1,
-        ));
-    }
+    // Data connections: each must name this migration, the token, and a fresh index; anything
+    // else is closed and ignored while the real ones are awaited.
+    let accepted = accept_streams(
+        &listener,
+        setup.source_addr,
+        &setup.migration_id,
+        &token,
+        n,
+        Instant::now() + STREAMS_TIMEOUT,
+    )?;
     drop(listener);
+    let streams: Vec<Option<FrameReader<BufReader<UringReader>>>> = accepted
+        .into_iter()
+        .map(|s| {
+            Some(FrameReader::with_seq(
+                BufReader::with_capacity(1 << 20, UringReader::new(s)),
+                1,
+            ))
+        })
+        .collect();
     handle.set_phase(Phase::Precopy);
 
     let (ev_tx, ev_rx) = mpsc::channel();
@@ -322,6 +346,7 @@ fn receive(
         // Pre-copy runs on the data streams; the control connection is quiet until the
         // switchover. A source that dies closes it.
         let _ = conn.set_read_timeout(None);
+        cr.set_timeout(None, "the switchover");
         let frame = match cr.read_frame() {
             Ok(f) => f,
             Err(e) => {
@@ -336,6 +361,10 @@ fn receive(
         };
         frame.expect(Command::State)?;
         let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+        cr.set_timeout(
+            Some(HANDSHAKE_TIMEOUT),
+            "the rest of the switchover from the source",
+        );
         handle.set_phase(Phase::Switchover);
         let mut payload = frame.payload;
         if let Some(k) = &data_key {
@@ -371,7 +400,12 @@ fn receive(
                 Ok(StreamEvent::Failed { stream, error }) => {
                     return Err(MigrateError::Stream { stream, error })
                 }
-                Err(_) => return Err(MigrateError::Timeout("the data streams to finish")),
+                Err(_) => {
+                    return Err(MigrateError::Timeout {
+                        what: "the data streams to finish",
+                        secs: HANDSHAKE_TIMEOUT.as_secs(),
+                    })
+                }
             }
         }
         for (i, (got, want)) in done.iter().zip(&complete.pages_per_stream).enumerate() {
@@ -489,6 +523,196 @@ fn receive(
     result
 }
 
+/// How long a data connection may take to present its `StreamHello`.
+const UNVERIFIED_TIMEOUT: Duration = Duration::from_secs(2);
+/// Unverified data connections held at once (more: the oldest is closed).
+const MAX_UNVERIFIED: usize = 32;
+/// Largest `StreamHello` payload (a real one is about 100 bytes).
+const MAX_STREAM_HELLO: u32 = 1024;
+
+/// Stray connections to data ports: one warning per interval.
+static STRAY_WARN: crate::ratelimit::RateLimit =
+    crate::ratelimit::RateLimit::new(Duration::from_secs(10));
+
+/// A data connection that has not shown its token yet: its `StreamHello` read so far.
+struct Unverified {
+    s: TcpStream,
+    from: std::net::SocketAddr,
+    since: Instant,
+    /// The frame as far as it is known: the header first, then header and payload.
+    buf: Vec<u8>,
+    /// Bytes of `buf` read so far.
+    got: usize,
+}
+
+impl Unverified {
+    /// Take `k` more bytes into account: None while more are needed, else whether the frame
+    /// is a well-formed `StreamHello` (its content is checked by the caller).
+    fn advance(&mut self, k: usize) -> Option<Result<(), &'static str>> {
+        self.got += k;
+        if self.got < self.buf.len() {
+            return None;
+        }
+        if self.buf.len() == protocol::HEADER_LEN {
+            let h = match protocol::FrameHeader::parse(&self.buf) {
+                Ok((h, Command::StreamHello)) if h.seq.get() == 0 => h,
+                _ => return Some(Err("not a stream hello")),
+            };
+            let len = h.payload_len.get();
+            if len == 0 || len > MAX_STREAM_HELLO {
+                return Some(Err("a hello of an impossible size"));
+            }
+            self.buf.resize(protocol::HEADER_LEN + len as usize, 0);
+            return None;
+        }
+        let h = match protocol::FrameHeader::parse(&self.buf[..protocol::HEADER_LEN]) {
+            Ok((h, _)) => h,
+            Err(_) => return Some(Err("not a stream hello")),
+        };
+        if crc32c::crc32c(&self.buf[protocol::HEADER_LEN..]) != h.payload_crc.get() {
+            return Some(Err("a hello with a bad checksum"));
+        }
+        Some(Ok(()))
+    }
+}
+
+/// Why a data connection was turned away (our words only: nothing the connection said).
+fn stray(from: std::net::SocketAddr, why: &'static str) {
+    tracing::debug!(%from, why, "closed a data connection that is not one of the migration's streams");
+    crate::warn_limited!(STRAY_WARN, %from, why, "ignored a stray connection to the data port");
+}
+
+/// Accept the `n` data streams of a migration on `listener` until `deadline`: only connections
+/// from `expect` (the source's migration address, when it said) are considered, each must
+/// present `StreamHello` with this migration's id and `token` and a free index within
+/// [`UNVERIFIED_TIMEOUT`]; all others are closed and ignored, without holding up the rest (the
+/// hellos are read without blocking, at most [`MAX_UNVERIFIED`] at once). The hello is read
+/// exactly, so no page bytes behind it leave the socket. Returns the streams by index.
+pub(super) fn accept_streams(
+    listener: &std::net::TcpListener,
+    expect: Option<IpAddr>,
+    migration_id: &str,
+    token: &str,
+    n: u32,
+    deadline: Instant,
+) -> Result<Vec<TcpStream>, MigrateError> {
+    use std::io::Read;
+    listener
+        .set_nonblocking(true)
+        .map_err(protocol::ProtocolError::from)?;
+    let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let mut pending: Vec<Unverified> = Vec::new();
+    let mut filled = 0;
+    while filled < n as usize {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(MigrateError::Other(format!(
+                "timed out after {} s waiting for the data connections: {filled} of {n} arrived",
+                STREAMS_TIMEOUT.as_secs()
+            )));
+        }
+        let mut progress = false;
+        loop {
+            match listener.accept() {
+                Ok((s, from)) => {
+                    progress = true;
+                    if expect.is_some_and(|ip| ip != from.ip()) {
+                        stray(from, "not from the source's migration address");
+                        continue;
+                    }
+                    if s.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if pending.len() >= MAX_UNVERIFIED {
+                        let old = pending.remove(0);
+                        stray(
+                            old.from,
+                            "crowded out by newer connections before its hello",
+                        );
+                    }
+                    pending.push(Unverified {
+                        s,
+                        from,
+                        since: now,
+                        buf: vec![0; protocol::HEADER_LEN],
+                        got: 0,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Out of fds and the like: try again on the next turn.
+                Err(_) => break,
+            }
+        }
+        let mut i = 0;
+        while i < pending.len() {
+            let u = &mut pending[i];
+            let got = u.s.read(&mut u.buf[u.got..]);
+            let verdict: Option<Result<(), &'static str>> = match got {
+                Ok(0) => Some(Err("closed before its hello")),
+                Ok(k) => {
+                    progress = true;
+                    u.advance(k)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if now.duration_since(u.since) > UNVERIFIED_TIMEOUT {
+                        Some(Err("no hello in time"))
+                    } else {
+                        None
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+                Err(_) => Some(Err("connection error before its hello")),
+            };
+            let Some(verdict) = verdict else {
+                i += 1;
+                continue;
+            };
+            let u = pending.swap_remove(i);
+            let hello = verdict.and_then(|()| {
+                protocol::json::<StreamHello>(&u.buf[protocol::HEADER_LEN..], "StreamHello")
+                    .map_err(|_| "an unreadable hello")
+            });
+            let taken = hello.and_then(|h| {
+                // Compared in full either way: no early exit that times the token.
+                let id_ok = h.migration_id == migration_id;
+                let token_ok = constant_time_eq(h.token.as_bytes(), token.as_bytes());
+                if !(id_ok && token_ok) {
+                    return Err("the wrong migration or token");
+                }
+                match slots.get(h.index as usize) {
+                    None => Err("a stream index out of range"),
+                    Some(Some(_)) => Err("a stream index already taken"),
+                    Some(None) => Ok(h.index as usize),
+                }
+            });
+            match taken {
+                Ok(idx) => {
+                    let s = u.s;
+                    s.set_nonblocking(false)
+                        .map_err(protocol::ProtocolError::from)?;
+                    let _ = s.set_nodelay(true);
+                    let _ = transport::keepalive(&s);
+                    use std::os::fd::AsRawFd;
+                    crate::netpin::mark_socket(s.as_raw_fd())
+                        .map_err(protocol::ProtocolError::from)?;
+                    slots[idx] = Some(s);
+                    filled += 1;
+                }
+                Err(why) => stray(u.from, why),
+            }
+        }
+        if !progress {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+/// Equality of two byte strings in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 /// The largest heartbeat gap across the switchover: from the last beat before the pause (read
 /// from the restored memory) to the first after the resume, in guest TSC time.
 fn observed_pause(vm: &Vm, before: &[crate::vm::workload::Heartbeat]) -> Option<u64> {
@@ -594,7 +818,13 @@ fn receive_stream(
                 let a: Abort = serde_json::from_slice(&payload).unwrap_or(Abort {
                     reason: "(unreadable)".into(),
                 });
-                return Err(protocol::ProtocolError::Aborted(a.reason).into());
+                return Err(
+                    protocol::ProtocolError::Aborted(super::untrusted::peer_text(
+                        &a.reason,
+                        super::untrusted::PEER_REASON_MAX,
+                    ))
+                    .into(),
+                );
             }
             other => {
                 return Err(protocol::ProtocolError::Unexpected {

@@ -74,14 +74,16 @@ pub enum MigrateError {
         source_digest: String,
         dest_digest: String,
     },
-    #[error("timed out waiting for {0}")]
-    Timeout(&'static str),
+    #[error("timed out after {secs} s waiting for {what}")]
+    Timeout { what: &'static str, secs: u64 },
     #[error("authentication: {0}")]
     Auth(String),
     #[error(transparent)]
     Ownership(#[from] ownership::OwnershipError),
     #[error(transparent)]
     Seal(#[from] crate::transport::seal::SealError),
+    #[error("{0}")]
+    Random(String),
     #[error("{0}")]
     Other(String),
 }
@@ -451,23 +453,21 @@ impl MigrationHandle {
 }
 
 /// A fresh migration id: "m-" and 8 hex digits from the kernel's random source.
-pub fn new_id() -> String {
-    format!("m-{:08x}", random_u64() as u32)
+pub fn new_id() -> Result<String, MigrateError> {
+    Ok(format!("m-{:08x}", random_u64()? as u32))
 }
 
-/// 64 random bits from /dev/urandom (falls back to time and pid, which only names things).
-pub fn random_u64() -> u64 {
+/// 64 random bits from the kernel (`getrandom(2)`). There is no fallback: nonces and data-stream
+/// tokens made from anything guessable would let a peer without the key in, so a failure is an
+/// error that stops what needed the number.
+pub fn random_u64() -> Result<u64, MigrateError> {
     let mut b = [0u8; 8];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .is_ok();
-    if ok {
-        return u64::from_le_bytes(b);
-    }
-    let t = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    t ^ (u64::from(std::process::id()) << 32)
+    getrandom::getrandom(&mut b).map_err(|e| {
+        MigrateError::Random(format!(
+            "the kernel's random source (getrandom) failed: {e}; nothing that needs a secret can be made without it"
+        ))
+    })?;
+    Ok(u64::from_le_bytes(b))
 }
 
 /// The data stream a page travels on.

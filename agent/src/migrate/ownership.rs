@@ -238,7 +238,13 @@ impl Ownership {
         };
         let dir = self.vm_dir(vm);
         std::fs::create_dir_all(&dir).map_err(Self::io(dir.clone()))?;
-        let tmp = dir.join(format!(".{:016x}.tmp", super::random_u64()));
+        let tmp = dir.join(format!(
+            ".{:016x}.tmp",
+            super::random_u64().map_err(|e| OwnershipError::Io {
+                path: dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+        ));
         let body = serde_json::to_vec_pretty(&r).unwrap_or_default();
         let written = (|| {
             let mut f = std::fs::File::create(&tmp)?;

@@ -57,6 +57,7 @@
 //! build's range are refused with [`ProtocolError::Version`].
 
 use std::io::{Read, Write};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -104,6 +105,13 @@ pub enum ProtocolError {
     Aborted(String),
     #[error("frames out of order: expected sequence {expected}, got {got}")]
     Sequence { expected: u32, got: u32 },
+    /// A read timeout ran out (what the kernel reports as `EAGAIN`, "os error 11").
+    #[error("timed out after {secs} s waiting for {what}: the peer went silent (stalled, or the network to it failed)")]
+    TimedOut { secs: u64, what: &'static str },
+    #[error(
+        "timed out waiting for {0}: the peer went silent (stalled, or the network to it failed)"
+    )]
+    TimedOutUnknown(&'static str),
 }
 
 /// What a frame is.
@@ -409,9 +417,15 @@ impl<W: Write> FrameWriter<W> {
 
 impl<W: Write> FrameWriter<W> {
     pub fn new(inner: W) -> Self {
+        Self::with_seq(inner, 0)
+    }
+
+    /// A writer whose next frame carries sequence number `seq` (frames before it were written
+    /// by another writer, e.g. the async handshake).
+    pub fn with_seq(inner: W, seq: u32) -> Self {
         FrameWriter {
             inner,
-            seq: 0,
+            seq,
             version: VERSION,
             bytes: 0,
         }
@@ -470,7 +484,10 @@ impl Frame {
             let a: Abort = serde_json::from_slice(&self.payload).unwrap_or(Abort {
                 reason: "(unreadable reason)".into(),
             });
-            return Err(ProtocolError::Aborted(a.reason));
+            return Err(ProtocolError::Aborted(super::untrusted::peer_text(
+                &a.reason,
+                super::untrusted::PEER_REASON_MAX,
+            )));
         }
         Err(ProtocolError::Unexpected {
             expected,
@@ -487,9 +504,10 @@ impl Frame {
 
 /// Decode a JSON payload; `what` names it in the error.
 pub fn json<T: DeserializeOwned>(payload: &[u8], what: &'static str) -> Result<T, ProtocolError> {
+    // serde's message may quote the peer's bytes: escaped and bounded.
     serde_json::from_slice(payload).map_err(|e| ProtocolError::Malformed {
         what,
-        why: e.to_string(),
+        why: super::untrusted::peer_text(&e.to_string(), 200),
     })
 }
 
@@ -511,6 +529,8 @@ pub struct FrameReader<R: Read> {
     seq: u32,
     /// Accept a `Hello` of any version (the server's first frame; see `session::accept`).
     hello_any_version: bool,
+    /// The connection's read timeout and what the next frame is, for the error when it runs out.
+    timeout: (Option<Duration>, &'static str),
     pub bytes: u64,
 }
 
@@ -526,7 +546,28 @@ impl<R: Read> FrameReader<R> {
             inner,
             seq,
             hello_any_version: false,
+            timeout: (None, "the peer's next message"),
             bytes: 0,
+        }
+    }
+
+    /// Say what the read timeout set on the connection underneath is and what the next frame
+    /// is, so that a timeout reads "timed out after 30 s waiting for Prepared" rather than
+    /// "Resource temporarily unavailable (os error 11)". It does not set the timeout.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>, what: &'static str) {
+        self.timeout = (timeout, what);
+    }
+
+    fn io_error(&self, e: std::io::Error) -> ProtocolError {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => match self.timeout {
+                (Some(d), what) => ProtocolError::TimedOut {
+                    secs: d.as_secs_f64().round() as u64,
+                    what,
+                },
+                (None, what) => ProtocolError::TimedOutUnknown(what),
+            },
+            _ => hung_up(e),
         }
     }
 
@@ -543,7 +584,9 @@ impl<R: Read> FrameReader<R> {
     /// Read the next frame into `payload` (reused between calls).
     pub fn next_into(&mut self, payload: &mut Vec<u8>) -> Result<(Command, u32), ProtocolError> {
         let mut hb = [0u8; HEADER_LEN];
-        self.inner.read_exact(&mut hb).map_err(hung_up)?;
+        self.inner
+            .read_exact(&mut hb)
+            .map_err(|e| self.io_error(e))?;
         let (h, cmd) = match FrameHeader::parse_any_version(&hb)? {
             (h, Command::Hello) if self.hello_any_version => (h, Command::Hello),
             _ => FrameHeader::parse(&hb)?,
@@ -557,7 +600,9 @@ impl<R: Read> FrameReader<R> {
         let len = h.payload_len.get() as usize;
         payload.clear();
         payload.resize(len, 0);
-        self.inner.read_exact(payload).map_err(hung_up)?;
+        self.inner
+            .read_exact(payload)
+            .map_err(|e| self.io_error(e))?;
         if crc32c::crc32c(payload) != h.payload_crc.get() {
             return Err(ProtocolError::PayloadCrc(cmd));
         }
@@ -619,6 +664,10 @@ pub struct Setup {
     /// Page frames on the data streams are sealed (AES-256-GCM, see `transport::seal`).
     #[serde(default)]
     pub encrypt: bool,
+    /// The address the source's data streams come from (its migration address): the
+    /// destination's data port ignores connections from anywhere else. None from older sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_addr: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -126,12 +126,13 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// A fresh 32-byte nonce, hex.
-pub fn nonce() -> String {
-    let parts: Vec<String> = (0..4)
-        .map(|_| format!("{:016x}", super::random_u64()))
-        .collect();
-    parts.concat()
+/// A fresh 32-byte nonce, hex (an error if the kernel's random source fails: no fallback).
+pub fn nonce() -> Result<String, MigrateError> {
+    let mut s = String::with_capacity(64);
+    for _ in 0..4 {
+        s.push_str(&format!("{:016x}", super::random_u64()?));
+    }
+    Ok(s)
 }
 
 /// Body of `Auth`.
@@ -176,7 +177,8 @@ pub fn connect(
     let mut r = FrameReader::new(BufReader::new(
         conn.try_clone().map_err(protocol::ProtocolError::from)?,
     ));
-    let nc = nonce();
+    r.set_timeout(Some(timeout), "the peer agent's answer");
+    let nc = nonce()?;
     w.set_version(protocol::MIN_VERSION);
     w.send_msg(
         Command::Hello,
@@ -205,7 +207,7 @@ pub fn connect(
             if !k.verify("ferry-server", &nc, &ack.nonce, &ack.agent, p) {
                 return Err(MigrateError::Auth(format!(
                     "{} ({peer}) did not prove it holds the cluster key: a different key or an impostor",
-                    ack.agent
+                    super::untrusted::peer_str(&ack.agent)
                 )));
             }
             let proof = k.proof("ferry-client", &ack.nonce, &nc, &me.agent);
@@ -229,12 +231,80 @@ pub fn connect(
         w,
         r,
         conn,
-        peer_agent: ack.agent,
+        peer_agent: super::untrusted::peer_str(&ack.agent),
         version: ack.version,
     })
 }
 
-/// Accept a session on the server side: negotiate, authenticate. Returns the client's Hello.
+/// The server's side of a Hello it accepted: the version chosen, the `HelloAck` to send, and
+/// the server's nonce the client's proof must cover.
+pub struct ServerHello {
+    pub version: u16,
+    pub ack: HelloAck,
+    pub nonce: String,
+}
+
+/// Answer a client's Hello (no I/O: the async peer listener and [`accept`] both use it).
+/// `Err(Refused(reason))`: no common version; send `Abort { reason }` stamped with
+/// [`protocol::MIN_VERSION`] and close.
+pub fn answer_hello(hello: &Hello, me: &Identity) -> Result<ServerHello, MigrateError> {
+    let Some(version) = protocol::negotiate(
+        (hello.min_version, hello.max_version),
+        (protocol::MIN_VERSION, protocol::VERSION),
+    ) else {
+        return Err(MigrateError::Refused(format!(
+            "no common protocol version: the peer speaks {}..={}, this agent {}..={}",
+            hello.min_version,
+            hello.max_version,
+            protocol::MIN_VERSION,
+            protocol::VERSION
+        )));
+    };
+    let ns = nonce()?;
+    let proof = me
+        .key
+        .as_ref()
+        .map(|k| k.proof("ferry-server", &hello.nonce, &ns, &me.agent));
+    Ok(ServerHello {
+        version,
+        ack: HelloAck {
+            version,
+            agent: me.agent.clone(),
+            nonce: ns.clone(),
+            proof,
+        },
+        nonce: ns,
+    })
+}
+
+/// Check the client's `Auth` against the Hello and the server's nonce. The error names the
+/// client only through [`super::untrusted::peer_str`]: it has not proven anything yet.
+pub fn check_auth(
+    me: &Identity,
+    server: &ServerHello,
+    hello: &Hello,
+    auth: &Auth,
+) -> Result<(), MigrateError> {
+    let Some(k) = &me.key else { return Ok(()) };
+    if k.verify(
+        "ferry-client",
+        &server.nonce,
+        &hello.nonce,
+        &hello.agent,
+        &auth.proof,
+    ) {
+        Ok(())
+    } else {
+        Err(MigrateError::Auth(format!(
+            "{} failed to prove it holds the cluster key",
+            super::untrusted::peer_str(&hello.agent)
+        )))
+    }
+}
+
+/// Accept a session on the server side over blocking I/O: negotiate, authenticate. Returns the
+/// client's Hello. (The agent's listener does the same on its async runtime, see
+/// `control::peer`.)
 pub fn accept(
     w: &mut FrameWriter<TcpStream>,
     r: &mut FrameReader<BufReader<TcpStream>>,
@@ -246,60 +316,35 @@ pub fn accept(
     let hello = r.read_frame();
     r.accept_any_hello_version(false);
     let hello: Hello = hello?.msg(Command::Hello)?;
-    let Some(version) = protocol::negotiate(
-        (hello.min_version, hello.max_version),
-        (protocol::MIN_VERSION, protocol::VERSION),
-    ) else {
-        let reason = format!(
-            "no common protocol version: the peer speaks {}..={}, this agent {}..={}",
-            hello.min_version,
-            hello.max_version,
-            protocol::MIN_VERSION,
-            protocol::VERSION
-        );
-        w.set_version(protocol::MIN_VERSION);
-        let _ = w.send_msg(
-            Command::Abort,
-            &Abort {
-                reason: reason.clone(),
-            },
-        );
-        return Err(MigrateError::Refused(reason));
+    let server = match answer_hello(&hello, me) {
+        Ok(s) => s,
+        Err(MigrateError::Refused(reason)) => {
+            w.set_version(protocol::MIN_VERSION);
+            let _ = w.send_msg(
+                Command::Abort,
+                &Abort {
+                    reason: reason.clone(),
+                },
+            );
+            return Err(MigrateError::Refused(reason));
+        }
+        Err(e) => return Err(e),
     };
-    w.set_version(version);
-    let ns = nonce();
-    let proof = me
-        .key
-        .as_ref()
-        .map(|k| k.proof("ferry-server", &hello.nonce, &ns, &me.agent));
-    w.send_msg(
-        Command::HelloAck,
-        &HelloAck {
-            version,
-            agent: me.agent.clone(),
-            nonce: ns.clone(),
-            proof,
-        },
-    )?;
-    if let Some(k) = &me.key {
-        let auth: Auth = match r.read_frame() {
-            Ok(f) => f.msg(Command::Auth)?,
-            Err(e) => return Err(e.into()),
-        };
-        if !k.verify("ferry-client", &ns, &hello.nonce, &hello.agent, &auth.proof) {
+    w.set_version(server.version);
+    w.send_msg(Command::HelloAck, &server.ack)?;
+    if me.key.is_some() {
+        let auth: Auth = r.read_frame()?.msg(Command::Auth)?;
+        if let Err(e) = check_auth(me, &server, &hello, &auth) {
             let _ = w.send_msg(
                 Command::Abort,
                 &Abort {
                     reason: "authentication failed".into(),
                 },
             );
-            return Err(MigrateError::Auth(format!(
-                "{} failed to prove it holds the cluster key",
-                hello.agent
-            )));
+            return Err(e);
         }
     }
-    Ok((hello, version))
+    Ok((hello, server.version))
 }
 
 #[cfg(test)]
@@ -310,7 +355,7 @@ mod tests {
     fn proofs_bind_key_role_nonces_and_name() {
         let k = ClusterKey::from_bytes(&[7u8; 32]);
         let other = ClusterKey::from_bytes(&[8u8; 32]);
-        let (a, b) = (nonce(), nonce());
+        let (a, b) = (nonce().unwrap(), nonce().unwrap());
         assert_ne!(a, b);
         let p = k.proof("ferry-client", &a, &b, "x");
         assert!(k.verify("ferry-client", &a, &b, "x", &p));
@@ -318,7 +363,7 @@ mod tests {
         assert!(!k.verify("ferry-server", &a, &b, "x", &p));
         assert!(!k.verify("ferry-client", &b, &a, "x", &p));
         assert!(
-            !k.verify("ferry-client", &a, &nonce(), "x", &p),
+            !k.verify("ferry-client", &a, &nonce().unwrap(), "x", &p),
             "a new nonce defeats replay"
         );
         assert!(!k.verify("ferry-client", &a, &b, "y", &p));

@@ -614,6 +614,7 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
             let e = match e {
                 MigrateError::Stream { .. } | MigrateError::Protocol(_) => {
                     let _ = ctl.set_read_timeout(Some(Duration::from_secs(1)));
+                    cr.set_timeout(Some(Duration::from_secs(1)), "the destination's reason");
                     match cr.read_frame().and_then(|f| f.expect(Command::Ready)) {
                         Err(protocol::ProtocolError::Aborted(reason)) => {
                             MigrateError::Refused(reason)
@@ -671,19 +672,17 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
     );
     job.handle.set_phase(Phase::Committed);
     let _ = ctl.set_read_timeout(Some(RESUMED_TIMEOUT));
+    cr.set_timeout(Some(RESUMED_TIMEOUT), "Resumed");
     let resumed: Resumed = match cr.read_frame().and_then(|f| f.msg(Command::Resumed)) {
         Ok(r) => r,
         Err(e) => {
             let error = match e {
                 protocol::ProtocolError::Aborted(reason) => MigrateError::Refused(reason),
-                protocol::ProtocolError::Io(io)
-                    if matches!(
-                        io.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    MigrateError::Timeout("`Resumed` from the destination after the commit")
-                }
+                protocol::ProtocolError::TimedOut { .. }
+                | protocol::ProtocolError::TimedOutUnknown(_) => MigrateError::Timeout {
+                    what: "`Resumed` from the destination after the commit",
+                    secs: RESUMED_TIMEOUT.as_secs(),
+                },
                 e => e.into(),
             };
             let _ = ctl.shutdown(std::net::Shutdown::Both);
@@ -704,6 +703,7 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
     // The guest runs there: now the streams may take their time to wind down.
     drop(state_done.streams);
     let _ = ctl.set_read_timeout(Some(Duration::from_secs(3)));
+    cr.set_timeout(Some(Duration::from_secs(3)), "Observed");
     if let Ok(o) = cr
         .read_frame()
         .and_then(|f| f.msg::<Observed>(Command::Observed))
@@ -764,6 +764,7 @@ fn precopy_and_prepare(
             regions: mem.layout(),
             streams: n,
             encrypt: job.options.encrypt,
+            source_addr: Some(job.local_migration),
         },
     )?;
     let ready: Ready = match cr.read_frame()?.msg(Command::Ready) {
@@ -779,6 +780,9 @@ fn precopy_and_prepare(
     let data_key =
         cluster_key.map(|k| crate::transport::seal::data_key(&k, &job.handle.id, &ready.token));
 
+    if crate::faults::armed() {
+        crate::faults::hit("source:before-streams");
+    }
     // Data streams and their workers.
     let cache_pages = ((mem.size() as f64 * job.options.cache_percent / 100.0) / PAGE as f64)
         as usize
@@ -1021,17 +1025,15 @@ fn eng_run(
         .get_ref()
         .get_ref()
         .set_read_timeout(Some(PREPARED_TIMEOUT + digest_time));
+    cr.set_timeout(Some(PREPARED_TIMEOUT + digest_time), "Prepared");
     let prepared: Prepared = match cr
         .read_frame()
         .map_err(|e| match e {
-            protocol::ProtocolError::Io(io)
-                if matches!(
-                    io.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                MigrateError::Timeout("the destination to prepare (the guest is paused)")
-            }
+            protocol::ProtocolError::TimedOut { .. }
+            | protocol::ProtocolError::TimedOutUnknown(_) => MigrateError::Timeout {
+                what: "the destination to prepare (the guest is paused)",
+                secs: (PREPARED_TIMEOUT + digest_time).as_secs(),
+            },
             e => e.into(),
         })?
         .msg(Command::Prepared)

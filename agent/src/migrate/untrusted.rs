@@ -4,11 +4,46 @@
 //! any input; `fuzz/` drives it with cargo-fuzz (nightly), and the unit test below with a
 //! bounded mutation run on stable, in CI.
 
+use std::fmt::Write as _;
 use std::io::Cursor;
 
 use super::codec;
 use super::protocol::{self, Command, FrameReader};
 use crate::vm::memory::PAGE_SIZE;
+
+/// How many characters of a peer's name [`peer_str`] keeps.
+pub const PEER_NAME_MAX: usize = 64;
+/// How many characters of a peer's reason (an `Abort`) [`peer_text`] keeps by default.
+pub const PEER_REASON_MAX: usize = 512;
+
+/// A peer-supplied name made safe for a log line, an error, the API or a terminal: control
+/// characters (newlines, ESC of ANSI sequences, …) escaped as `\n`, `\u{1b}`, and at most
+/// [`PEER_NAME_MAX`] characters kept (then "…"). Use it on everything a peer said before it
+/// reaches a human.
+pub fn peer_str(s: &str) -> String {
+    peer_text(s, PEER_NAME_MAX)
+}
+
+/// [`peer_str`] with a chosen bound (`max` characters of the original, escapes not counted).
+pub fn peer_text(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max) + 8);
+    for (n, c) in s.chars().enumerate() {
+        if n == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
+            let _ = write!(out, "{}", c.escape_default());
+        } else if c == '\\' {
+            out.push_str("\\\\");
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// What [`decode_all`] got through.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +119,32 @@ fn content(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_strings_are_escaped_and_bounded() {
+        let forged =
+            "b\n2026-11-30T00:00:00Z  INFO ferry: \x1b[32mincoming migration committed\x1b[0m";
+        let s = peer_str(forged);
+        assert!(!s.chars().any(char::is_control), "{s:?}");
+        assert!(s.starts_with("b\\n2026"), "{s:?}");
+        assert!(s.contains("\\u{1b}[32m"), "{s:?}");
+        assert!(s.ends_with('…'));
+        let big = "x".repeat(3 << 20);
+        let s = peer_str(&big);
+        assert_eq!(s.chars().count(), PEER_NAME_MAX + 1);
+        assert_eq!(peer_str("agent-b"), "agent-b");
+        assert_eq!(peer_str(""), "");
+        assert_eq!(peer_str("é€ name"), "é€ name");
+        assert_eq!(
+            peer_str("a\\nb"),
+            "a\\\\nb",
+            "a literal backslash-n differs from an escaped newline"
+        );
+        assert_eq!(peer_str("rtl\u{202e}x"), "rtl\\u{202e}x");
+        assert_eq!(peer_text("abcdef", 3), "abc…");
+        assert_eq!(peer_text("abc", 3), "abc");
+        assert_eq!(peer_str("tab\there\r\0"), "tab\\there\\r\\u{0}");
+    }
     use crate::migrate::protocol::{encode_frame, push_record, Encoding};
     use std::time::{Duration, Instant};
 

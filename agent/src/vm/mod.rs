@@ -61,6 +61,8 @@ pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_MEMORY_MIB: u64 = (x86::MAX_MAPPED >> 20) - 1024;
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = workload::MAX_VCPUS;
+/// Highest dirty rate a workload guest may ask for, MiB/s (1 TiB/s: far above any memory bus).
+pub const MAX_DIRTY_RATE_MIB: u64 = 1 << 20;
 
 /// Errors of the guest runtime.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +99,9 @@ pub enum VmError {
     Mismatch(String),
     #[error("{0}")]
     Device(String),
+    /// A request that cannot be right (an API 400): the message says what to change.
+    #[error("{0}")]
+    Spec(String),
 }
 
 /// Which program the guest runs.
@@ -154,6 +159,33 @@ pub struct DiskSpec {
 }
 
 impl DiskSpec {
+    /// Why a disk path is not acceptable, or None when it is.
+    pub fn path_problem(path: &str) -> Option<&'static str> {
+        let Some(rest) = path.trim().strip_prefix('[') else {
+            return Some("must look like \"[datastore] dir/file.img\"");
+        };
+        let Some((store, rel)) = rest.split_once(']') else {
+            return Some("must look like \"[datastore] dir/file.img\" (no closing ']')");
+        };
+        let rel = rel.trim();
+        if store.trim().is_empty() {
+            return Some("names no datastore; write \"[datastore] dir/file.img\"");
+        }
+        if rel.is_empty() {
+            return Some("names no file after the datastore");
+        }
+        if rel.starts_with('/') {
+            return Some("is absolute after the datastore; give a path relative to the datastore");
+        }
+        if rel.split('/').any(|c| c == "..") {
+            return Some("uses '..', which would leave the datastore; give a path inside it");
+        }
+        if rel.split('/').any(str::is_empty) {
+            return Some("has an empty component ('//' or a trailing '/')");
+        }
+        None
+    }
+
     /// Split `[store] rel/path` into the datastore name and the relative path.
     pub fn parse_path(path: &str) -> Option<(&str, &str)> {
         let rest = path.trim().strip_prefix('[')?;
@@ -204,17 +236,30 @@ impl VmSpec {
         if self.memory_mib > MAX_MEMORY_MIB {
             return Err(VmError::MemoryTooLarge(self.memory_mib));
         }
-        for d in &self.disks {
-            if DiskSpec::parse_path(&d.path).is_none() {
-                return Err(VmError::Device(format!(
-                    "disk path {:?} is not of the form \"[datastore] dir/file.img\"",
-                    d.path
+        if let GuestKind::Workload(p) = &self.kind {
+            if p.dirty_rate_mib > MAX_DIRTY_RATE_MIB {
+                return Err(VmError::Spec(format!(
+                    "dirty rate of {} MiB/s is more than any host can write (at most {MAX_DIRTY_RATE_MIB} MiB/s; 0 = idle)",
+                    p.dirty_rate_mib
                 )));
+            }
+            if let Some(ws) = p.working_set_mib {
+                if ws == 0 || ws > self.memory_mib {
+                    return Err(VmError::Spec(format!(
+                        "working set of {ws} MiB must be between 1 MiB and the VM's memory ({} MiB); leave it out for all of memory",
+                        self.memory_mib
+                    )));
+                }
+            }
+        }
+        for d in &self.disks {
+            if let Some(why) = DiskSpec::path_problem(&d.path) {
+                return Err(VmError::Spec(format!("disk path {:?}: {why}", d.path)));
             }
         }
         for n in &self.nics {
             if parse_mac(&n.mac).is_none() {
-                return Err(VmError::Device(format!(
+                return Err(VmError::Spec(format!(
                     "NIC MAC {:?} is not a unicast MAC like 52:54:00:12:34:56",
                     n.mac
                 )));
@@ -222,7 +267,7 @@ impl VmSpec {
         }
         self.cpu
             .hidden()
-            .map_err(|e| VmError::Device(e.to_string()))?;
+            .map_err(|e| VmError::Spec(e.to_string()))?;
         if let GuestKind::Service(p) = &self.kind {
             p.validate(self)?;
         }
