@@ -77,6 +77,8 @@ enum Command {
     },
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum BenchWhat {
     /// Workload guest in the lab: requested vs measured dirty rate, heartbeat rate, agent CPU,
