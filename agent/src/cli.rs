@@ -1105,6 +1105,20 @@ fn human_record(r: &MigrationRecord) -> String {
                     }
                 );
             }
+            if sm.devices != Default::default() {
+                s += &format!(
+                    "  devices       {} of virtio state; {} block request{} drained at the pause; {} frame{} for the guest carried\n",
+                    if sm.devices.state_bytes < 1 << 20 {
+                        format!("{:.1} KiB", sm.devices.state_bytes as f64 / 1024.0)
+                    } else {
+                        mib(sm.devices.state_bytes)
+                    },
+                    sm.devices.io_drained,
+                    if sm.devices.io_drained == 1 { "" } else { "s" },
+                    sm.devices.rx_frames_carried,
+                    if sm.devices.rx_frames_carried == 1 { "" } else { "s" },
+                );
+            }
             s += &format!(
                 "  encryption    {}\n",
                 match (&sm.cipher, sm.encrypted) {

@@ -243,6 +243,17 @@ pub fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The release build users deploy (benchmarks measure it): `target/release/ferry`.
+pub fn build_ferry_release() -> Result<PathBuf> {
+    println!("building ferry with the release profile (what users deploy; benchmarks measure it)");
+    run(cargo().args(["build", "--release", "-p", "ferry"]))?;
+    let bin = workspace_root().join("target/release/ferry");
+    if !bin.is_file() {
+        bail!("{} was not built", bin.display());
+    }
+    Ok(bin)
+}
+
 pub fn build_ferry() -> Result<PathBuf> {
     run(cargo().args(["build", "-p", "ferry"]))?;
     let bin = workspace_root().join("target/debug/ferry");
@@ -373,6 +384,21 @@ pub fn demo() -> Result<()> {
     let c = Client::new(&a.socket);
     println!("demo: creating vm1 on host a: 1 GiB, 2 vCPUs, mixed memory, dirtying 64 MiB/s");
     let _: VmInfo = c.post("/v1/vms", &workload("vm1", 1024, 2, Profile::Mixed, 64))?;
+    let svc_ip = lab::vm_addr(10)?;
+    println!(
+        "demo: creating web1 on host a: the service guest, a virtio NIC on port group vm-net \
+         ({svc_ip}), a virtio disk on [shared], journaling 200 records/s"
+    );
+    let _: VmInfo = c.post(
+        "/v1/vms",
+        &crate::continuity::service_guest("web1", 10, "52:54:00:de:00:01", 256, 200, 64, 16)?,
+    )?;
+    crate::continuity::wait_ready(&c, "web1")?;
+    println!(
+        "demo: a client in namespace {} pings web1 every 10 ms and reads its TCP counter stream",
+        lab.client_netns()
+    );
+    let mut watcher = crate::continuity::Watcher::start(&lab, svc_ip, Duration::from_secs(3600))?;
     let state = lab.detach();
     state.save()?;
     wait("vm1 to fill its memory", 120, || filled(&c, "vm1"))?;
@@ -386,12 +412,30 @@ pub fn demo() -> Result<()> {
     println!("\ndemo: letting vm1 run on b for two seconds, then its heartbeat there");
     std::thread::sleep(Duration::from_secs(2));
     ferry(&["--host", "b", "vm", "inspect", "vm1"])?;
+    println!("\ndemo: now web1, while its client pings it and reads its TCP stream");
+    let (view, t0, t1) = watcher.migrate("demo", &c, "web1", "a", "b")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut views = vec![(view, t0, t1)];
+    let summary = watcher.finish(&mut views)?;
+    let v = &views[0].0;
+    println!(
+        "web1 a->b: {:.2} s, downtime {:.1} ms; the client saw {} pings answered and {} lost, \
+         the largest gap between replies {:.1} ms, the TCP stream's largest stall {:.1} ms\n{summary}",
+        v.total_s,
+        v.downtime_ms,
+        v.pings_answered,
+        v.pings_lost,
+        v.max_ping_gap_ms,
+        v.max_stream_stall_ms
+    );
+    ferry(&["--host", "b", "vm", "inspect", "web1"])?;
     ferry(&["--host", "a", "vm", "list"])?;
     ferry(&["--host", "b", "vm", "list"])?;
     println!(
         "\nThe lab stays up. Try `target/debug/ferry --host b migrate vm1 --to a`, \
-         `target/debug/ferry --host a migrations`, `cargo xtask lab status`; \
-         remove it with `cargo xtask lab down`."
+         `target/debug/ferry --host a migrations`, `cargo xtask lab status`, \
+         `ip netns exec {} ping {svc_ip}`; remove it with `cargo xtask lab down`.",
+        lab::client_netns_name(lab::DEFAULT_NAME)
     );
     Ok(())
 }

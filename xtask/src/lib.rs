@@ -7,6 +7,7 @@
 //! - [`guest`]: the service guest's reproducible build (`guest/ferry-guest.bin`).
 
 pub mod client;
+pub mod continuity;
 pub mod dev;
 pub mod dist;
 pub mod guest;

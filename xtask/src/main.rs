@@ -116,6 +116,15 @@ enum BenchWhat {
     /// content x dirty rate x streams x compression x zero-copy; a table, JSON lines, markdown,
     /// SVG plots in target/bench/, and the goals met or missed. `--quick`: a subset, < 2 min.
     Matrix(MatrixArgs),
+    /// What a guest's users see (release build): the service guest with a NIC and a disk, a
+    /// client pinging it every 10 ms and reading its TCP stream; per scenario (idle, dirtying 64
+    /// MiB/s, journaling) and migration: pings lost, largest ping gap, largest TCP stall,
+    /// downtime, device state (table, and target/bench/continuity.jsonl).
+    Continuity {
+        /// Migrations per scenario.
+        #[arg(long, default_value_t = 3)]
+        moves: u32,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -246,6 +255,7 @@ fn run(cli: Cli) -> Result<()> {
                 encrypt,
             } => xtask::dev::bench_migrate(memory_mib, &rates, repeat, encrypt),
             BenchWhat::Matrix(m) => bench_matrix(m),
+            BenchWhat::Continuity { moves } => xtask::continuity::bench(moves),
         },
     }
 }
