@@ -89,16 +89,12 @@ fn client_namespace_reaches_the_vm_network_of_both_hosts() {
         Some("a-up")
     );
 
-    // The port moves to host b. Until it speaks there, the switch still sends its frames to
-    // a-up (what the agent's RARP announcement fixes for a migrated guest); once it has sent a
-    // packet from b, the switch learns it behind b-up and the client reaches it.
+    // The port moves to host b. Once it has sent a packet from b (what the agent's RARP
+    // announcement does for a migrated guest), the switch learns it behind b-up and the client
+    // reaches it. (Whether the switch still points at a-up before that depends on what the
+    // kernel sends when the port comes up, e.g. IPv6 neighbour discovery: not asserted.)
     lab.exec("a", &["ip", "link", "del", "gtap0"]).unwrap();
     plug_port(&lab, "b", "198.18.2.10/24");
-    assert_eq!(
-        fdb_port(&sw, SWITCH_BRIDGE, MAC).unwrap().as_deref(),
-        Some("a-up"),
-        "the switch has not seen the port on b yet"
-    );
     lab.exec(
         "b",
         &[
