@@ -1109,7 +1109,7 @@ fn human_record(r: &MigrationRecord) -> String {
                 s += &format!(
                     "  devices       {} of virtio state; {} block request{} drained at the pause; {} frame{} for the guest carried\n",
                     if sm.devices.state_bytes < 1 << 20 {
-                        format!("{:.1} KiB", sm.devices.state_bytes as f64 / 1024.0)
+                        format!("{} bytes", sm.devices.state_bytes)
                     } else {
                         mib(sm.devices.state_bytes)
                     },
@@ -1576,7 +1576,7 @@ fn human_info(i: &VmInfo) -> String {
                 }
             ),
         };
-        s += &format!("disk:        {} ({holder})\n", l.disk);
+        s += &format!("disk lock:   {} ({holder})\n", l.disk);
     }
     if let Some(d) = &i.dirty_rate {
         let measured = d.measured_mib_per_sec.map_or_else(
