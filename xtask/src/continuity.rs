@@ -164,6 +164,11 @@ impl Watcher {
             .context("the pinger was already stopped")?
             .stop()?;
         let stream = self.counter.stop();
+        // A move's window ends where the next one starts, so no lost ping counts twice.
+        for i in 1..views.len() {
+            let next = views[i].1;
+            views[i - 1].2 = views[i - 1].2.min(next);
+        }
         for (v, t0, t1) in views.iter_mut() {
             let (answered, lost, gap) = ping.window(*t0, *t1);
             v.pings_answered = answered;
