@@ -368,7 +368,10 @@ pub fn receive(
                     let Some(dev) = nets.get(usize::from(*nic)) else {
                         return Err(ProtocolError::Malformed {
                             what: "NetFrames",
-                            why: format!("record {k} names NIC {nic}; the guest has {}", nets.len()),
+                            why: format!(
+                                "record {k} names NIC {nic}; the guest has {}",
+                                nets.len()
+                            ),
                         }
                         .into());
                     };
