@@ -121,6 +121,31 @@ pub fn parse_records(payload: &[u8], count: u32) -> Result<Vec<(u16, &[u8])>, Pr
     Ok(out)
 }
 
+/// Sort parsed records by NIC (index into `macs`), refusing the whole payload if any record
+/// names a NIC the guest does not have or is not addressed to that NIC's MAC.
+pub fn by_nic(
+    records: &[(u16, &[u8])],
+    macs: &[[u8; 6]],
+) -> Result<Vec<Vec<Vec<u8>>>, ProtocolError> {
+    let mut out: Vec<Vec<Vec<u8>>> = vec![Vec::new(); macs.len()];
+    for (k, (nic, frame)) in records.iter().enumerate() {
+        let Some(mac) = macs.get(usize::from(*nic)) else {
+            return Err(ProtocolError::Malformed {
+                what: "NetFrames",
+                why: format!("record {k} names NIC {nic}; the guest has {}", macs.len()),
+            });
+        };
+        if !addressed_to(frame, mac) {
+            return Err(ProtocolError::Malformed {
+                what: "NetFrames",
+                why: format!("record {k} is not addressed to NIC {nic}'s MAC"),
+            });
+        }
+        out[usize::from(*nic)].push(frame.to_vec());
+    }
+    Ok(out)
+}
+
 /// The source's forwarder thread.
 pub struct Forwarder {
     join: JoinHandle<ForwardStats>,
@@ -362,28 +387,8 @@ pub fn receive(
                 if let Some(s) = &seal {
                     s.open(fr.last_seq(), &mut payload)?;
                 }
-                let recs = parse_records(&payload, count)?;
-                let mut per_nic: Vec<Vec<Vec<u8>>> = vec![Vec::new(); nets.len()];
-                for (k, (nic, frame)) in recs.iter().enumerate() {
-                    let Some(dev) = nets.get(usize::from(*nic)) else {
-                        return Err(ProtocolError::Malformed {
-                            what: "NetFrames",
-                            why: format!(
-                                "record {k} names NIC {nic}; the guest has {}",
-                                nets.len()
-                            ),
-                        }
-                        .into());
-                    };
-                    if !addressed_to(frame, &dev.mac()) {
-                        return Err(ProtocolError::Malformed {
-                            what: "NetFrames",
-                            why: format!("record {k} is not addressed to NIC {nic}'s MAC"),
-                        }
-                        .into());
-                    }
-                    per_nic[usize::from(*nic)].push(frame.to_vec());
-                }
+                let macs: Vec<[u8; 6]> = nets.iter().map(|n| n.mac()).collect();
+                let per_nic = by_nic(&parse_records(&payload, count)?, &macs)?;
                 for (dev, frames) in nets.iter().zip(per_nic) {
                     if !frames.is_empty() {
                         dev.receive_forwarded(frames);
@@ -448,5 +453,26 @@ mod tests {
         let e = parse_records(&huge, 1).unwrap_err().to_string();
         assert!(e.contains("65537 bytes"), "{e}");
         assert!(parse_records(&[], 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn only_frames_for_the_named_nic_are_taken() {
+        let macs = [[0x52, 0x54, 0, 0, 0, 1], [0x52, 0x54, 0, 0, 0, 2]];
+        let frame = |mac: &[u8; 6], b: u8| {
+            let mut f = vec![b; 64];
+            f[..6].copy_from_slice(mac);
+            f
+        };
+        let (a1, b1, a2) = (frame(&macs[0], 1), frame(&macs[1], 2), frame(&macs[0], 3));
+        let sorted = by_nic(&[(0, &a1), (1, &b1), (0, &a2)], &macs).unwrap();
+        assert_eq!(sorted, vec![vec![a1.clone(), a2.clone()], vec![b1.clone()]]);
+        // To the other NIC's MAC, a broadcast, a NIC the guest lacks: the payload is refused.
+        let e = by_nic(&[(0, &a1), (1, &a2)], &macs)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("record 1 is not addressed to NIC 1"), "{e}");
+        assert!(by_nic(&[(0, &[0xff; 64])], &macs).is_err());
+        let e = by_nic(&[(2, &a1)], &macs).unwrap_err().to_string();
+        assert!(e.contains("names NIC 2; the guest has 2"), "{e}");
     }
 }
