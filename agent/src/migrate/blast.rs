@@ -394,6 +394,7 @@ pub fn serve(
                 .map_err(protocol::ProtocolError::from)?
                 .to_string(),
             token: token.clone(),
+            net_forward: false,
         },
     )?;
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -9,7 +9,7 @@
 use std::io::BufReader;
 use std::net::{IpAddr, TcpStream};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::codec::{self, PAGE};
@@ -250,13 +250,18 @@ fn receive(
     let token = format!("{:016x}{:016x}", super::random_u64()?, super::random_u64()?);
     let data_key =
         cluster_key.map(|k| crate::transport::seal::data_key(&k, &setup.migration_id, &token));
+    // A guest with NICs takes the frames its source still receives after the switchover.
+    let net_forward = !vm.devices().virtio.net.is_empty();
     cw.send_msg(
         Command::Ready,
         &Ready {
             data_addr: data_addr.to_string(),
             token: token.clone(),
+            net_forward,
         },
     )?;
+    // Set once the guest runs here: forwarded frames are taken from then on.
+    let resumed: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
 
     // Data connections: each must name this migration, the token, and a fresh index; anything
     // else is closed and ignored while the real ones are awaited.
@@ -303,9 +308,11 @@ fn receive(
         let ctl = conn.try_clone().ok();
         let h = handle.clone();
         let seal = data_key.map(|k| crate::transport::seal::Sealer::new(&k, i as u32));
+        // Stream 0 goes on with forwarded frames after its end (forward.rs).
+        let fwd = (i == 0 && net_forward).then(|| (vm.clone(), seal.clone(), resumed.clone()));
         let j = std::thread::Builder::new()
             .name(format!("mig-rx{i}"))
-            .spawn(move || {
+            .spawn(move || -> super::forward::ForwardStats {
                 if let Err(error) = receive_stream(
                     Lane {
                         i: i as u32,
@@ -327,10 +334,18 @@ fn receive(
                     if let Some(c) = ctl {
                         let _ = c.shutdown(std::net::Shutdown::Read);
                     }
+                } else if let Some((vm, seal, resumed)) = fwd {
+                    match super::forward::receive(&vm, &r, seal, &resumed) {
+                        Ok(fs) => return fs,
+                        Err(e) => {
+                            tracing::warn!(vm = %vm.spec.name, error = %crate::control::error_chain(&e), "forwarded frames refused; the rest from the source is dropped");
+                        }
+                    }
                 } else {
                     let _ = hold_rx.recv_timeout(Duration::from_secs(60));
                 }
                 drop(r);
+                super::forward::ForwardStats::default()
             })
             .map_err(|e| MigrateError::Other(format!("cannot start a receiver: {e}")))?;
         joins.push(j);
@@ -481,6 +496,7 @@ fn receive(
             )));
         }
         let resume_us = t_commit.elapsed().as_micros() as u64;
+        let _ = resumed.set(Instant::now());
         guard.armed = false;
         host.incoming_done(&setup.spec.name, true);
         handle.set_phase(Phase::Committed);
@@ -517,10 +533,18 @@ fn receive(
         cut_streams();
     }
     drop(holds);
+    let mut forwarded = super::forward::ForwardStats::default();
     for j in joins {
-        let _ = j.join();
+        if let Ok(fs) = j.join() {
+            forwarded.frames += fs.frames;
+            forwarded.dropped += fs.dropped;
+        }
     }
-    result
+    result.map(|mut s| {
+        s.devices.rx_frames_forwarded = forwarded.frames;
+        s.devices.rx_frames_forward_dropped = forwarded.dropped;
+        s
+    })
 }
 
 /// How long a data connection may take to present its `StreamHello`.

@@ -19,6 +19,7 @@ pub mod blast;
 pub mod codec;
 pub mod converge;
 pub mod dest;
+pub mod forward;
 pub mod ownership;
 pub mod protocol;
 pub mod query;
@@ -273,7 +274,7 @@ pub struct Summary {
     pub link: Option<crate::netpin::LinkUtilization>,
     /// MAC announcements made by the destination after the guest resumed there.
     pub announcements: Vec<crate::announce::Announcement>,
-    /// virtio devices at the switchover (source side).
+    /// virtio devices at the switchover (source side; forwarding counts on both sides).
     #[serde(default)]
     pub devices: DeviceSummary,
 }
@@ -287,6 +288,17 @@ pub struct DeviceSummary {
     pub io_drained: u64,
     /// Frames queued for the guest at the pause, carried to the destination.
     pub rx_frames_carried: u64,
+    /// Frames for the guest that reached the source's taps after the capture and were
+    /// forwarded to the destination (source: sent; destination: delivered). See `forward.rs`.
+    #[serde(default)]
+    pub rx_frames_forwarded: u64,
+    /// Frames for the guest after the capture that could not be forwarded (over the bound, or
+    /// the link failed).
+    #[serde(default)]
+    pub rx_frames_forward_dropped: u64,
+    /// How long the source forwarded after `Resumed`, in ms.
+    #[serde(default)]
+    pub forward_window_ms: u64,
 }
 
 /// Where the guest runs once a migration has ended.

@@ -26,8 +26,15 @@
 //!   │── Commit ─────────────────────────────▶│  ── the commit point ──
 //!   │◀──────────────────── Resumed {times} ───│  destination guest runs
 //!   │◀────────────────── Observed {pause} ────│  guest-observed pause (workload guests)
+//!   │══ data 0: NetFrames ... ForwardEnd ═════▶│  frames the source's taps got after the
+//!   │   (≤ 2 s; only if Ready.net_forward)     │  capture, into the guest's RX queues there
 //!   │ destroys its copy                        │
 //! ```
+//!
+//! **Forwarding** (`Ready.net_forward`, which a destination whose guest has NICs sets; older
+//! peers neither send nor expect it, so the version stays 1): after `Resumed`, data stream 0
+//! carries on past its `StreamEnd` with `NetFrames` frames (sealed like page frames when the
+//! migration is encrypted) and ends with `ForwardEnd`. See `forward.rs`.
 //!
 //! Either side may send **Abort {reason}** on the control connection at any time before the
 //! commit; the source then resumes its guest and the destination destroys its empty copy.
@@ -147,6 +154,11 @@ pub enum Command {
     Facts = 20,
     /// Client → server: proof of the cluster key (see `session.rs`).
     Auth = 21,
+    /// Source → destination on data stream 0 after `Resumed`: guest frames the source's taps
+    /// received after the state capture (binary, see `forward.rs`; `count` frames).
+    NetFrames = 22,
+    /// Source → destination on data stream 0: forwarding is over ([`ForwardEnd`]).
+    ForwardEnd = 23,
 }
 
 impl Command {
@@ -174,6 +186,8 @@ impl Command {
             19 => Query,
             20 => Facts,
             21 => Auth,
+            22 => NetFrames,
+            23 => ForwardEnd,
             _ => return None,
         })
     }
@@ -676,6 +690,19 @@ pub struct Ready {
     pub data_addr: String,
     /// Proves a data connection belongs to this migration.
     pub token: String,
+    /// The destination takes frames forwarded after the switchover on data stream 0
+    /// (`NetFrames`, `ForwardEnd`). False from older destinations: nothing is forwarded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub net_forward: bool,
+}
+
+/// The end of forwarding after a switchover.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForwardEnd {
+    /// Frames sent in `NetFrames`.
+    pub frames: u64,
+    /// Frames for the guest the source could not forward (over the window's frame bound).
+    pub dropped: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

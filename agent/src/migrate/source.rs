@@ -104,6 +104,8 @@ struct Totals {
     wire_bytes: u64,
     enc: EncodingStats,
     send: SendStats,
+    /// The stream's next frame number (after a round's end).
+    next_seq: u32,
 }
 
 struct Report {
@@ -119,6 +121,8 @@ struct Worker {
     join: Option<JoinHandle<()>>,
     /// Page records sent over the whole migration.
     total_pages: u64,
+    /// The stream's next frame number after the last round (forwarding continues from it).
+    next_seq: u32,
 }
 
 /// One data connection: frames out (through io_uring), acknowledgements back.
@@ -318,6 +322,7 @@ fn worker_loop(
                         fell_back: now.fell_back,
                     };
                     stats_mark = now;
+                    t.next_seq = c.seq;
                     let _ = reports.send(Report {
                         stream,
                         result: Ok(std::mem::take(&mut t)),
@@ -500,6 +505,7 @@ impl Engine<'_> {
                 }) => {
                     got += 1;
                     self.workers[stream as usize].total_pages += tt.pages;
+                    self.workers[stream as usize].next_seq = tt.next_seq;
                     totals.pages += tt.pages;
                     totals.skipped += tt.skipped;
                     totals.wire_bytes += tt.wire_bytes;
@@ -692,6 +698,10 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
         }
     };
     let t_resumed = Instant::now();
+    // The guest runs there: frames for it that still reach this host's taps go there too.
+    let forwarder = state_done
+        .forward
+        .and_then(|lane| super::forward::start(vm, lane));
     // Downtime ends when the destination's vCPUs run: `Commit` left here, plus its way there
     // (half of what the round trip took beyond the destination's own work), plus the
     // destination's Commit → running time.
@@ -712,6 +722,14 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
         summary.announcements = o.announcements;
     }
     summary.total_s = t0.elapsed().as_secs_f64();
+    // The forwarding window (at most forward::WINDOW) is not part of the migration's time:
+    // the guest runs on the destination meanwhile.
+    if let Some(f) = forwarder {
+        let fs = f.finish();
+        summary.devices.rx_frames_forwarded = fs.frames;
+        summary.devices.rx_frames_forward_dropped = fs.dropped;
+        summary.devices.forward_window_ms = fs.window_ms;
+    }
     tracing::info!(
         vm = %vm.spec.name,
         id = %job.handle.id,
@@ -735,6 +753,9 @@ struct SwitchoverMark {
     generation: Option<u64>,
     /// Stopped once `Resumed` came (or on any way out).
     streams: Streams,
+    /// Where frames reaching this host's taps after the capture go once the guest runs on the
+    /// destination (None: the destination does not take them).
+    forward: Option<super::forward::Lane>,
 }
 
 fn precopy_and_prepare(
@@ -841,6 +862,7 @@ fn precopy_and_prepare(
             sent,
             join: Some(join),
             total_pages: 0,
+            next_seq: 0,
         });
     }
     drop(rep_tx);
@@ -862,6 +884,16 @@ fn precopy_and_prepare(
     };
     let mut r = eng_run(&mut eng, cw, cr, paused_here, t0);
     if let Ok((_, mark)) = &mut r {
+        if ready.net_forward {
+            // Data stream 0 carries frames forwarded after the switchover (forward.rs).
+            mark.forward = eng.workers.first_mut().and_then(|w| {
+                Some(super::forward::Lane {
+                    sock: w.sock.take()?,
+                    seq: w.next_seq,
+                    seal: data_key.map(|k| crate::transport::seal::Sealer::new(&k, 0)),
+                })
+            });
+        }
         mark.streams = Streams(std::mem::take(&mut eng.workers));
     }
     if let Err(e) = &r {
@@ -978,6 +1010,7 @@ fn eng_run(
             .iter()
             .map(|n| n.rx_frames.len() as u64)
             .sum(),
+        ..Default::default()
     };
     let mut blob = state.encode()?;
     if let Some(k) = &eng.data_key {
@@ -1098,6 +1131,7 @@ fn eng_run(
             paused_at,
             generation,
             streams: Streams(Vec::new()),
+            forward: None,
         },
     ))
 }

@@ -109,6 +109,8 @@ fn content(
         Command::Resumed => msg::<Resumed>(payload),
         Command::Observed => msg::<Observed>(payload),
         Command::Abort => msg::<Abort>(payload),
+        Command::NetFrames => super::forward::parse_records(payload, count).is_ok(),
+        Command::ForwardEnd => msg::<ForwardEnd>(payload),
         Command::Blast | Command::BlastDone | Command::Query | Command::Facts | Command::Auth => {
             serde_json::from_slice::<serde_json::Value>(payload).is_ok()
         }

@@ -310,6 +310,16 @@ impl VirtioDevices {
         Ok(())
     }
 
+    /// After a successful migration: every NIC's tap and the frames it queued after the state
+    /// capture, by NIC index, for the forwarder (see [`net::NetDevice::take_for_forwarding`]).
+    pub fn take_for_forwarding(&self) -> Vec<(usize, net::Forwarding)> {
+        self.net
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| n.take_for_forwarding().map(|f| (i, f)))
+            .collect()
+    }
+
     /// Stop device threads and close backends (the taps disappear).
     pub fn shutdown(&self) {
         for n in &self.net {

@@ -8,6 +8,13 @@
 //! and delivers queued frames into the buffers the guest posted, then wakes the vCPUs. While the
 //! VM is paused nothing is delivered (frames keep queueing); the queued frames are part of the
 //! device state, so after a migration they are delivered on the destination, never on both.
+//!
+//! Frames that reach the source's tap after the state was captured stay queued behind the
+//! captured ones (the capture remembers where it cut the queue). If the migration fails they are
+//! delivered here on resume; if it succeeds, [`NetDevice::take_for_forwarding`] hands them and the
+//! tap itself to the migration's forwarder (`migrate/forward.rs`), which sends what is addressed
+//! to the guest to the destination for a short window; there they enter the queue through
+//! [`NetDevice::receive_forwarded`], behind the frames that travelled in the state.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -54,6 +61,8 @@ pub struct NetCounters {
     /// Frames this device's tap queued before a migrated state replaced them (copies of what
     /// the source also received).
     pub rx_replaced: AtomicU64,
+    /// Frames the source forwarded after the switchover (destination side).
+    pub rx_forwarded: AtomicU64,
     pub tx_frames: AtomicU64,
     pub tx_dropped: AtomicU64,
     pub bad_chains: AtomicU64,
@@ -68,6 +77,8 @@ pub struct NetStats {
     pub rx_queued: u64,
     #[serde(default)]
     pub rx_replaced: u64,
+    #[serde(default)]
+    pub rx_forwarded: u64,
     pub tx_frames: u64,
     pub tx_dropped: u64,
     pub bad_chains: u64,
@@ -77,6 +88,24 @@ struct Inner {
     t: Transport,
     rx: VecDeque<Vec<u8>>,
     delivering: bool,
+    /// How many of `rx` the last state capture took (while paused): the frames after them
+    /// arrived later and are not in that state.
+    captured: Option<usize>,
+}
+
+/// What a source NIC hands to the migration's forwarder after the commit: its tap (still on
+/// the bridge) and the frames that arrived after the state was captured, oldest first.
+#[derive(Debug)]
+pub struct Forwarding {
+    pub mac: [u8; 6],
+    pub tap: Arc<Tap>,
+    pub backlog: Vec<Vec<u8>>,
+}
+
+/// Whether `frame` is addressed to `mac` (its destination address), the only frames forwarded:
+/// broadcast and multicast frames were flooded to the destination's tap as well.
+pub fn addressed_to(frame: &[u8], mac: &[u8; 6]) -> bool {
+    frame.len() >= 14 && frame[..6] == mac[..]
 }
 
 /// One virtio-net device.
@@ -136,6 +165,7 @@ impl NetDevice {
                 t: Transport::new(DEVICE_NET, F_MAC | F_STATUS, 2),
                 rx: VecDeque::new(),
                 delivering: false,
+                captured: None,
             }),
             mem,
             waker,
@@ -327,16 +357,22 @@ impl NetDevice {
     pub fn start_delivery(&self) {
         let Ok(mut g) = self.inner.lock() else { return };
         g.delivering = true;
+        g.captured = None;
         if self.deliver(&mut g) {
             drop(g);
             self.waker.wake();
         }
     }
 
+    /// The device's state; while the VM is paused this also marks where the queue was cut, for
+    /// [`NetDevice::take_for_forwarding`].
     pub fn state(&self) -> NetState {
-        let Ok(g) = self.inner.lock() else {
+        let Ok(mut g) = self.inner.lock() else {
             return NetState::default();
         };
+        if !g.delivering {
+            g.captured = Some(g.rx.len());
+        }
         NetState {
             transport: g.t.st.clone(),
             mac: self.mac,
@@ -363,6 +399,7 @@ impl NetDevice {
             .lock()
             .map_err(|_| VirtioError::Mismatch("NIC lock poisoned".into()))?;
         g.t.restore(&st.transport).map_err(VirtioError::Mismatch)?;
+        g.captured = None;
         let local = g.rx.len() as u64;
         if local > 0 {
             self.counters
@@ -373,6 +410,45 @@ impl NetDevice {
         Ok(())
     }
 
+    /// After a successful migration (the guest runs on the destination): stop the RX thread and
+    /// hand over the tap, still on the bridge, with the frames queued after the state capture.
+    /// Nothing is delivered to this copy any more. None without a tap, or if the state was never
+    /// captured while paused (then nothing here belongs to a destination).
+    pub fn take_for_forwarding(&self) -> Option<Forwarding> {
+        self.tap_name()?;
+        self.stop_rx_thread();
+        let tap = self.tap.lock().ok()?.take()?;
+        let backlog = self.take_backlog()?;
+        Some(Forwarding {
+            mac: self.mac,
+            tap,
+            backlog,
+        })
+    }
+
+    /// The frames queued after the last capture while paused (the rest, carried in the state,
+    /// are dropped here); None if the state was not captured while paused.
+    fn take_backlog(&self) -> Option<Vec<Vec<u8>>> {
+        let mut g = self.inner.lock().ok()?;
+        if g.delivering {
+            return None;
+        }
+        let captured = g.captured.take()?;
+        let at = captured.min(g.rx.len());
+        let backlog = g.rx.split_off(at).into_iter().collect();
+        g.rx.clear();
+        Some(backlog)
+    }
+
+    /// Frames the source forwarded after the switchover: queued behind what is queued (the
+    /// frames that came in the state first), delivered like any received frame.
+    pub fn receive_forwarded(&self, frames: Vec<Vec<u8>>) {
+        self.counters
+            .rx_forwarded
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        self.receive(frames);
+    }
+
     pub fn stats(&self) -> NetStats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NetStats {
@@ -381,6 +457,7 @@ impl NetDevice {
             rx_dropped: l(&self.counters.rx_dropped),
             rx_queued: self.inner.lock().map_or(0, |g| g.rx.len() as u64),
             rx_replaced: l(&self.counters.rx_replaced),
+            rx_forwarded: l(&self.counters.rx_forwarded),
             tx_frames: l(&self.counters.tx_frames),
             tx_dropped: l(&self.counters.tx_dropped),
             bad_chains: l(&self.counters.bad_chains),
@@ -395,8 +472,7 @@ impl NetDevice {
         }
     }
 
-    /// Stop the RX thread and close the tap (it disappears from the host).
-    pub fn shutdown(&self) {
+    fn stop_rx_thread(&self) {
         self.quit.store(true, Ordering::SeqCst);
         self.signal();
         let h = self.thread.lock().ok().and_then(|mut t| t.take());
@@ -405,6 +481,11 @@ impl NetDevice {
                 let _ = h.join();
             }
         }
+    }
+
+    /// Stop the RX thread and close the tap (it disappears from the host).
+    pub fn shutdown(&self) {
+        self.stop_rx_thread();
         if let Ok(mut t) = self.tap.lock() {
             t.take();
         }
@@ -565,6 +646,60 @@ mod tests {
             vec![0xbb; 70]
         );
         mem2.assert_changes_dirty(&before);
+    }
+
+    #[test]
+    fn frames_after_the_capture_are_the_backlog_and_never_delivered_here() {
+        let mem = FakeMem::new(1 << 20);
+        let (dev, _, _) = up(&mem);
+        let mac = dev.mac();
+        let to_guest = |b: u8| {
+            let mut f = vec![b; 60];
+            f[..6].copy_from_slice(&mac);
+            f
+        };
+        // Never captured: nothing belongs to a destination.
+        dev.receive([to_guest(1)]);
+        assert!(dev.take_backlog().is_none());
+        dev.receive([to_guest(2)]);
+        let st = dev.state();
+        assert_eq!(st.rx_frames, vec![to_guest(1), to_guest(2)]);
+        dev.receive([to_guest(3), vec![0xff; 60], to_guest(4)]);
+        let backlog = dev.take_backlog().unwrap();
+        assert_eq!(backlog, vec![to_guest(3), vec![0xff; 60], to_guest(4)]);
+        // The queue is empty: the carried frames are the destination's now.
+        assert_eq!(dev.stats().rx_queued, 0);
+        assert!(addressed_to(&backlog[0], &mac));
+        assert!(!addressed_to(&backlog[1], &mac));
+        assert!(!addressed_to(&mac, &mac), "shorter than an Ethernet header");
+        // A failed migration resumes instead: the mark goes and everything stays queued.
+        dev.receive([to_guest(5)]);
+        let _ = dev.state();
+        dev.receive([to_guest(6)]);
+        dev.start_delivery();
+        dev.stop_delivery();
+        assert!(dev.take_backlog().is_none());
+        assert_eq!(dev.stats().rx_queued, 2);
+    }
+
+    #[test]
+    fn forwarded_frames_queue_behind_the_carried_ones() {
+        let mem = FakeMem::new(1 << 20);
+        let (dev, mut rx, _) = up(&mem);
+        let mut st = dev.state();
+        st.rx_frames = vec![vec![0xaa; 60]];
+        dev.restore(&st).unwrap();
+        dev.receive_forwarded(vec![vec![0xbb; 60], vec![0xcc; 60]]);
+        assert_eq!(dev.stats().rx_forwarded, 2);
+        rx.post(&mem, &[(0x10000, 2048, true)]);
+        rx.post(&mem, &[(0x11000, 2048, true)]);
+        rx.post(&mem, &[(0x12000, 2048, true)]);
+        dev.start_delivery();
+        assert_eq!(rx.take_used(&mem).len(), 3);
+        for (i, b) in [0xaa, 0xbb, 0xcc].into_iter().enumerate() {
+            let at = 0x10000 + 0x1000 * i as u64 + NET_HDR as u64;
+            assert_eq!(mem.guest_read(at, 60), vec![b; 60], "frame {i}");
+        }
     }
 
     #[test]
