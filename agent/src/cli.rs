@@ -1107,7 +1107,7 @@ fn human_record(r: &MigrationRecord) -> String {
             }
             if sm.devices != Default::default() {
                 s += &format!(
-                    "  devices       {} of virtio state; {} block request{} drained at the pause; {} frame{} for the guest carried\n",
+                    "  devices       {} of virtio state; {} block request{} drained at the pause; {} frame{} for the guest carried, {} forwarded after the capture ({} dropped, {} ms window)\n",
                     if sm.devices.state_bytes < 1 << 20 {
                         format!("{} bytes", sm.devices.state_bytes)
                     } else {
@@ -1117,6 +1117,9 @@ fn human_record(r: &MigrationRecord) -> String {
                     if sm.devices.io_drained == 1 { "" } else { "s" },
                     sm.devices.rx_frames_carried,
                     if sm.devices.rx_frames_carried == 1 { "" } else { "s" },
+                    sm.devices.rx_frames_forwarded,
+                    sm.devices.rx_frames_forward_dropped,
+                    sm.devices.forward_window_ms,
                 );
             }
             s += &format!(

@@ -90,6 +90,7 @@ pub struct ClientView {
     pub device_state_bytes: Option<u64>,
     pub io_drained: Option<u64>,
     pub rx_frames_carried: Option<u64>,
+    pub rx_frames_forwarded: Option<u64>,
 }
 
 /// The client: pings every 10 ms and a counter-stream reader, from the lab's client namespace.
@@ -149,6 +150,7 @@ impl Watcher {
                 device_state_bytes: devices["state_bytes"].as_u64(),
                 io_drained: devices["io_drained"].as_u64(),
                 rx_frames_carried: devices["rx_frames_carried"].as_u64(),
+                rx_frames_forwarded: devices["rx_frames_forwarded"].as_u64(),
             },
             t0,
             t1 + 1.0,
@@ -206,7 +208,7 @@ pub fn bench(moves: u32) -> Result<()> {
         Client::new(&lab.host("b").context("host b")?.socket),
     ];
     println!(
-        "{:<10} {:<5} {:>7} {:>9} {:>6} {:>5} {:>10} {:>10} {:>8} {:>6} {:>6}",
+        "{:<10} {:<5} {:>7} {:>9} {:>6} {:>5} {:>10} {:>10} {:>8} {:>6} {:>6} {:>6}",
         "SCENARIO",
         "MOVE",
         "TOTAL",
@@ -217,7 +219,8 @@ pub fn bench(moves: u32) -> Result<()> {
         "TCP STALL",
         "DEV STATE",
         "IO DRN",
-        "RX CAR"
+        "RX CAR",
+        "RX FWD"
     );
     let mut jsonl = String::new();
     let scenarios: [(&str, u32, u32, u32); 3] = [
@@ -249,7 +252,7 @@ pub fn bench(moves: u32) -> Result<()> {
         for (v, _, _) in &views {
             let opt = |x: Option<u64>| x.map_or("-".to_string(), |x| x.to_string());
             println!(
-                "{:<10} {:<5} {:>6.2}s {:>6.2} ms {:>6} {:>5} {:>7.1} ms {:>7.1} ms {:>8} {:>6} {:>6}",
+                "{:<10} {:<5} {:>6.2}s {:>6.2} ms {:>6} {:>5} {:>7.1} ms {:>7.1} ms {:>8} {:>6} {:>6} {:>6}",
                 v.scenario,
                 v.migration,
                 v.total_s,
@@ -261,6 +264,7 @@ pub fn bench(moves: u32) -> Result<()> {
                 opt(v.device_state_bytes),
                 opt(v.io_drained),
                 opt(v.rx_frames_carried),
+                opt(v.rx_frames_forwarded),
             );
             jsonl += &serde_json::to_string(v)?;
             jsonl.push('\n');
