@@ -576,6 +576,14 @@ impl Vm {
                 mem,
                 waker.clone(),
             )?;
+            // Every VM (a fresh one, a restore's, a migration's destination) is built here,
+            // so each gets its devices' irqfds; they stay registered across pauses and
+            // restores into the same VM.
+            for (fd, gsi) in v.irqfds() {
+                vm_fd
+                    .register_irqfd(fd, gsi)
+                    .map_err(kvm_err("KVM_IRQFD"))?;
+            }
             Devices::with_virtio(&spec.name, yield_port, v, waker)
         } else {
             Devices::new(&spec.name, yield_port)

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::mmio::{Event, Transport, TransportState, DEVICE_BLK};
 use super::queue::Chain;
-use super::{DeviceMemory, VirtioError, Waker};
+use super::{DeviceMemory, Irq, VirtioError, Waker};
 
 pub const F_FLUSH: u64 = 1 << 9;
 pub const SECTOR: u64 = 512;
@@ -75,6 +75,7 @@ pub struct BlkDevice {
     t: Mutex<Transport>,
     mem: Arc<dyn DeviceMemory>,
     waker: Arc<Waker>,
+    irq: Irq,
     worker: Mutex<Worker>,
     cv: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -102,6 +103,7 @@ impl BlkDevice {
         path: Option<&Path>,
         mem: Arc<dyn DeviceMemory>,
         waker: Arc<Waker>,
+        irq: Irq,
     ) -> Result<Arc<BlkDevice>, VirtioError> {
         let (file, capacity) = match path {
             Some(p) => {
@@ -139,6 +141,7 @@ impl BlkDevice {
             t: Mutex::new(Transport::new(DEVICE_BLK, F_FLUSH, 1)),
             mem,
             waker,
+            irq,
             worker: Mutex::new(Worker {
                 held: true,
                 ..Default::default()
@@ -166,6 +169,11 @@ impl BlkDevice {
             tracing::info!(vm, disk = index, path = %p.display(), sectors = capacity, "disk image opened");
         }
         Ok(dev)
+    }
+
+    /// The device's interrupt line.
+    pub fn irq(&self) -> &Irq {
+        &self.irq
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -234,7 +242,11 @@ impl BlkDevice {
                 }
             }
             t.signal_used();
+            let interrupt = t.queue(0).is_some_and(|q| q.needs_interrupt(mem));
             drop(t);
+            if interrupt {
+                self.irq.raise();
+            }
             self.completed.fetch_add(1, Ordering::Relaxed);
             self.waker.wake();
             done += 1;
@@ -360,6 +372,13 @@ impl BlkDevice {
     /// The VM runs again: the worker may go on, and looks at the queue once (requests the
     /// guest posted before a migration are served here).
     pub fn activate(&self) {
+        if let Ok(t) = self.t.lock() {
+            if t.driver_ok() && t.st.interrupt_status != 0 {
+                // Asserted before the pause (or in the restored state): pulse the line again
+                // in case the last pulse did not make it into the irqchip state.
+                self.irq.raise();
+            }
+        }
         if let Ok(mut w) = self.worker.lock() {
             w.held = false;
             w.kicked = true;
@@ -494,7 +513,15 @@ mod tests {
         f.set_len(sectors * SECTOR).unwrap();
         let mem = FakeMem::new(1 << 20);
         let dev =
-            BlkDevice::new("t", 0, Some(&path), mem.clone(), Arc::new(Waker::default())).unwrap();
+            BlkDevice::new(
+                "t",
+                0,
+                Some(&path),
+                mem.clone(),
+                Arc::new(Waker::default()),
+                Irq::detached(6),
+            )
+            .unwrap();
         let q = TestQueue::new(0x1000, 16);
         let st = bring_up(
             &mut dev.t.lock().unwrap(),
@@ -633,6 +660,7 @@ mod tests {
             Some(&r.path),
             r.mem.clone(),
             Arc::new(Waker::default()),
+            Irq::detached(6),
         )
         .unwrap();
         d2.restore(&st).unwrap();

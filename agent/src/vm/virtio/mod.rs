@@ -18,11 +18,19 @@
 //! [`GuestMemory`] marks the pages in the agent's own dirty log: received frames, block read data,
 //! status bytes and used rings are dirty pages for migration like the guest's own writes.
 //!
-//! Interrupts: the guest here polls with interrupts off. The devices still keep the
-//! InterruptStatus register (bit 0: used buffer) and accept InterruptACK. On a host with an
-//! in-kernel irqchip a device would, after setting the bit, signal an irqfd registered for a GSI
-//! routed to the IOAPIC pin given on the guest's command line; that is not wired here because the
-//! CPL3 guest has no IDT (an injected interrupt would triple-fault it).
+//! Interrupts: each slot has a line, GSI `IRQ_BASE + slot` (5 for slot 0, 6 for slot 1, ...),
+//! an [`Irq`]: an eventfd the VM registers with KVM as an irqfd for that GSI (KVM's default
+//! routing sends GSIs 0-15 to the 8259 pin and the IOAPIC pin of that number, 16-23 to the
+//! IOAPIC). A device sets InterruptStatus bit 0 after it adds to a used ring, as before, and
+//! then signals the eventfd unless the driver set VRING_AVAIL_F_NO_INTERRUPT on that queue
+//! ([`queue::should_interrupt`]); InterruptACK clears the bits. An irqfd injects a pulse, so
+//! the line is edge-triggered (as Firecracker does it for virtio-mmio): the guest must take
+//! the pins as edge-triggered, which is Linux's default for ISA IRQs 0-15 given no ACPI or MP
+//! table entry. A line that is asserted (InterruptStatus not 0) is pulsed again when the
+//! devices are activated after a pause or a restore: KVM injects an irqfd pulse for an
+//! IOAPIC/8259 route from a work queue, so one sent just before the capture may be missing
+//! from the saved irqchip state. The CPL3 service guest runs with RFLAGS.IF = 0, so a pending
+//! interrupt is never delivered to it (it has no IDT and would triple-fault otherwise).
 //!
 //! Device state ([`VirtioState`]) is plain data in the VM's versioned state: negotiated features,
 //! queue addresses and indices, interrupt status, and frames queued for the guest.
@@ -36,7 +44,10 @@ pub mod tap;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::{GuestMemory, MemoryError};
 
@@ -81,6 +92,19 @@ pub enum VirtioError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot create the interrupt eventfd for GSI {gsi}: {source}")]
+    IrqFd {
+        gsi: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{nics} NICs and {disks} disks need virtio-mmio slots up to {slot}, whose GSI {gsi} is past the IOAPIC's last pin {IRQ_MAX}; give the VM fewer devices")]
+    TooManyDevices {
+        nics: usize,
+        disks: usize,
+        slot: u64,
+        gsi: u64,
+    },
     #[error("the saved device state does not fit this VM: {0}")]
     Mismatch(String),
     #[error(transparent)]
@@ -100,6 +124,79 @@ impl DeviceMemory for GuestMemory {
     }
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         GuestMemory::write(self, gpa, data)
+    }
+}
+
+/// GSI of virtio-mmio slot 0; slot `i` has GSI `IRQ_BASE + i`.
+pub const IRQ_BASE: u32 = 5;
+/// The last GSI with an interrupt controller pin (IOAPIC pin 23).
+pub const IRQ_MAX: u32 = 23;
+
+/// GSI of virtio-mmio slot `slot`.
+pub fn slot_gsi(slot: u64) -> u64 {
+    u64::from(IRQ_BASE) + slot
+}
+
+/// The interrupt line of one virtio-mmio slot: an eventfd that KVM, once the VM registered it
+/// as an irqfd, turns into a pulse on GSI [`Irq::gsi`].
+pub struct Irq {
+    gsi: u32,
+    /// None: a device without a line (unit tests).
+    fd: Option<EventFd>,
+    raised: AtomicU64,
+}
+
+impl std::fmt::Debug for Irq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Irq")
+            .field("gsi", &self.gsi)
+            .field("raised", &self.raised())
+            .finish()
+    }
+}
+
+impl Irq {
+    /// A line for `gsi` with a fresh eventfd (registered by the VM, see [`VirtioDevices::irqfds`]).
+    pub fn new(gsi: u32) -> Result<Irq, VirtioError> {
+        let fd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|source| VirtioError::IrqFd { gsi, source })?;
+        Ok(Irq {
+            gsi,
+            fd: Some(fd),
+            raised: AtomicU64::new(0),
+        })
+    }
+
+    /// A line connected to nothing (devices in unit tests); it still counts.
+    pub fn detached(gsi: u32) -> Irq {
+        Irq {
+            gsi,
+            fd: None,
+            raised: AtomicU64::new(0),
+        }
+    }
+
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+
+    pub fn eventfd(&self) -> Option<&EventFd> {
+        self.fd.as_ref()
+    }
+
+    /// Signal the line (one pulse on the GSI).
+    pub fn raise(&self) {
+        self.raised.fetch_add(1, Ordering::Relaxed);
+        if let Some(fd) = &self.fd {
+            // Only fails when the counter would overflow (2^64 - 2 pending signals), in which
+            // case an interrupt is already pending: nothing is lost.
+            let _ = fd.write(1);
+        }
+    }
+
+    /// How many times the line was signalled.
+    pub fn raised(&self) -> u64 {
+        self.raised.load(Ordering::Relaxed)
     }
 }
 
@@ -195,6 +292,21 @@ impl VirtioDevices {
         mem: Arc<dyn DeviceMemory>,
         waker: Arc<Waker>,
     ) -> Result<VirtioDevices, VirtioError> {
+        let last_slot = (0..nics.len())
+            .map(net_slot)
+            .chain((0..disks).map(blk_slot))
+            .max()
+            .unwrap_or(0);
+        if slot_gsi(last_slot) > u64::from(IRQ_MAX) {
+            return Err(VirtioError::TooManyDevices {
+                nics: nics.len(),
+                disks,
+                slot: last_slot,
+                gsi: slot_gsi(last_slot),
+            });
+        }
+        // In range: checked just above.
+        let irq = |slot: u64| Irq::new(slot_gsi(slot) as u32);
         let mut out = VirtioDevices::default();
         for (i, mac) in nics.iter().enumerate() {
             let bridge = env.bridges.get(i).cloned().flatten();
@@ -208,6 +320,7 @@ impl VirtioDevices {
                 tap,
                 mem.clone(),
                 waker.clone(),
+                irq(net_slot(i))?,
             )?);
         }
         for i in 0..disks {
@@ -218,6 +331,7 @@ impl VirtioDevices {
                 path.as_deref(),
                 mem.clone(),
                 waker.clone(),
+                irq(blk_slot(i))?,
             )?);
         }
         Ok(out)
@@ -238,6 +352,18 @@ impl VirtioDevices {
             }
         }
         None
+    }
+
+    /// Every device's interrupt eventfd and its GSI, for the VM to register as irqfds.
+    pub fn irqfds(&self) -> Vec<(&EventFd, u32)> {
+        let lines = self
+            .net
+            .iter()
+            .map(|n| n.irq())
+            .chain(self.blk.iter().map(|b| b.irq()));
+        lines
+            .filter_map(|l| l.eventfd().map(|fd| (fd, l.gsi())))
+            .collect()
     }
 
     /// An MMIO read; false if no device owns `addr`.

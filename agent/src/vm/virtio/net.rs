@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::mmio::{Event, Transport, TransportState, DEVICE_NET};
 use super::tap::Tap;
-use super::{DeviceMemory, VirtioError, Waker};
+use super::{DeviceMemory, Irq, VirtioError, Waker};
 
 pub const F_MAC: u64 = 1 << 5;
 pub const F_STATUS: u64 = 1 << 16;
@@ -115,6 +115,7 @@ pub struct NetDevice {
     inner: Mutex<Inner>,
     mem: Arc<dyn DeviceMemory>,
     waker: Arc<Waker>,
+    irq: Irq,
     tap: Mutex<Option<Arc<Tap>>>,
     event: Option<OwnedFd>,
     quit: AtomicBool,
@@ -149,6 +150,7 @@ impl NetDevice {
         tap: Option<Tap>,
         mem: Arc<dyn DeviceMemory>,
         waker: Arc<Waker>,
+        irq: Irq,
     ) -> Result<Arc<NetDevice>, VirtioError> {
         let event = match &tap {
             Some(_) => Some(eventfd().map_err(|source| VirtioError::Thread {
@@ -169,6 +171,7 @@ impl NetDevice {
             }),
             mem,
             waker,
+            irq,
             tap: Mutex::new(tap.clone()),
             event,
             quit: AtomicBool::new(false),
@@ -194,6 +197,21 @@ impl NetDevice {
 
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// The device's interrupt line.
+    pub fn irq(&self) -> &Irq {
+        &self.irq
+    }
+
+    /// Buffers were added to queue `q`'s used ring: set InterruptStatus and, unless the driver
+    /// suppressed it on that queue, signal the line.
+    fn notify_used(&self, g: &mut Inner, q: usize) {
+        g.t.signal_used();
+        let mem = self.mem.as_ref();
+        if g.t.queue(q).is_some_and(|q| q.needs_interrupt(mem)) {
+            self.irq.raise();
+        }
     }
 
     pub fn tap_name(&self) -> Option<String> {
@@ -274,7 +292,7 @@ impl NetDevice {
             used = true;
         }
         if used {
-            g.t.signal_used();
+            self.notify_used(g, TXQ);
         }
     }
 
@@ -321,7 +339,7 @@ impl NetDevice {
             any = true;
         }
         if any {
-            g.t.signal_used();
+            self.notify_used(g, RXQ);
         }
         any
     }
@@ -358,6 +376,11 @@ impl NetDevice {
         let Ok(mut g) = self.inner.lock() else { return };
         g.delivering = true;
         g.captured = None;
+        if g.t.driver_ok() && g.t.st.interrupt_status != 0 {
+            // Asserted before the pause (or in the restored state): pulse the line again in
+            // case the last pulse did not make it into the irqchip state.
+            self.irq.raise();
+        }
         if self.deliver(&mut g) {
             drop(g);
             self.waker.wake();
@@ -560,6 +583,7 @@ mod tests {
     use super::super::mmio::tests::bring_up;
     use super::super::mmio::{REG_QUEUE_NOTIFY, STATUS_DRIVER_OK};
     use super::super::queue::driver::TestQueue;
+    use super::super::queue::AVAIL_F_NO_INTERRUPT;
     use super::*;
 
     fn up(mem: &Arc<FakeMem>) -> (Arc<NetDevice>, TestQueue, TestQueue) {
@@ -569,6 +593,7 @@ mod tests {
             None,
             mem.clone(),
             Arc::new(Waker::default()),
+            Irq::detached(5),
         )
         .unwrap();
         let rx = TestQueue::new(0x1000, 16);
@@ -582,6 +607,48 @@ mod tests {
         assert_ne!(st & STATUS_DRIVER_OK, 0);
         drop(g);
         (dev, rx, tx)
+    }
+
+    #[test]
+    fn used_buffers_raise_the_line_unless_the_driver_suppressed_it() {
+        let mem = FakeMem::new(1 << 20);
+        let (dev, mut rx, mut tx) = up(&mem);
+        dev.start_delivery();
+        assert_eq!(dev.irq().raised(), 0, "nothing used yet, nothing raised");
+        // RX: a frame into a posted buffer raises the line and sets InterruptStatus.
+        rx.post(&mem, &[(0x10000, 2048, true)]);
+        dev.receive([vec![0xaa; 60]]);
+        assert_eq!(rx.take_used(&mem).len(), 1);
+        assert_eq!(dev.irq().raised(), 1);
+        let mut b = [0u8; 4];
+        dev.mmio_read(super::super::mmio::REG_INTERRUPT_STATUS, &mut b);
+        assert_eq!(u32::from_le_bytes(b), super::super::mmio::INT_USED);
+        dev.mmio_write(
+            super::super::mmio::REG_INTERRUPT_ACK,
+            &super::super::mmio::INT_USED.to_le_bytes(),
+        );
+        // RX with VRING_AVAIL_F_NO_INTERRUPT: used, status set, line left alone.
+        rx.set_avail_flags(&mem, AVAIL_F_NO_INTERRUPT);
+        rx.post(&mem, &[(0x11000, 2048, true)]);
+        dev.receive([vec![0xbb; 60]]);
+        assert_eq!(rx.take_used(&mem).len(), 1);
+        assert_eq!(dev.irq().raised(), 1);
+        dev.mmio_read(super::super::mmio::REG_INTERRUPT_STATUS, &mut b);
+        assert_eq!(u32::from_le_bytes(b), super::super::mmio::INT_USED);
+        // TX: the flag is per queue; the TX queue still interrupts.
+        tx.post(&mem, &[(0x20000, (NET_HDR + 60) as u32, false)]);
+        dev.mmio_write(REG_QUEUE_NOTIFY, &1u32.to_le_bytes());
+        assert_eq!(tx.take_used(&mem).len(), 1);
+        assert_eq!(dev.irq().raised(), 2);
+        tx.set_avail_flags(&mem, AVAIL_F_NO_INTERRUPT);
+        tx.post(&mem, &[(0x20000, (NET_HDR + 60) as u32, false)]);
+        dev.mmio_write(REG_QUEUE_NOTIFY, &1u32.to_le_bytes());
+        assert_eq!(tx.take_used(&mem).len(), 1);
+        assert_eq!(dev.irq().raised(), 2);
+        // Resumed with InterruptStatus still set (never ACKed): pulsed again.
+        dev.stop_delivery();
+        dev.start_delivery();
+        assert_eq!(dev.irq().raised(), 3);
     }
 
     #[test]
@@ -631,6 +698,7 @@ mod tests {
             None,
             mem2.clone(),
             Arc::new(Waker::default()),
+            Irq::detached(5),
         )
         .unwrap();
         dev2.receive([vec![0xcc; 10]]); // flooded copy queued on the destination: replaced

@@ -20,6 +20,17 @@ const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 const DESC_F_INDIRECT: u16 = 4;
 
+/// VRING_AVAIL_F_NO_INTERRUPT: the driver asks not to be interrupted for used buffers.
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the device sends a used-buffer notification, given the avail ring's flags.
+/// VIRTIO_F_EVENT_IDX is not offered, so this is virtio 1.x section 2.7.7.2 without it: the
+/// device must notify when flags is 0 and should not when VRING_AVAIL_F_NO_INTERRUPT is set
+/// (other bits are reserved and ignored).
+pub fn should_interrupt(avail_flags: u16) -> bool {
+    avail_flags & AVAIL_F_NO_INTERRUPT == 0
+}
+
 /// What the guest set up for one queue, and the device's position in it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueState {
@@ -220,6 +231,19 @@ impl QueueState {
             .map_err(|e| ChainError::Memory(e.to_string()))?;
         Ok(())
     }
+
+    /// After [`QueueState::add_used`]: whether the driver wants an interrupt for it (the avail
+    /// ring's flags, see [`should_interrupt`]). Unreadable flags count as "wants one": a
+    /// spurious interrupt is harmless, a missing one hangs a driver.
+    pub fn needs_interrupt(&self, mem: &dyn DeviceMemory) -> bool {
+        if !self.usable() {
+            return false;
+        }
+        // The used index store must be visible before the flags are read (a driver that
+        // clears NO_INTERRUPT then re-checks used.idx must not miss both; spec 2.7.7.2).
+        fence(Ordering::SeqCst);
+        Self::read_u16(mem, self.avail).map_or(true, should_interrupt)
+    }
 }
 
 #[cfg(test)]
@@ -279,6 +303,11 @@ pub(crate) mod driver {
             head
         }
 
+        /// Set the avail ring's flags (VRING_AVAIL_F_NO_INTERRUPT is bit 0).
+        pub fn set_avail_flags(&self, mem: &FakeMem, flags: u16) {
+            mem.guest_write(self.avail, &flags.to_le_bytes());
+        }
+
         /// Used elements the device returned since the last call: (head, len).
         pub fn take_used(&mut self, mem: &FakeMem) -> Vec<(u16, u32)> {
             let idx = u16::from_le_bytes(mem.guest_read(self.used + 2, 2).try_into().unwrap());
@@ -332,6 +361,32 @@ mod tests {
         mem.assert_changes_dirty(&before);
         assert!(mem.dirty.lock().unwrap().contains(&(d.used / 4096)));
         assert_eq!(mem.guest_read(0x20000 + 10, 40), vec![7u8; 40]);
+    }
+
+    #[test]
+    fn no_interrupt_flag_suppresses_used_buffer_notifications() {
+        // The decision alone: only bit 0 matters (without VIRTIO_F_EVENT_IDX).
+        assert!(should_interrupt(0));
+        assert!(!should_interrupt(AVAIL_F_NO_INTERRUPT));
+        assert!(!should_interrupt(0xffff));
+        assert!(should_interrupt(0xfffe));
+        // Read from the ring as the driver set it.
+        let mem = FakeMem::new(1 << 20);
+        let d = TestQueue::new(0x1000, 8);
+        let q = d.state();
+        assert!(q.needs_interrupt(mem.as_ref()));
+        d.set_avail_flags(&mem, AVAIL_F_NO_INTERRUPT);
+        assert!(!q.needs_interrupt(mem.as_ref()));
+        d.set_avail_flags(&mem, 0);
+        assert!(q.needs_interrupt(mem.as_ref()));
+        // A queue the driver has not made ready never interrupts; one whose ring lies outside
+        // guest memory does (a spurious interrupt rather than a lost one).
+        assert!(!QueueState::default().needs_interrupt(mem.as_ref()));
+        let far = QueueState {
+            avail: 1 << 40,
+            ..q
+        };
+        assert!(far.needs_interrupt(mem.as_ref()));
     }
 
     #[test]
