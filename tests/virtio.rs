@@ -1102,3 +1102,223 @@ fn blk_journal_survives_a_destination_killed_at_switchover_and_commit() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     lab.down().expect("lab down");
 }
+
+/// The 8259 master's IRR (interrupt request register) as KVM_GET_IRQCHIP reports it.
+fn pic_master_irr(vm: &Vm) -> u8 {
+    let st = vm.capture_state().expect("capture the irqchip state");
+    let c = st
+        .irqchips
+        .iter()
+        .find(|c| c.chip_id == 0)
+        .expect("the state holds the PIC master (chip 0)");
+    // SAFETY: chip_id 0 (KVM_IRQCHIP_PIC_MASTER) is the union's `pic` member, plain bytes.
+    unsafe { c.chip.pic }.irr
+}
+
+/// GSI of the first disk: virtio-mmio slot 1, GSI 5 + 1.
+const BLK_GSI: u32 = 6;
+
+/// Drive disk 0 of a parked VM from the test as a driver would: bring it up with a queue of 4
+/// at DESC/AVAIL/USED (when `setup`), then post one read of sector 1, with the avail ring's
+/// flags set to `avail_flags`, and wait for it to be used. Returns the used index.
+fn blk_read_request(vm: &Vm, setup: bool, avail_flags: u16) -> u16 {
+    let mem = vm.memory().clone();
+    let dev = vm.devices().clone();
+    let blk = MMIO_BASE + MMIO_STRIDE;
+    let w = |off: u64, v: u32| dev.mmio_write(blk + off, &v.to_le_bytes());
+    if setup {
+        for (off, v) in [
+            (0x70, 0),
+            (0x70, 3),
+            (0x24, 1),
+            (0x20, 1),
+            (0x24, 0),
+            (0x20, 0),
+            (0x70, 0xb),
+            (0x30, 0),
+            (0x38, 4),
+            (0x80, DESC as u32),
+            (0x90, AVAIL as u32),
+            (0xa0, USED as u32),
+            (0x44, 1),
+            (0x70, 0xf),
+        ] {
+            w(off, v);
+        }
+        let (hdr, data, status) = (0x0180_0000u64, 0x0181_0000u64, 0x0182_0000u64);
+        let mut h = [0u8; 16];
+        h[8..].copy_from_slice(&1u64.to_le_bytes());
+        mem.write(hdr, &h).unwrap();
+        for (i, addr, len, flags, next) in [
+            (0u64, hdr, 16u32, 1u16, 1u16),
+            (1, data, 512, 3, 2),
+            (2, status, 1, 2, 0),
+        ] {
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..].copy_from_slice(&next.to_le_bytes());
+            mem.write(DESC + 16 * i, &d).unwrap();
+        }
+    }
+    // Every request reuses chain 0; avail.idx goes up by one.
+    let used_before = (mem.read_u64(USED).unwrap() >> 16) as u16;
+    let idx = used_before.wrapping_add(1);
+    let slot = u64::from(used_before % 4);
+    mem.write(AVAIL, &avail_flags.to_le_bytes()).unwrap();
+    mem.write(AVAIL + 4 + 2 * slot, &0u16.to_le_bytes())
+        .unwrap();
+    mem.write(AVAIL + 2, &idx.to_le_bytes()).unwrap();
+    w(0x50, 0);
+    wait_for("the block request to complete", 10, || {
+        ((mem.read_u64(USED).ok()? >> 16) as u16 == idx).then_some(idx)
+    })
+}
+
+/// A used buffer on a real KVM VM raises the disk's line: the irqfd for GSI 6 sets bit 6 of
+/// the 8259 master's IRR (KVM_GET_IRQCHIP); with VRING_AVAIL_F_NO_INTERRUPT the device leaves
+/// the line alone. A VM built for a restore (as a migration's destination is) has its own
+/// irqfds registered: a request completed there raises its line.
+#[test]
+fn virtio_used_buffers_raise_the_gsi_in_kvm() {
+    let Some(hv) = hypervisor("virtio_used_buffers_raise_the_gsi_in_kvm") else {
+        return;
+    };
+    let dir = TempDir::new("irq");
+    let program = dir.0.join("probe.bin");
+    std::fs::write(&program, probe_program()).unwrap();
+    let disk = dir.0.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let env = DeviceEnv {
+        bridges: vec![],
+        disks: vec![Some(disk.clone())],
+    };
+    let vm = Vm::create_in(&hv, service_spec("irqsrc", &program, false), &env).unwrap();
+    let line = 1u8 << BLK_GSI;
+    let raised = |vm: &Vm| vm.devices().virtio.blk[0].irq().raised();
+    assert_eq!(vm.devices().virtio.blk[0].irq().gsi(), BLK_GSI);
+    assert_eq!(
+        pic_master_irr(&vm) & line,
+        0,
+        "line 6 raised before any I/O"
+    );
+    vm.devices().virtio.activate();
+    // Suppressed: the request completes, InterruptStatus is set, the line is not signalled.
+    blk_read_request(&vm, true, 1);
+    assert_eq!(raised(&vm), 0, "the device signalled despite NO_INTERRUPT");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        pic_master_irr(&vm) & line,
+        0,
+        "line 6 raised despite NO_INTERRUPT"
+    );
+    // Not suppressed: signalled, and KVM latched it in the PIC.
+    blk_read_request(&vm, false, 0);
+    assert_eq!(raised(&vm), 1);
+    wait_for("IRR bit 6 of the PIC master", 5, || {
+        (pic_master_irr(&vm) & line != 0).then_some(())
+    });
+    // A VM built for a restore of this state, its PIC's IRR cleared: its own irqfd raises it.
+    vm.devices().virtio.quiesce();
+    let mut state = vm.capture_state().unwrap();
+    // What a migration would carry of guest memory: the rings and the request's buffers.
+    let pages: Vec<(u64, Vec<u8>)> = [DESC, AVAIL, USED, 0x0180_0000, 0x0181_0000, 0x0182_0000]
+        .into_iter()
+        .map(|gpa| {
+            let mut b = vec![0u8; 4096];
+            vm.memory().read(gpa, &mut b).unwrap();
+            (gpa, b)
+        })
+        .collect();
+    vm.stop();
+    drop(vm);
+    for c in state.irqchips.iter_mut().filter(|c| c.chip_id == 0) {
+        // Chip 0 is the union's `pic` member (see pic_master_irr); writing a field is safe.
+        c.chip.pic.irr = 0;
+    }
+    // The device's InterruptStatus was never ACKed; ACK it so activate does not re-pulse.
+    for b in &mut state.devices.virtio.blk {
+        b.transport.interrupt_status = 0;
+    }
+    let vm = Vm::create_for_restore_in(&hv, &state, &env).unwrap();
+    for (gpa, b) in &pages {
+        vm.memory().write(*gpa, b).unwrap();
+    }
+    vm.restore_state(&state).unwrap();
+    assert_eq!(pic_master_irr(&vm) & line, 0, "restored IRR not cleared");
+    vm.devices().virtio.activate();
+    assert_eq!(raised(&vm), 0, "an ACKed line is not pulsed on activation");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(pic_master_irr(&vm) & line, 0);
+    // The driver's queue came with the state: a further request on it.
+    assert_eq!(blk_read_request(&vm, false, 0), 3);
+    assert_eq!(raised(&vm), 1);
+    wait_for("IRR bit 6 of the restored VM's PIC master", 5, || {
+        (pic_master_irr(&vm) & line != 0).then_some(())
+    });
+    vm.stop();
+}
+
+/// The CPL3 service guest runs with interrupts off and no IDT: a journaling guest whose every
+/// block request raises GSI 6 keeps running with the interrupt pending (the PIC's IRR bit set),
+/// before and after a pause, and never faults.
+#[test]
+fn service_guest_runs_on_with_a_pending_virtio_interrupt() {
+    let Some(hv) = hypervisor("service_guest_runs_on_with_a_pending_virtio_interrupt") else {
+        return;
+    };
+    let dir = TempDir::new("irqrun");
+    let program = dir.0.join("journal.bin");
+    std::fs::write(&program, journal_program()).unwrap();
+    let disk = dir.0.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let env = DeviceEnv {
+        bridges: vec![],
+        disks: vec![Some(disk.clone())],
+    };
+    let vm = Vm::create_in(&hv, service_spec("irqrun", &program, false), &env).unwrap();
+    let line = 1u8 << BLK_GSI;
+    assert_eq!(
+        pic_master_irr(&vm) & line,
+        0,
+        "line 6 raised before the guest ran"
+    );
+    vm.start().unwrap();
+    let marks = |vm: &Vm| {
+        let c = vm_console(vm);
+        assert!(!c.contains("BAD"), "a block request failed: {c}");
+        journal_marks(&c)
+    };
+    wait_for("the journal to advance", 20, || {
+        (marks(&vm).last().copied().unwrap_or(0) >= 64).then_some(())
+    });
+    vm.pause().unwrap();
+    let raised = vm.devices().virtio.blk[0].irq().raised();
+    let at = marks(&vm).last().copied().unwrap();
+    assert!(
+        u64::from(at) <= raised,
+        "{raised} interrupts for at least {at} requests"
+    );
+    assert_ne!(
+        pic_master_irr(&vm) & line,
+        0,
+        "the guest's requests raised no line"
+    );
+    assert!(vm.fault().is_none(), "guest faulted: {:?}", vm.fault());
+    vm.resume().unwrap();
+    wait_for(
+        "the journal to go on with the interrupt pending",
+        20,
+        || (marks(&vm).last().copied().unwrap_or(0) >= at + 64).then_some(()),
+    );
+    assert!(vm.fault().is_none(), "guest faulted: {:?}", vm.fault());
+    assert_ne!(vm.status(), ferry::vm::VmStatus::Crashed);
+    vm.stop();
+}

@@ -512,16 +512,15 @@ mod tests {
         let f = File::create(&path).unwrap();
         f.set_len(sectors * SECTOR).unwrap();
         let mem = FakeMem::new(1 << 20);
-        let dev =
-            BlkDevice::new(
-                "t",
-                0,
-                Some(&path),
-                mem.clone(),
-                Arc::new(Waker::default()),
-                Irq::detached(6),
-            )
-            .unwrap();
+        let dev = BlkDevice::new(
+            "t",
+            0,
+            Some(&path),
+            mem.clone(),
+            Arc::new(Waker::default()),
+            Irq::detached(6),
+        )
+        .unwrap();
         let q = TestQueue::new(0x1000, 16);
         let st = bring_up(
             &mut dev.t.lock().unwrap(),
