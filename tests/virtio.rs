@@ -842,6 +842,9 @@ fn service_vm_nic_and_disk_in_the_lab_and_across_a_migration() {
         String::from_utf8_lossy(&want),
         "each frame echoed (virtio-net TX through the tap) exactly once"
     );
+    // Inspected again: `i` was taken before the echoes were awaited, and a's last echoes may
+    // have gone out after it.
+    let i = f.json("a", &["vm", "inspect", "s1"]);
     let tx_a = i["nics"][0]["tx_frames"].as_u64().unwrap_or(0);
     assert!(tx_a >= carried, "the carried frames were echoed on a: {i}");
     let o = f.cli("a", &["vm", "destroy", "s1"]);
