@@ -540,3 +540,47 @@ pub(crate) mod fake {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_map_to_gsis_and_too_many_devices_are_refused() {
+        assert_eq!(slot_gsi(net_slot(0)), 5);
+        assert_eq!(slot_gsi(blk_slot(0)), 6);
+        assert_eq!(slot_gsi(net_slot(1)), 7);
+        assert_eq!(slot_gsi(blk_slot(1)), 8);
+        let mem: Arc<dyn DeviceMemory> = fake::FakeMem::new(4096);
+        let waker = Arc::new(Waker::default());
+        // Nine NICs and nine disks: slots 0-17, GSIs 5-22, one eventfd each.
+        let v = VirtioDevices::new(
+            "t",
+            &[[0x52, 0x54, 0, 0, 0, 1]; 9],
+            9,
+            &DeviceEnv::default(),
+            mem.clone(),
+            waker.clone(),
+        )
+        .unwrap();
+        let mut gsis: Vec<u32> = v.irqfds().iter().map(|(_, g)| *g).collect();
+        gsis.sort_unstable();
+        assert_eq!(gsis, (5..=22).collect::<Vec<_>>());
+        v.shutdown();
+        // Ten NICs and ten disks would need GSI 24: refused, saying why.
+        let e = VirtioDevices::new(
+            "t",
+            &[[0x52, 0x54, 0, 0, 0, 1]; 10],
+            10,
+            &DeviceEnv::default(),
+            mem,
+            waker,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, VirtioError::TooManyDevices { gsi: 24, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("fewer devices"), "{e}");
+    }
+}
