@@ -529,6 +529,8 @@ fn device_writes_are_dirty_in_kvm_guest_memory() {
     mem.write(ravail + 2, &1u16.to_le_bytes()).unwrap();
     let clean = mem.take_dirty().unwrap();
     assert!(!clean.contains(rbuf) && !clean.contains(rused));
+    // The NIC's line (slot 0, GSI 5) is not raised until a frame is delivered.
+    assert_eq!(pic_master_irr(&vm) & (1 << 5), 0, "line 5 raised before RX");
     let nic = &dev.virtio.net[0];
     nic.start_delivery();
     nic.receive([vec![0x42u8; 100]]);
@@ -542,6 +544,10 @@ fn device_writes_are_dirty_in_kvm_guest_memory() {
     for (p, what) in [(rbuf, "RX buffer"), (rused, "RX used ring")] {
         assert!(dirty.contains(p), "{what} page {p:#x} is not dirty");
     }
+    assert_eq!(nic.irq().raised(), 1);
+    wait_for("IRR bit 5 of the PIC master after RX", 5, || {
+        (pic_master_irr(&vm) & (1 << 5) != 0).then_some(())
+    });
     vm.stop();
 }
 
