@@ -522,20 +522,102 @@ mod tests {
         let mut a = Adaptive::default();
         for i in 0..200 {
             let mut slot = page(Profile::Random, i, 1);
-            assert_eq!(e.encode_adaptive(&mut slot, None, &mut a).0, Encoding::Raw);
+            assert_eq!(e.encode_adaptive(&mut slot, None, Codec::Lz4, &mut a).0, Encoding::Raw);
         }
         assert!(a.skipped > 100, "{a:?}");
         // Compressible pages come back: within one probe interval they compress again.
         let mut lz4 = 0;
         for i in 0..40 {
             let mut slot = page(Profile::Text, i, 1);
-            if e.encode_adaptive(&mut slot, None, &mut a).0 == Encoding::Lz4 {
+            if e.encode_adaptive(&mut slot, None, Codec::Lz4, &mut a).0 == Encoding::Lz4 {
                 lz4 += 1;
             }
         }
         assert!(lz4 >= 40 - PROBE_EVERY as usize, "{lz4}");
         let mut z = [0u8; PAGE];
-        assert_eq!(e.encode_adaptive(&mut z, None, &mut a).0, Encoding::Zero);
+        assert_eq!(e.encode_adaptive(&mut z, None, Codec::Lz4, &mut a).0, Encoding::Zero);
+    }
+
+    #[test]
+    fn zstd_pages_round_trip_and_beat_lz4_on_text() {
+        let mut e = Encoder::default();
+        let (mut lz4, mut zstd) = (0, 0);
+        for i in 0..64 {
+            for p in [
+                page(Profile::Text, i, 1),
+                page(Profile::Mixed, i, 2),
+                page(Profile::Random, i, 1),
+                [0u8; PAGE],
+            ] {
+                for codec in Codec::ALL {
+                    let mut slot = p;
+                    let (enc, n) = e.encode_in_place_with(&mut slot, None, codec);
+                    let mut dst = [0x11u8; PAGE];
+                    decode(enc, &slot[..n], &mut dst).unwrap();
+                    assert_eq!(dst, p, "{codec:?} as {enc:?}");
+                    match (codec, enc) {
+                        (Codec::Lz4, Encoding::Lz4) => lz4 += n,
+                        (Codec::Zstd, Encoding::Zstd) => zstd += n,
+                        (Codec::None, e) => assert!(matches!(e, Encoding::Zero | Encoding::Raw)),
+                        _ => {}
+                    }
+                }
+            }
+            // Deltas keep their place under every codec.
+            let old = page(Profile::Random, i, 1);
+            let mut new = old;
+            new[8..40].copy_from_slice(&[7; 32]);
+            let (enc, _) = e.encode_with(&new, Some(&old), Codec::Zstd);
+            assert_eq!(enc, Encoding::Delta);
+        }
+        assert!(zstd > 0 && zstd < lz4, "zstd {zstd} lz4 {lz4}");
+    }
+
+    #[test]
+    fn zstd_decoder_is_bounded() {
+        let mut dst = [0u8; PAGE];
+        // A valid frame of the wrong size (too small, and far too large) is refused before
+        // decoding: the declared size is checked first.
+        for n in [100usize, 2 * PAGE, 64 << 20] {
+            let big = vec![b'a'; n.min(1 << 20)];
+            let mut f = zstd::bulk::compress(&big, ZSTD_LEVEL).unwrap();
+            if n > (1 << 20) {
+                // Claim 64 MiB of content in the header of a small frame.
+                f = zstd::bulk::compress(&[b'a'; 64], ZSTD_LEVEL).unwrap();
+                // Frame header: magic (4), descriptor (1): set an 8-byte content size field.
+                f.truncate(4);
+                f.extend_from_slice(&[0xE0, 0, 0, 0, 4, 0, 0, 0, 0]);
+            }
+            assert!(decode(Encoding::Zstd, &f, &mut dst).is_err(), "{n}");
+        }
+        // Two frames back to back, and a frame without its size, are refused.
+        let one = zstd::bulk::compress(&[1u8; PAGE], ZSTD_LEVEL).unwrap();
+        let mut two = one.clone();
+        two.extend_from_slice(&one);
+        assert!(decode(Encoding::Zstd, &two, &mut dst).is_err());
+        assert!(decode(Encoding::Zstd, &one, &mut dst).is_ok());
+        let mut z = zstd::bulk::Compressor::new(ZSTD_LEVEL).unwrap();
+        z.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(false))
+            .unwrap();
+        let sizeless = z.compress(&[1u8; PAGE]).unwrap();
+        assert!(decode(Encoding::Zstd, &sizeless, &mut dst).is_err());
+        // Garbage and truncations never panic.
+        let mut s = 11u64;
+        for len in 0..300 {
+            let mut junk: Vec<u8> = (0..len)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    s as u8
+                })
+                .collect();
+            if len >= 4 {
+                junk[..4].copy_from_slice(&one[..4]);
+            }
+            let _ = decode(Encoding::Zstd, &junk, &mut dst);
+            let _ = decode(Encoding::Zstd, &one[..len.min(one.len())], &mut dst);
+        }
     }
 
     #[test]
