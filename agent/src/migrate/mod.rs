@@ -117,7 +117,8 @@ pub struct MigrateOptions {
     /// Off overrides `codec`.
     pub compress: bool,
     /// The page codec: auto (chosen per stream from measured rates; see `tune`), none, lz4,
-    /// zstd.
+    /// zstd. Left out of the JSON when auto, so that agents from before `--codec` accept it.
+    #[serde(skip_serializing_if = "tune::CodecChoice::is_auto")]
     pub codec: tune::CodecChoice,
 }
 

@@ -48,6 +48,20 @@ pub enum CodecChoice {
     Zstd,
 }
 
+impl CodecChoice {
+    pub fn is_auto(&self) -> bool {
+        *self == CodecChoice::Auto
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            CodecChoice::Auto => "auto",
+            CodecChoice::None => "none",
+            CodecChoice::Lz4 => "lz4",
+            CodecChoice::Zstd => "zstd",
+        }
+    }
+}
+
 impl std::str::FromStr for CodecChoice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
