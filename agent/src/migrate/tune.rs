@@ -130,6 +130,13 @@ pub const HYSTERESIS: f64 = 1.08;
 /// A window where the stream waited on the kernel for at least this share of its busy time
 /// was link-bound.
 pub const LINK_BOUND_WAIT: f64 = 0.10;
+/// Predicted rates this close to the best count as equal (then the cheaper codec wins).
+pub const TIE: f64 = 0.02;
+/// A window that never waited on the link raises the estimate by this factor (at least): a
+/// stream that compresses hard is CPU-bound and cannot see how fast the link is, so the
+/// estimate drifts up until a cheaper codec looks better and is tried; if the link then limits
+/// it, the next window measures the link again.
+pub const LINK_GROWTH: f64 = 1.25;
 
 /// One codec on the sampled pages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -165,8 +172,9 @@ pub struct Choice {
     pub link_bound: bool,
 }
 
-/// Predicted guest MB/s for codec `c`, and whether the link limits it.
-pub fn predict(r: &StreamRates, c: Codec) -> Option<(f64, bool)> {
+/// Predicted guest MB/s for codec `c`, whether the link limits it, and the stream's CPU
+/// seconds per page with it.
+pub fn predict(r: &StreamRates, c: Codec) -> Option<(f64, bool, f64)> {
     let cr = r.codecs[c.index()]?;
     if cr.encode_mb_s <= 0.0 || !cr.encode_mb_s.is_finite() || !(0.0..=1.5).contains(&cr.ratio)
     {
@@ -182,36 +190,44 @@ pub fn predict(r: &StreamRates, c: Codec) -> Option<(f64, bool)> {
         _ => 0.0,
     };
     let t = cpu.max(link).max(1e-12);
-    Some((page / t / 1e6, link > cpu))
+    Some((page / t / 1e6, link > cpu, cpu))
 }
 
-/// The codec among `allowed` that moves the most guest memory per second; `current` stays
-/// unless another beats it by [`HYSTERESIS`]. With nothing measured, `current` stays.
+/// The codec among `allowed` that moves the most guest memory per second; among codecs within
+/// [`TIE`] of the best, the one that costs the least CPU (on shared cores that CPU is the
+/// destination's and the guest's). `current` stays unless another promises [`HYSTERESIS`] more,
+/// or as much for a tenth less CPU. With nothing measured, `current` stays.
 pub fn choose(r: &StreamRates, allowed: &[Codec], current: Codec) -> Choice {
     let mut predicted = [None; 3];
+    let mut p: Vec<(Codec, f64, f64)> = Vec::new();
     for &c in allowed {
-        predicted[c.index()] = predict(r, c).map(|p| p.0);
-    }
-    let cur = predicted[current.index()];
-    let mut best = current;
-    let mut best_rate = cur.unwrap_or(0.0);
-    for &c in allowed {
-        if let Some(p) = predicted[c.index()] {
-            let bar = if best == current && cur.is_some() {
-                best_rate * HYSTERESIS
-            } else {
-                best_rate
-            };
-            if p > bar {
-                best = c;
-                best_rate = p;
-            }
+        if let Some((rate, _, cpu)) = predict(r, c) {
+            predicted[c.index()] = Some(rate);
+            p.push((c, rate, cpu));
         }
     }
+    let top = p.iter().map(|x| x.1).fold(0.0, f64::max);
+    let best = p
+        .iter()
+        .filter(|x| x.1 >= top * (1.0 - TIE))
+        .min_by(|a, b| a.2.total_cmp(&b.2))
+        .copied();
+    let cur = p.iter().find(|x| x.0 == current).copied();
+    let codec = match (best, cur) {
+        (None, _) => current,
+        (Some(b), None) => b.0,
+        (Some(b), Some(c)) => {
+            if b.1 > c.1 * HYSTERESIS || (b.1 >= c.1 * (1.0 - TIE) && b.2 < c.2 * 0.9) {
+                b.0
+            } else {
+                current
+            }
+        }
+    };
     Choice {
-        codec: best,
+        codec,
         predicted_mb_s: predicted,
-        link_bound: predict(r, best).is_some_and(|p| p.1),
+        link_bound: predict(r, codec).is_some_and(|p| p.1),
     }
 }
 
@@ -224,7 +240,7 @@ pub fn link_estimate(prev: Option<f64>, wire_mb_s: f64, waited: f64, busy: f64) 
     if waited / busy >= LINK_BOUND_WAIT {
         Some(wire_mb_s)
     } else {
-        prev.map(|p| p.max(wire_mb_s))
+        prev.map(|p| (p * LINK_GROWTH).max(wire_mb_s))
     }
 }
 
@@ -401,10 +417,11 @@ mod tests {
             encode_mb_s: 2000.0,
             ratio: 1.0,
         });
-        // Equal on the link; none costs the least CPU and the current codec stays only when
-        // it is as good.
+        // Equal on the link: none costs the least CPU, so it replaces the current codec.
         let c = choose(&r, &ALL, Codec::Zstd);
-        assert!(c.predicted_mb_s[0] >= c.predicted_mb_s[2]);
+        assert_eq!(c.predicted_mb_s[0], c.predicted_mb_s[2]);
+        assert_eq!(c.codec, Codec::None, "{c:?}");
+        assert!(c.link_bound);
         r.link_mb_s = None;
         assert_eq!(choose(&r, &ALL, Codec::Zstd).codec, Codec::None);
     }
@@ -464,8 +481,9 @@ mod tests {
         assert_eq!(link_estimate(None, 60.0, 0.5, 1.0), Some(60.0));
         // Link got shared: a link-bound window replaces the estimate.
         assert_eq!(link_estimate(Some(120.0), 60.0, 0.5, 1.0), Some(60.0));
-        // CPU-bound windows only raise it.
-        assert_eq!(link_estimate(Some(60.0), 40.0, 0.0, 1.0), Some(60.0));
+        // CPU-bound windows only raise it, and let it drift up (a hard-compressing stream
+        // cannot see the link).
+        assert_eq!(link_estimate(Some(60.0), 40.0, 0.0, 1.0), Some(75.0));
         assert_eq!(link_estimate(Some(60.0), 90.0, 0.0, 1.0), Some(90.0));
         assert_eq!(link_estimate(Some(60.0), 0.0, 0.0, 0.0), Some(60.0));
     }
