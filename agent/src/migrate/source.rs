@@ -214,6 +214,10 @@ struct Tuner {
     wait_mark: u64,
     wire_mark: u64,
     report: StreamTuning,
+    /// A switch under trial: the codec before it and the non-zero MB/s it achieved.
+    trial: Option<(Codec, f64)>,
+    /// Windows each codec stays left out after a failed trial.
+    blocked: [u32; 3],
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -231,6 +235,8 @@ impl Tuner {
             active_since: None,
             wait_mark: 0,
             wire_mark: 0,
+            trial: None,
+            blocked: [0; 3],
             report: StreamTuning {
                 stream,
                 codec: Some(plan.start),
@@ -308,9 +314,46 @@ impl Tuner {
                 busy,
             );
         }
-        if let Some(r) = self.meter.rates(self.codec, self.link_mb_s) {
-            let ch = tune::choose(&r, &c.plan.allowed, self.codec);
+        // What this window achieved: non-zero pages per busy second (zero pages cost little,
+        // and their share varies along guest memory).
+        let achieved = self.meter.nonzero as f64 * PAGE as f64 / busy.max(1e-9) / 1e6;
+        for b in &mut self.blocked {
+            *b = b.saturating_sub(1);
+        }
+        let mut decided = false;
+        if let Some((prev, before)) = self.trial.take() {
+            if tune::trial_failed(before, achieved) {
+                tracing::debug!(
+                    stream = self.stream,
+                    from = self.codec.name(),
+                    back_to = prev.name(),
+                    before_mb_s = before,
+                    after_mb_s = achieved,
+                    "page codec switch undone: it moved less"
+                );
+                self.blocked[self.codec.index()] = tune::TRIAL_BLOCK_WINDOWS;
+                self.codec = prev;
+                self.report.switches += 1;
+                self.report.reverted += 1;
+                self.report.codec = Some(prev);
+                decided = true;
+            }
+        }
+        let allowed: Vec<Codec> = c
+            .plan
+            .allowed
+            .iter()
+            .copied()
+            .filter(|x| *x == self.codec || self.blocked[x.index()] == 0)
+            .collect();
+        if let Some(r) = self
+            .meter
+            .rates(self.codec, self.link_mb_s)
+            .filter(|_| !decided)
+        {
+            let ch = tune::choose(&r, &allowed, self.codec);
             if ch.codec != self.codec {
+                self.trial = Some((self.codec, achieved));
                 self.report.switches += 1;
                 tracing::debug!(
                     stream = self.stream,

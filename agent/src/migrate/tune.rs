@@ -231,6 +231,20 @@ pub fn choose(r: &StreamRates, allowed: &[Codec], current: Codec) -> Choice {
     }
 }
 
+/// A switch is a trial: if the first window with the new codec moved fewer non-zero pages per
+/// busy second than the last window with the old one (by more than this share), the model was
+/// wrong about what limits the stream (typically a destination short of CPU, which shows up as
+/// a slow "link" that compression does not help), and the stream goes back.
+pub const TRIAL_LOSS: f64 = 0.10;
+/// Windows a codec that failed its trial is left out.
+pub const TRIAL_BLOCK_WINDOWS: u32 = 8;
+
+/// Whether a trial failed: `after` (MB/s of non-zero pages with the new codec) fell short of
+/// `before` (with the old one).
+pub fn trial_failed(before: f64, after: f64) -> bool {
+    before.is_finite() && after.is_finite() && after < before * (1.0 - TRIAL_LOSS)
+}
+
 /// The link estimate after a window: `wire_mb_s` sent with `waited` of `busy` seconds spent
 /// waiting on the kernel (see the module docs).
 pub fn link_estimate(prev: Option<f64>, wire_mb_s: f64, waited: f64, busy: f64) -> Option<f64> {
@@ -260,6 +274,10 @@ pub struct StreamTuning {
     pub rates: Option<StreamRates>,
     /// The last prediction per codec, MB/s of guest memory.
     pub predicted_mb_s: [Option<f64>; 3],
+    /// Switches undone because the new codec moved less than the old one (see
+    /// [`TRIAL_LOSS`]).
+    #[serde(default)]
+    pub reverted: u32,
 }
 
 /// Sample one non-zero page in this many for the codec comparison.
@@ -473,6 +491,14 @@ mod tests {
         assert!(e.contains("upgrade") && e.contains("version 2"), "{e}");
         assert_eq!("zstd".parse::<CodecChoice>(), Ok(CodecChoice::Zstd));
         assert!("gzip".parse::<CodecChoice>().unwrap_err().contains("auto"));
+    }
+
+    #[test]
+    fn trials_fail_only_on_a_real_loss() {
+        assert!(trial_failed(100.0, 80.0));
+        assert!(!trial_failed(100.0, 95.0));
+        assert!(!trial_failed(100.0, 300.0));
+        assert!(!trial_failed(f64::NAN, 1.0));
     }
 
     #[test]
