@@ -525,7 +525,10 @@ fn every_codec_migrates_intact_and_auto_buys_ratio_on_a_slow_link() {
         assert_eq!(t["codec"], "zstd", "auto on 100 Mbit/s: {t}");
         let r = &t["rates"];
         let link = r["link_mb_s"].as_f64().expect("a measured link rate");
-        assert!(link > 1.0 && link < 20.0, "100 Mbit/s measured as {link} MB/s: {t}");
+        assert!(
+            link > 1.0 && link < 20.0,
+            "100 Mbit/s measured as {link} MB/s: {t}"
+        );
         assert!(
             r["codecs"][2]["ratio"].as_f64().unwrap() < r["codecs"][1]["ratio"].as_f64().unwrap(),
             "{t}"

@@ -1003,7 +1003,11 @@ fn tuning_text(t: &[crate::migrate::tune::StreamTuning]) -> String {
             codec.name(),
             st.mode,
             if st.switches > 0 {
-                format!(", {} change{}", st.switches, if st.switches == 1 { "" } else { "s" })
+                format!(
+                    ", {} change{}",
+                    st.switches,
+                    if st.switches == 1 { "" } else { "s" }
+                )
             } else {
                 String::new()
             }

@@ -23,6 +23,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// The two-host lab: network namespaces `ferry-NAME-{a,b,sw}`, datastores and agents.
@@ -307,7 +309,10 @@ fn bench_matrix(m: MatrixArgs) -> Result<()> {
             codecs: m
                 .codec
                 .iter()
-                .map(|c| c.parse().map_err(|e: String| anyhow::anyhow!("--codec: {e}")))
+                .map(|c| {
+                    c.parse()
+                        .map_err(|e: String| anyhow::anyhow!("--codec: {e}"))
+                })
                 .collect::<Result<_>>()?,
             shaped_mixed_only: false,
             label: m.label.clone(),

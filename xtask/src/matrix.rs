@@ -655,11 +655,16 @@ fn goals(rows: &[Row]) -> String {
     for (profile, goal) in [(Profile::Mixed, 3.0), (Profile::Text, 4.0)] {
         let v: Vec<f64> = warm
             .iter()
-            .filter(|r| r.cell.is_default() && r.cell.link_mbit == 1000 && r.cell.profile == profile)
+            .filter(|r| {
+                r.cell.is_default() && r.cell.link_mbit == 1000 && r.cell.profile == profile
+            })
             .map(|r| gb(r) / link_gb_s(r))
             .collect();
         line(
-            &format!("1 Gbit/s: {} memory moved >= {goal}x the link", sym(profile)),
+            &format!(
+                "1 Gbit/s: {} memory moved >= {goal}x the link",
+                sym(profile)
+            ),
             v.iter()
                 .copied()
                 .reduce(f64::min)
@@ -669,14 +674,19 @@ fn goals(rows: &[Row]) -> String {
     let util: Vec<f64> = warm
         .iter()
         .filter(|r| r.cell.is_default() && r.cell.link_mbit > 0)
-        .filter_map(|r| r.link_avg_gbit_s.map(|a| a / (r.cell.link_mbit as f64 / 1000.0)))
+        .filter_map(|r| {
+            r.link_avg_gbit_s
+                .map(|a| a / (r.cell.link_mbit as f64 / 1000.0))
+        })
         .collect();
     line(
         "shaped link: utilization during the copy >= 95 % of the rate",
-        util.iter()
-            .copied()
-            .reduce(f64::min)
-            .map(|x| (x >= 0.95, format!("{:.0} % (worst of {})", x * 100.0, util.len()))),
+        util.iter().copied().reduce(f64::min).map(|x| {
+            (
+                x >= 0.95,
+                format!("{:.0} % (worst of {})", x * 100.0, util.len()),
+            )
+        }),
     );
     let cpu: Vec<(f64, f64)> = warm
         .iter()
@@ -740,7 +750,10 @@ fn goals(rows: &[Row]) -> String {
         })
         .collect();
     if !cold.is_empty() {
-        out += &format!("cold (first migration into the other host): {}\n", cold.join("; "));
+        out += &format!(
+            "cold (first migration into the other host): {}\n",
+            cold.join("; ")
+        );
     }
     out
 }

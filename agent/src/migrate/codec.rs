@@ -306,11 +306,15 @@ pub fn decode(encoding: Encoding, payload: &[u8], dst: &mut [u8; PAGE]) -> Resul
                 if d.is_none() {
                     let mut z = zstd::bulk::Decompressor::new()
                         .map_err(|e| corrupt(format!("no zstd decoder: {e}")))?;
-                    z.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX))
-                        .map_err(|e| corrupt(format!("zstd decoder setup: {e}")))?;
+                    z.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+                        ZSTD_WINDOW_LOG_MAX,
+                    ))
+                    .map_err(|e| corrupt(format!("zstd decoder setup: {e}")))?;
                     *d = Some(z);
                 }
-                let z = d.as_mut().ok_or_else(|| corrupt("no zstd decoder".into()))?;
+                let z = d
+                    .as_mut()
+                    .ok_or_else(|| corrupt("no zstd decoder".into()))?;
                 z.decompress_to_buffer(payload, &mut dst[..])
                     .map_err(|e| corrupt(e.to_string()))
             })?;
@@ -522,7 +526,10 @@ mod tests {
         let mut a = Adaptive::default();
         for i in 0..200 {
             let mut slot = page(Profile::Random, i, 1);
-            assert_eq!(e.encode_adaptive(&mut slot, None, Codec::Lz4, &mut a).0, Encoding::Raw);
+            assert_eq!(
+                e.encode_adaptive(&mut slot, None, Codec::Lz4, &mut a).0,
+                Encoding::Raw
+            );
         }
         assert!(a.skipped > 100, "{a:?}");
         // Compressible pages come back: within one probe interval they compress again.
@@ -535,7 +542,10 @@ mod tests {
         }
         assert!(lz4 >= 40 - PROBE_EVERY as usize, "{lz4}");
         let mut z = [0u8; PAGE];
-        assert_eq!(e.encode_adaptive(&mut z, None, Codec::Lz4, &mut a).0, Encoding::Zero);
+        assert_eq!(
+            e.encode_adaptive(&mut z, None, Codec::Lz4, &mut a).0,
+            Encoding::Zero
+        );
     }
 
     #[test]

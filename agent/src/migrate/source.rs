@@ -18,13 +18,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::codec::{Adaptive, Codec, DeltaCache, Encoder, PAGE};
-use super::tune::{self, CodecPlan, Meter, StreamTuning};
 use super::converge::{self, Decision, RoundStats};
 use super::protocol::RECORD_LEN;
 use super::protocol::{
     self, Abort, Command, Complete, FrameReader, FrameWriter, Observed, Prepared, Ready, Resumed,
     RoundEnd, Setup, StreamHello,
 };
+use super::tune::{self, CodecPlan, Meter, StreamTuning};
 use super::{
     stream_of, EncodingStats, GuestOn, MigrateError, MigrateOptions, MigrationHandle, Phase,
     Summary,
@@ -419,8 +419,7 @@ fn worker_loop(
                                 let (t0, w0) = (Instant::now(), c.sink.waited_ns);
                                 finish_frame(&mut c, &mut frame)?;
                                 let waited = c.sink.waited_ns - w0;
-                                tuner.meter.frame_ns +=
-                                    nanos(t0.elapsed()).saturating_sub(waited);
+                                tuner.meter.frame_ns += nanos(t0.elapsed()).saturating_sub(waited);
                                 tuner.tick(&c);
                             } else {
                                 finish_frame(&mut c, &mut frame)?;
@@ -1080,7 +1079,12 @@ fn precopy_and_prepare(
         throttle: 0,
         max_throttle: 0,
         send: SendStats::default(),
-        tuning: (0..n).map(|i| StreamTuning { stream: i, ..StreamTuning::default() }).collect(),
+        tuning: (0..n)
+            .map(|i| StreamTuning {
+                stream: i,
+                ..StreamTuning::default()
+            })
+            .collect(),
     };
     let mut r = eng_run(&mut eng, cw, cr, paused_here, t0);
     if let Ok((_, mark)) = &mut r {

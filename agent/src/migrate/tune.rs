@@ -176,8 +176,7 @@ pub struct Choice {
 /// seconds per page with it.
 pub fn predict(r: &StreamRates, c: Codec) -> Option<(f64, bool, f64)> {
     let cr = r.codecs[c.index()]?;
-    if cr.encode_mb_s <= 0.0 || !cr.encode_mb_s.is_finite() || !(0.0..=1.5).contains(&cr.ratio)
-    {
+    if cr.encode_mb_s <= 0.0 || !cr.encode_mb_s.is_finite() || !(0.0..=1.5).contains(&cr.ratio) {
         return None;
     }
     let page = PAGE as f64;
@@ -416,7 +415,10 @@ mod tests {
         assert_eq!(c.codec, Codec::Zstd, "{c:?}");
         assert!(c.link_bound);
         let p = c.predicted_mb_s;
-        assert!(p[2].unwrap() > p[1].unwrap() && p[1].unwrap() > p[0].unwrap(), "{p:?}");
+        assert!(
+            p[2].unwrap() > p[1].unwrap() && p[1].unwrap() > p[0].unwrap(),
+            "{p:?}"
+        );
         // In between (a ~10 Gbit/s link), LZ4 is the best compromise.
         assert_eq!(
             choose(&mixed(Some(600.0)), &ALL, Codec::None).codec,
@@ -481,11 +483,20 @@ mod tests {
     #[test]
     fn plans_follow_the_flags_and_the_peer_version() {
         let p = plan(CodecChoice::Auto, true, 2).unwrap();
-        assert_eq!((p.start, p.allowed.len(), p.delta, p.mode), (Codec::Lz4, 3, true, "auto"));
-        assert_eq!(plan(CodecChoice::Auto, true, 1).unwrap().allowed, vec![Codec::None, Codec::Lz4]);
+        assert_eq!(
+            (p.start, p.allowed.len(), p.delta, p.mode),
+            (Codec::Lz4, 3, true, "auto")
+        );
+        assert_eq!(
+            plan(CodecChoice::Auto, true, 1).unwrap().allowed,
+            vec![Codec::None, Codec::Lz4]
+        );
         // --no-compress overrides any codec.
         let p = plan(CodecChoice::Zstd, false, 2).unwrap();
-        assert_eq!((p.start, p.delta, p.allowed.is_empty()), (Codec::None, false, true));
+        assert_eq!(
+            (p.start, p.delta, p.allowed.is_empty()),
+            (Codec::None, false, true)
+        );
         assert_eq!(plan(CodecChoice::Lz4, true, 1).unwrap().start, Codec::Lz4);
         let e = plan(CodecChoice::Zstd, true, 1).unwrap_err();
         assert!(e.contains("upgrade") && e.contains("version 2"), "{e}");
