@@ -312,6 +312,7 @@ impl Tuner {
                 self.meter.wire_bytes as f64 / busy / 1e6,
                 self.meter.wait_ns as f64 / 1e9,
                 busy,
+                (now - self.window_start).as_secs_f64(),
             );
         }
         // What this window achieved: non-zero pages per busy second (zero pages cost little,

@@ -244,16 +244,26 @@ pub fn trial_failed(before: f64, after: f64) -> bool {
     before.is_finite() && after.is_finite() && after < before * (1.0 - TRIAL_LOSS)
 }
 
-/// The link estimate after a window: `wire_mb_s` sent with `waited` of `busy` seconds spent
-/// waiting on the kernel (see the module docs).
-pub fn link_estimate(prev: Option<f64>, wire_mb_s: f64, waited: f64, busy: f64) -> Option<f64> {
+/// The link estimate after a window of `wall` seconds: `wire_mb_s` sent with `waited` of `busy`
+/// seconds spent waiting on the kernel (see the module docs). The estimate drifts up only when
+/// the stream was busy for most of the window (CPU-bound); a mostly idle stream (small late
+/// rounds that fit in the socket buffers) says nothing about the link.
+pub fn link_estimate(
+    prev: Option<f64>,
+    wire_mb_s: f64,
+    waited: f64,
+    busy: f64,
+    wall: f64,
+) -> Option<f64> {
     if busy <= 0.0 || !wire_mb_s.is_finite() || wire_mb_s <= 0.0 {
         return prev;
     }
     if waited / busy >= LINK_BOUND_WAIT {
         Some(wire_mb_s)
-    } else {
+    } else if busy >= wall * 0.5 {
         prev.map(|p| (p * LINK_GROWTH).max(wire_mb_s))
+    } else {
+        prev.map(|p| p.max(wire_mb_s))
     }
 }
 
@@ -514,15 +524,17 @@ mod tests {
 
     #[test]
     fn link_estimate_follows_waits_and_only_rises_otherwise() {
-        assert_eq!(link_estimate(None, 500.0, 0.0, 1.0), None);
-        assert_eq!(link_estimate(None, 60.0, 0.5, 1.0), Some(60.0));
+        assert_eq!(link_estimate(None, 500.0, 0.0, 1.0, 1.0), None);
+        assert_eq!(link_estimate(None, 60.0, 0.5, 1.0, 1.0), Some(60.0));
         // Link got shared: a link-bound window replaces the estimate.
-        assert_eq!(link_estimate(Some(120.0), 60.0, 0.5, 1.0), Some(60.0));
+        assert_eq!(link_estimate(Some(120.0), 60.0, 0.5, 1.0, 1.0), Some(60.0));
         // CPU-bound windows only raise it, and let it drift up (a hard-compressing stream
         // cannot see the link).
-        assert_eq!(link_estimate(Some(60.0), 40.0, 0.0, 1.0), Some(75.0));
-        assert_eq!(link_estimate(Some(60.0), 90.0, 0.0, 1.0), Some(90.0));
-        assert_eq!(link_estimate(Some(60.0), 0.0, 0.0, 0.0), Some(60.0));
+        assert_eq!(link_estimate(Some(60.0), 40.0, 0.0, 1.0, 1.0), Some(75.0));
+        assert_eq!(link_estimate(Some(60.0), 90.0, 0.0, 1.0, 1.0), Some(90.0));
+        assert_eq!(link_estimate(Some(60.0), 0.0, 0.0, 0.0, 1.0), Some(60.0));
+        // A mostly idle window neither waits nor works: no drift.
+        assert_eq!(link_estimate(Some(60.0), 40.0, 0.0, 0.1, 1.0), Some(60.0));
     }
 
     #[test]
