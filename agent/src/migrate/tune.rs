@@ -25,10 +25,22 @@
 //!
 //! Not the configured `link_speed`: the stream measures it. While it waits for the kernel to
 //! take its frames (link-bound) its wire rate is what the link gives it now, and that replaces
-//! the estimate (a link that became shared shows up at once). While it never waits (CPU-bound),
-//! the link gives at least the wire rate seen, so the estimate only rises. Before the first
-//! link-bound window the link is taken as unlimited, which picks the cheapest codec; if that
-//! one then waits on the link, the next window knows the rate and compression is reconsidered.
+//! the estimate (a link that became shared shows up at once). While it works without waiting
+//! (CPU-bound), the link gives at least the wire rate seen, and the estimate drifts up by
+//! [`LINK_GROWTH`] per window, so that a stream compressing hard does not stay on its codec for
+//! want of seeing the link; a mostly idle window changes nothing. Before the first link-bound
+//! window the link is taken as unlimited, which picks the cheapest codec; if that one then waits
+//! on the link, the next window knows the rate and compression is reconsidered.
+//!
+//! ## Trials
+//!
+//! The model can be wrong about what limits a stream: on shared cores a destination short of
+//! CPU looks like a slow link, which compression does not help. So every switch is a trial
+//! ([`trial_failed`]): the worker goes back if the new codec moved fewer non-zero pages per busy
+//! second than the old one did, and leaves it out for [`TRIAL_BLOCK_WINDOWS`] windows.
+//!
+//! Known limit: on a slow link the socket buffers (megabytes) hide the link from the first
+//! windows and from small late rounds, so those see more than the link gives.
 
 use serde::{Deserialize, Serialize};
 
