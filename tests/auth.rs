@@ -291,14 +291,21 @@ fn encrypted_migration_and_hosts_that_require_it() {
     lab.down().unwrap();
 }
 
-/// A newer peer offering versions 1..=2 gets version 1 (the highest both speak); one that
-/// speaks only 2..=3 is told, in an Abort, which versions each side speaks.
+/// This build speaks 1..=2. An older peer (1..=1) gets version 1, a newer one offering 1..=3
+/// or 2..=3 gets 2 (the highest both speak); one that speaks only 3..=4 is told, in an Abort,
+/// which versions each side speaks.
 #[test]
 fn peers_negotiate_a_common_version_or_are_told_why() {
     let Some(lab) = lab("versions") else { return };
     let ns = lab.host("a").unwrap().netns.clone();
     in_netns(&ns, || {
-        for (min, max, want) in [(1u16, 2u16, Some(1u16)), (2, 3, None)] {
+        // This build speaks 1..=2 (version 2 added zstd pages).
+        for (min, max, want) in [
+            (1u16, 1u16, Some(1u16)),
+            (1, 3, Some(2)),
+            (2, 3, Some(2)),
+            (3, 4, None),
+        ] {
             let c = TcpStream::connect_timeout(
                 &B.parse::<SocketAddr>().unwrap(),
                 Duration::from_secs(5),
@@ -330,8 +337,8 @@ fn peers_negotiate_a_common_version_or_are_told_why() {
                     let text = e.to_string();
                     assert!(
                         text.contains("no common protocol version")
-                            && text.contains("2..=3")
-                            && text.contains("1..=1"),
+                            && text.contains("3..=4")
+                            && text.contains("1..=2"),
                         "{text}"
                     );
                 }

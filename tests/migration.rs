@@ -463,3 +463,87 @@ fn every_send_mode_with_poisoned_buffers_migrates_intact() {
     assert_eq!(f.json(here, &["vm", "verify", "p"])["ok"], true);
     lab.down().unwrap();
 }
+
+/// Every page codec carries a migration intact (`--verify`), each fixed choice is what the
+/// streams use, and `auto` picks zstd for text pages on a slow link, saying why in the summary.
+#[test]
+fn every_codec_migrates_intact_and_auto_buys_ratio_on_a_slow_link() {
+    let Some(lab) = lab("codecs") else { return };
+    let f = LabFerry { lab: &lab };
+    f.json(
+        "a",
+        &[
+            "vm",
+            "create",
+            "t",
+            "--memory",
+            "256M",
+            "--vcpus",
+            "2",
+            "--profile",
+            "text",
+            "--dirty-rate",
+            "16",
+            "--start",
+        ],
+    );
+    f.wait_filled("a", "t");
+    let mut here = "a";
+    let pages = |s: &serde_json::Value, e: &str| s["encodings"][e]["pages"].as_u64().unwrap();
+    for codec in ["zstd", "lz4", "none", "auto"] {
+        let there = other(here);
+        let rec = f.migrate(here, "t", there, &["--verify", "--codec", codec]);
+        assert_eq!(rec["phase"], "completed", "{codec}: {rec}");
+        let s = &rec["summary"];
+        assert_eq!(s["verified"], true, "{codec}: {s}");
+        let tuning = s["tuning"].as_array().unwrap();
+        assert_eq!(tuning.len() as u64, s["streams"].as_u64().unwrap(), "{s}");
+        for t in tuning {
+            assert_eq!(t["mode"], codec, "{t}");
+            if codec != "auto" {
+                assert_eq!(t["codec"], codec, "{t}");
+                assert_eq!(t["switches"], 0, "{t}");
+            }
+        }
+        match codec {
+            "zstd" => assert!(pages(s, "zstd") > 1000 && pages(s, "lz4") == 0, "{s}"),
+            "lz4" => assert!(pages(s, "lz4") > 1000 && pages(s, "zstd") == 0, "{s}"),
+            "none" => assert_eq!(pages(s, "lz4") + pages(s, "zstd") + pages(s, "delta"), 0),
+            _ => {}
+        }
+        here = there;
+    }
+    // A slow link: text pages compress several times better with zstd, and the CPU is idle.
+    f.slow_migration_link(here, "100mbit");
+    let there = other(here);
+    let rec = f.migrate(here, "t", there, &["--verify"]);
+    assert_eq!(rec["phase"], "completed", "{rec}");
+    let s = &rec["summary"];
+    assert_eq!(s["verified"], true, "{s}");
+    let (mut zstd, mut all) = (0, 0);
+    for t in s["tuning"].as_array().unwrap() {
+        assert_eq!(t["mode"], "auto", "{t}");
+        let by = |i: usize| t["pages_by_codec"][i].as_u64().unwrap();
+        zstd += by(2);
+        all += by(0) + by(1) + by(2);
+        let r = &t["rates"];
+        // Measured while link-bound, then it drifts up in windows that never wait (small late
+        // rounds fit in the socket buffers): only its presence is certain.
+        let link = r["link_mb_s"].as_f64().expect("a measured link rate");
+        assert!(link > 1.0, "100 Mbit/s measured as {link} MB/s: {t}");
+        assert!(
+            r["codecs"][2]["ratio"].as_f64().unwrap() < r["codecs"][1]["ratio"].as_f64().unwrap(),
+            "{t}"
+        );
+    }
+    // A large share of the pages went as zstd. (Not all: on a slow link the socket buffers
+    // hide the link from short windows, and a switch can be undone as a failed trial.)
+    assert!(
+        zstd * 3 > all,
+        "auto on 100 Mbit/s: {zstd} of {all} pages with zstd: {s}"
+    );
+    assert!(pages(s, "zstd") > 0, "{s}");
+    f.json(there, &["vm", "pause", "t"]);
+    assert_eq!(f.json(there, &["vm", "verify", "t"])["ok"], true);
+    lab.down().unwrap();
+}

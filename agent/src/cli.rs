@@ -192,9 +192,17 @@ pub struct MigrateArgs {
     /// Send this migration in the clear (refused where encryption is required)
     #[arg(long)]
     pub no_encrypt: bool,
-    /// Send pages raw (zero pages still skipped): no LZ4, no deltas
+    /// Send pages raw (zero pages still skipped): no compression, no deltas (overrides --codec)
     #[arg(long)]
     pub no_compress: bool,
+    /// Page codec: auto (each stream picks none, lz4 or zstd from the rates it measures during
+    /// the migration), none, lz4, zstd
+    #[arg(long, default_value = "auto", value_parser = parse_codec)]
+    pub codec: crate::migrate::tune::CodecChoice,
+}
+
+fn parse_codec(s: &str) -> Result<crate::migrate::tune::CodecChoice, String> {
+    s.parse()
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -876,6 +884,7 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
         encrypt: m.encrypt,
         no_encrypt: m.no_encrypt,
         compress: !m.no_compress,
+        codec: m.codec,
         ..MigrateOptions::default()
     };
     if let Some(p) = m.cache_percent {
@@ -982,13 +991,61 @@ fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
     }
 }
 
+/// Per stream: the page codec in force, how it was set, and the rates it was chosen from.
+fn tuning_text(t: &[crate::migrate::tune::StreamTuning]) -> String {
+    use crate::migrate::codec::Codec;
+    let mut s = String::new();
+    for st in t {
+        let Some(codec) = st.codec else { continue };
+        s += &format!(
+            "  codec s{:<2}     {} ({}{})",
+            st.stream,
+            codec.name(),
+            st.mode,
+            if st.switches > 0 {
+                format!(
+                    ", {} change{}",
+                    st.switches,
+                    if st.switches == 1 { "" } else { "s" }
+                )
+            } else {
+                String::new()
+            }
+        );
+        if let Some(r) = &st.rates {
+            s += &format!(
+                "; link {}",
+                r.link_mb_s
+                    .map_or("not limiting".into(), |l| format!("{l:.0} MB/s"))
+            );
+            for c in Codec::ALL {
+                if let (Some(cr), Some(p)) = (r.codecs[c.index()], st.predicted_mb_s[c.index()]) {
+                    if c == Codec::None {
+                        s += &format!("; none -> {p:.0} MB/s");
+                    } else {
+                        s += &format!(
+                            "; {} {:.0} MB/s x{:.2} -> {p:.0} MB/s",
+                            c.name(),
+                            cr.encode_mb_s,
+                            cr.ratio
+                        );
+                    }
+                }
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
 /// Pages, share and compression ratio per encoding, one line each.
 fn encodings_text(e: &crate::migrate::EncodingStats) -> String {
-    let all = (e.zero.pages + e.lz4.pages + e.delta.pages + e.raw.pages).max(1);
+    let all = e.pages().max(1);
     let mut s = String::new();
     for (i, (name, c)) in [
         ("zero", &e.zero),
         ("lz4", &e.lz4),
+        ("zstd", &e.zstd),
         ("delta", &e.delta),
         ("raw", &e.raw),
     ]
@@ -1083,6 +1140,7 @@ fn human_record(r: &MigrationRecord) -> String {
                 "  streams       {}, max throttle {} %\n",
                 sm.streams, sm.max_throttle
             );
+            s += &tuning_text(&sm.tuning);
             let t = &sm.transport;
             s += &format!(
                 "  transport     {:?}: {} zero-copy, {} copied by the kernel, {} plain io_uring send, {} write(2){}\n",

@@ -110,6 +110,7 @@ pub fn ended(rec: &MigrationRecord, failure: Option<&MigrateError>) {
             for (name, st) in [
                 ("zero", s.encodings.zero),
                 ("lz4", s.encodings.lz4),
+                ("zstd", s.encodings.zstd),
                 ("delta", s.encodings.delta),
                 ("raw", s.encodings.raw),
             ] {

@@ -243,23 +243,23 @@ pub fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The release build users deploy (benchmarks measure it): `target/release/ferry`.
-pub fn build_ferry_release() -> Result<PathBuf> {
-    println!("building ferry with the release profile (what users deploy; benchmarks measure it)");
-    run(cargo().args(["build", "--release", "-p", "ferry"]))?;
-    let bin = workspace_root().join("target/release/ferry");
-    if !bin.is_file() {
-        bail!("{} was not built", bin.display());
-    }
-    Ok(bin)
-}
-
 pub fn build_ferry() -> Result<PathBuf> {
     run(cargo().args(["build", "-p", "ferry"]))?;
     let bin = workspace_root().join("target/debug/ferry");
     if !bin.is_file() {
         bail!("{} was not built", bin.display());
     }
+    Ok(bin)
+}
+
+/// The release build users deploy, for benchmarks (`cargo build --release -p ferry`); says so.
+pub fn build_ferry_release() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "ferry"]))?;
+    let bin = workspace_root().join("target/release/ferry");
+    if !bin.is_file() {
+        bail!("{} was not built", bin.display());
+    }
+    println!("bench: release build, {}", bin.display());
     Ok(bin)
 }
 
@@ -453,7 +453,7 @@ pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
 /// `bench guest`: in the lab, a 1 GiB mixed 2-vCPU workload guest at several dirty rates:
 /// requested vs measured dirty rate, heartbeat rate, agent CPU use, and pause latency.
 pub fn bench_guest(secs: u64) -> Result<()> {
-    let bin = build_ferry()?;
+    let bin = build_ferry_release()?;
     let lab = Lab::up(LabOptions::for_test("bench-guest").with_ferry_bin(bin))?;
     let a = lab.host("a").context("lab host a")?;
     let pid = a.agent_pid.context("agent pid")?;
@@ -538,7 +538,7 @@ pub fn bench_guest(secs: u64) -> Result<()> {
 /// pause, rounds and bytes (table, and JSON lines in target/bench/migrate.jsonl).
 pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32, encrypt: bool) -> Result<()> {
     use ferry::migrate::MigrateOptions;
-    let bin = build_ferry()?;
+    let bin = build_ferry_release()?;
     let lab = Lab::up(LabOptions::for_test("bench-mig").with_ferry_bin(bin))?;
     let a = Client::new(&lab.host("a").context("lab host a")?.socket);
     let b = Client::new(&lab.host("b").context("lab host b")?.socket);
@@ -546,8 +546,9 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32, encrypt: bool)
     std::fs::create_dir_all(&out_dir)?;
     let mut jsonl = String::new();
     println!(
-        "{:>7} {:>4} {:>9} {:>8} {:>10} {:>10} {:>9} {:>7} {:>11} {:>11} {:>7}",
+        "{:>7} {:>4} {:>4} {:>9} {:>8} {:>10} {:>10} {:>9} {:>7} {:>11} {:>11} {:>7}",
         "MEMORY",
+        "RUN",
         "ENC",
         "DIRTY",
         "TOTAL",
@@ -560,6 +561,9 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32, encrypt: bool)
         "RATIO"
     );
     let modes: &[bool] = if encrypt { &[false, true] } else { &[false] };
+    // The first migration into host b pays for the kernel finding and zeroing fresh memory
+    // there: "cold", reported as such; the rest are warm.
+    let mut cold = true;
     for &rate in rates {
         for (run, &enc) in (0..repeat.max(1)).flat_map(|r| modes.iter().map(move |m| (r, m))) {
             let name = format!("m{rate}r{run}{}", if enc { "e" } else { "" });
@@ -581,8 +585,9 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32, encrypt: bool)
             )?;
             let d = &s.downtime;
             println!(
-                "{:>5} M {:>4} {:>5} M/s {:>7.2}s {:>7.2} ms {:>7.2} ms {:>9} {:>7} {:>11.1} {:>11.1} {:>6.2}x",
+                "{:>5} M {:>4} {:>4} {:>5} M/s {:>7.2}s {:>7.2} ms {:>7.2} ms {:>9} {:>7} {:>11.1} {:>11.1} {:>6.2}x",
                 memory_mib,
+                if cold { "cold" } else { "warm" },
                 if enc { "yes" } else { "no" },
                 rate,
                 s.total_s,
@@ -598,11 +603,13 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32, encrypt: bool)
                 "bench": "migrate",
                 "memory_mib": memory_mib, "vcpus": 2, "profile": "mixed", "dirty_rate_mib_s": rate,
                 "run": run,
+                "cold": cold,
                 "encrypted": enc,
                 "summary": s,
             })
             .to_string();
             jsonl.push('\n');
+            cold = false;
             b.delete(&format!("/v1/vms/{name}"))?;
         }
     }
@@ -621,7 +628,7 @@ pub fn bench_migrate(memory_mib: u64, rates: &[u64], repeat: u32, encrypt: bool)
 pub fn bench_transport(gib: u64) -> Result<()> {
     use ferry::migrate::blast::BlastMode;
     use ferry::migrate::MigrateOptions;
-    let bin = build_ferry()?;
+    let bin = build_ferry_release()?;
     let lab = Lab::up(LabOptions::for_test("bench-tr").with_ferry_bin(bin))?;
     let a = Client::new(&lab.host("a").context("lab host a")?.socket);
     let out_dir = workspace_root().join("target/bench");

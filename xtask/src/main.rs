@@ -23,6 +23,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// The two-host lab: network namespaces `ferry-NAME-{a,b,sw}`, datastores and agents.
@@ -153,6 +155,12 @@ struct MatrixArgs {
     /// Encryption: on (the default where the cluster key is configured, as in the lab), off
     #[arg(long, value_delimiter = ',', default_value = "on")]
     encrypt: Vec<String>,
+    /// Migration link shapes (tc on both hosts' migration NIC): none, 10gbit, 1gbit, 500mbit…
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    link: Vec<String>,
+    /// Page codecs: auto (the default: chosen per stream from measured rates), none, lz4, zstd
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    codec: Vec<String>,
     /// Label for the output files (target/bench/matrix-LABEL.*)
     #[arg(long, default_value = "current")]
     label: String,
@@ -273,7 +281,7 @@ fn bench_matrix(m: MatrixArgs) -> Result<()> {
     };
     let bin = match m.ferry_bin {
         Some(b) => b,
-        None => xtask::dev::build_ferry()?,
+        None => xtask::dev::build_ferry_release()?,
     };
     let mut spec = if m.quick {
         MatrixSpec::quick(bin, m.label.clone())
@@ -303,6 +311,20 @@ fn bench_matrix(m: MatrixArgs) -> Result<()> {
             compress: onoff(&m.compress, "compress")?,
             zero_copy: onoff(&m.zero_copy, "zero-copy")?,
             encrypt: onoff(&m.encrypt, "encrypt")?,
+            links: m
+                .link
+                .iter()
+                .map(|l| xtask::matrix::parse_link(l))
+                .collect::<Result<_>>()?,
+            codecs: m
+                .codec
+                .iter()
+                .map(|c| {
+                    c.parse()
+                        .map_err(|e: String| anyhow::anyhow!("--codec: {e}"))
+                })
+                .collect::<Result<_>>()?,
+            shaped_mixed_only: false,
             label: m.label.clone(),
             ferry_bin: bin,
         }

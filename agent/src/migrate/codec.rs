@@ -1,11 +1,16 @@
-//! How one page travels: zero, LZ4, LZ4 of an XOR delta, or raw.
+//! How one page travels: zero, LZ4, zstd, LZ4 of an XOR delta, or raw.
 //!
-//! The encoder picks, per page:
+//! The encoder picks, per page, given the stream's page [`Codec`] (none, LZ4 or zstd; chosen by
+//! the user or by [`super::tune`] from measured rates):
 //!
 //! 1. **Zero** when the page is all zero (word-wise OR-fold): no payload at all.
 //! 2. **Delta** when the source cache holds the exact version the destination has and the XOR
-//!    of old and new compresses to at most [`DELTA_MAX`] bytes: LZ4 of the XOR.
-//! 3. **Lz4** when the page compresses to at most [`LZ4_MAX`] bytes.
+//!    of old and new compresses to at most [`DELTA_MAX`] bytes: LZ4 of the XOR (whatever the
+//!    page codec: a small delta is cheap to find and beats every whole-page codec).
+//! 3. **Lz4** or **Zstd** (the stream's codec) when the page compresses to at most
+//!    [`LZ4_MAX`] bytes. Zstd runs at [`ZSTD_LEVEL`], one frame per page that declares its
+//!    content size; the decoder refuses any frame that does not declare exactly one page and
+//!    decodes into the page itself, so a malformed frame cannot make it allocate.
 //! 4. **Raw** otherwise (incompressible data costs one failed LZ4 attempt, ~1 us).
 //!
 //! ## The delta cache
@@ -32,6 +37,38 @@ pub const DELTA_MAX: usize = PAGE / 2;
 /// Largest encoded payload the decoder accepts.
 pub const MAX_ENCODED: usize = PAGE;
 
+/// The zstd level of [`Encoding::Zstd`] pages: the fastest regular level (negative levels
+/// compress text pages little better than LZ4).
+pub const ZSTD_LEVEL: i32 = 1;
+
+/// How a stream compresses whole pages (zero pages and deltas aside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// Raw pages.
+    None,
+    Lz4,
+    Zstd,
+}
+
+impl Codec {
+    pub const ALL: [Codec; 3] = [Codec::None, Codec::Lz4, Codec::Zstd];
+    pub fn index(self) -> usize {
+        match self {
+            Codec::None => 0,
+            Codec::Lz4 => 1,
+            Codec::Zstd => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::None => "none",
+            Codec::Lz4 => "lz4",
+            Codec::Zstd => "zstd",
+        }
+    }
+}
+
 /// Errors decoding a page.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -43,6 +80,8 @@ pub enum CodecError {
 pub struct Encoder {
     out: Vec<u8>,
     xor: Box<[u8; PAGE]>,
+    /// Made on first use (a zstd context holds a few hundred KiB).
+    zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
 impl Default for Encoder {
@@ -50,17 +89,53 @@ impl Default for Encoder {
         Encoder {
             out: vec![0; lz4_flex::block::get_maximum_output_size(PAGE)],
             xor: Box::new([0; PAGE]),
+            zstd: None,
         }
     }
 }
 
 impl Encoder {
-    /// Encode `page`; `base` is the version the destination holds, if the cache knows it.
-    /// Returns the encoding and its payload (empty for Zero; the page itself for Raw).
+    /// Encode `page` with LZ4 as the page codec (see [`Encoder::encode_with`]).
     pub fn encode<'a>(
         &'a mut self,
         page: &'a [u8; PAGE],
         base: Option<&[u8; PAGE]>,
+    ) -> (Encoding, &'a [u8]) {
+        self.encode_with(page, base, Codec::Lz4)
+    }
+
+    /// Compress `page` with `codec` alone into the encoder's output buffer: the payload length,
+    /// or None when it does not fit in [`LZ4_MAX`] (the page would go raw). `Codec::None`
+    /// gives None. Used for the real encoding and for sampling the other codecs.
+    pub fn compress(&mut self, page: &[u8; PAGE], codec: Codec) -> Option<usize> {
+        match codec {
+            Codec::None => None,
+            Codec::Lz4 => match lz4_flex::block::compress_into(page, &mut self.out) {
+                Ok(n) if n <= LZ4_MAX => Some(n),
+                _ => None,
+            },
+            Codec::Zstd => {
+                if self.zstd.is_none() {
+                    self.zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+                }
+                let z = self.zstd.as_mut()?;
+                // Bounded by the output slice: a frame that would not pay fails to fit.
+                match z.compress_to_buffer(&page[..], &mut self.out[..LZ4_MAX]) {
+                    Ok(n) if n > 0 && n <= LZ4_MAX => Some(n),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    /// Encode `page`; `base` is the version the destination holds, if the cache knows it;
+    /// `codec` compresses pages that are neither zero nor a delta.
+    /// Returns the encoding and its payload (empty for Zero; the page itself for Raw).
+    pub fn encode_with<'a>(
+        &'a mut self,
+        page: &'a [u8; PAGE],
+        base: Option<&[u8; PAGE]>,
+        codec: Codec,
     ) -> (Encoding, &'a [u8]) {
         if is_zero(page) {
             return (Encoding::Zero, &[]);
@@ -87,9 +162,14 @@ impl Encoder {
                 }
             }
         }
-        match lz4_flex::block::compress_into(page, &mut self.out) {
-            Ok(n) if n <= LZ4_MAX => (Encoding::Lz4, &self.out[..n]),
-            _ => (Encoding::Raw, page),
+        let e = match codec {
+            Codec::None => return (Encoding::Raw, page),
+            Codec::Lz4 => Encoding::Lz4,
+            Codec::Zstd => Encoding::Zstd,
+        };
+        match self.compress(page, codec) {
+            Some(n) => (e, &self.out[..n]),
+            None => (Encoding::Raw, page),
         }
     }
 }
@@ -110,12 +190,13 @@ const RAW_STREAK: u32 = 32;
 const PROBE_EVERY: u32 = 16;
 
 impl Encoder {
-    /// [`Encoder::encode_in_place`], skipping LZ4 while the stream looks incompressible.
+    /// [`Encoder::encode_in_place`], skipping the codec while the stream looks incompressible.
     /// Zero detection and deltas are always tried.
     pub fn encode_adaptive(
         &mut self,
         slot: &mut [u8],
         base: Option<&[u8; PAGE]>,
+        codec: Codec,
         a: &mut Adaptive,
     ) -> (Encoding, usize) {
         if base.is_none() && a.skip_left > 0 {
@@ -126,7 +207,7 @@ impl Encoder {
             a.skipped += 1;
             return (Encoding::Raw, slot.len());
         }
-        let r = self.encode_in_place(slot, base);
+        let r = self.encode_in_place_with(slot, base, codec);
         match r.0 {
             Encoding::Raw => {
                 a.raw_streak += 1;
@@ -150,18 +231,37 @@ impl Encoder {
         slot: &mut [u8],
         base: Option<&[u8; PAGE]>,
     ) -> (Encoding, usize) {
+        self.encode_in_place_with(slot, base, Codec::Lz4)
+    }
+
+    /// [`Encoder::encode_in_place`] with `codec` for whole pages.
+    pub fn encode_in_place_with(
+        &mut self,
+        slot: &mut [u8],
+        base: Option<&[u8; PAGE]>,
+        codec: Codec,
+    ) -> (Encoding, usize) {
         let Ok(page) = <&[u8; PAGE]>::try_from(&*slot) else {
             return (Encoding::Raw, slot.len());
         };
         let (e, n) = {
-            let (e, payload) = self.encode(page, base);
+            let (e, payload) = self.encode_with(page, base, codec);
             (e, payload.len())
         };
-        if matches!(e, Encoding::Lz4 | Encoding::Delta) {
+        if matches!(e, Encoding::Lz4 | Encoding::Delta | Encoding::Zstd) {
             slot[..n].copy_from_slice(&self.out[..n]);
         }
         (e, n)
     }
+}
+
+/// The largest window a zstd page frame may declare (one page of content needs 2^12).
+const ZSTD_WINDOW_LOG_MAX: u32 = 17;
+
+thread_local! {
+    /// One zstd decoding context per receiving thread (fixed size, made on first use).
+    static ZSTD_DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Decode one page into `dst`, which must hold the destination's current version of the page
@@ -184,6 +284,40 @@ pub fn decode(encoding: Encoding, payload: &[u8], dst: &mut [u8; PAGE]) -> Resul
         Encoding::Lz4 => {
             let n = lz4_flex::block::decompress_into(payload, &mut dst[..])
                 .map_err(|e| corrupt(e.to_string()))?;
+            if n != PAGE {
+                return Err(corrupt(format!("decodes to {n} bytes")));
+            }
+        }
+        Encoding::Zstd => {
+            // Exactly one frame that declares exactly one page, decoded into the page itself:
+            // the output bound is the page, and no window is allocated for a flat buffer.
+            match zstd::zstd_safe::get_frame_content_size(payload) {
+                Ok(Some(n)) if n == PAGE as u64 => {}
+                Ok(Some(n)) => return Err(corrupt(format!("frame declares {n} bytes"))),
+                Ok(None) => return Err(corrupt("frame does not declare its size".into())),
+                Err(_) => return Err(corrupt("not a zstd frame".into())),
+            }
+            match zstd::zstd_safe::find_frame_compressed_size(payload) {
+                Ok(n) if n == payload.len() => {}
+                _ => return Err(corrupt("not exactly one zstd frame".into())),
+            }
+            let n = ZSTD_DECODER.with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    let mut z = zstd::bulk::Decompressor::new()
+                        .map_err(|e| corrupt(format!("no zstd decoder: {e}")))?;
+                    z.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+                        ZSTD_WINDOW_LOG_MAX,
+                    ))
+                    .map_err(|e| corrupt(format!("zstd decoder setup: {e}")))?;
+                    *d = Some(z);
+                }
+                let z = d
+                    .as_mut()
+                    .ok_or_else(|| corrupt("no zstd decoder".into()))?;
+                z.decompress_to_buffer(payload, &mut dst[..])
+                    .map_err(|e| corrupt(e.to_string()))
+            })?;
             if n != PAGE {
                 return Err(corrupt(format!("decodes to {n} bytes")));
             }
@@ -392,20 +526,108 @@ mod tests {
         let mut a = Adaptive::default();
         for i in 0..200 {
             let mut slot = page(Profile::Random, i, 1);
-            assert_eq!(e.encode_adaptive(&mut slot, None, &mut a).0, Encoding::Raw);
+            assert_eq!(
+                e.encode_adaptive(&mut slot, None, Codec::Lz4, &mut a).0,
+                Encoding::Raw
+            );
         }
         assert!(a.skipped > 100, "{a:?}");
         // Compressible pages come back: within one probe interval they compress again.
         let mut lz4 = 0;
         for i in 0..40 {
             let mut slot = page(Profile::Text, i, 1);
-            if e.encode_adaptive(&mut slot, None, &mut a).0 == Encoding::Lz4 {
+            if e.encode_adaptive(&mut slot, None, Codec::Lz4, &mut a).0 == Encoding::Lz4 {
                 lz4 += 1;
             }
         }
         assert!(lz4 >= 40 - PROBE_EVERY as usize, "{lz4}");
         let mut z = [0u8; PAGE];
-        assert_eq!(e.encode_adaptive(&mut z, None, &mut a).0, Encoding::Zero);
+        assert_eq!(
+            e.encode_adaptive(&mut z, None, Codec::Lz4, &mut a).0,
+            Encoding::Zero
+        );
+    }
+
+    #[test]
+    fn zstd_pages_round_trip_and_beat_lz4_on_text() {
+        let mut e = Encoder::default();
+        let (mut lz4, mut zstd) = (0, 0);
+        for i in 0..64 {
+            for p in [
+                page(Profile::Text, i, 1),
+                page(Profile::Mixed, i, 2),
+                page(Profile::Random, i, 1),
+                [0u8; PAGE],
+            ] {
+                for codec in Codec::ALL {
+                    let mut slot = p;
+                    let (enc, n) = e.encode_in_place_with(&mut slot, None, codec);
+                    let mut dst = [0x11u8; PAGE];
+                    decode(enc, &slot[..n], &mut dst).unwrap();
+                    assert_eq!(dst, p, "{codec:?} as {enc:?}");
+                    match (codec, enc) {
+                        (Codec::Lz4, Encoding::Lz4) => lz4 += n,
+                        (Codec::Zstd, Encoding::Zstd) => zstd += n,
+                        (Codec::None, e) => assert!(matches!(e, Encoding::Zero | Encoding::Raw)),
+                        _ => {}
+                    }
+                }
+            }
+            // Deltas keep their place under every codec.
+            let old = page(Profile::Random, i, 1);
+            let mut new = old;
+            new[8..40].copy_from_slice(&[7; 32]);
+            let (enc, _) = e.encode_with(&new, Some(&old), Codec::Zstd);
+            assert_eq!(enc, Encoding::Delta);
+        }
+        assert!(zstd > 0 && zstd < lz4, "zstd {zstd} lz4 {lz4}");
+    }
+
+    #[test]
+    fn zstd_decoder_is_bounded() {
+        let mut dst = [0u8; PAGE];
+        // A valid frame of the wrong size (too small, and far too large) is refused before
+        // decoding: the declared size is checked first.
+        for n in [100usize, 2 * PAGE, 64 << 20] {
+            let big = vec![b'a'; n.min(1 << 20)];
+            let mut f = zstd::bulk::compress(&big, ZSTD_LEVEL).unwrap();
+            if n > (1 << 20) {
+                // Claim 64 MiB of content in the header of a small frame.
+                f = zstd::bulk::compress(&[b'a'; 64], ZSTD_LEVEL).unwrap();
+                // Frame header: magic (4), descriptor (1): set an 8-byte content size field.
+                f.truncate(4);
+                f.extend_from_slice(&[0xE0, 0, 0, 0, 4, 0, 0, 0, 0]);
+            }
+            assert!(decode(Encoding::Zstd, &f, &mut dst).is_err(), "{n}");
+        }
+        // Two frames back to back, and a frame without its size, are refused.
+        let one = zstd::bulk::compress(&[1u8; PAGE], ZSTD_LEVEL).unwrap();
+        let mut two = one.clone();
+        two.extend_from_slice(&one);
+        assert!(decode(Encoding::Zstd, &two, &mut dst).is_err());
+        assert!(decode(Encoding::Zstd, &one, &mut dst).is_ok());
+        let mut z = zstd::bulk::Compressor::new(ZSTD_LEVEL).unwrap();
+        z.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(false))
+            .unwrap();
+        let sizeless = z.compress(&[1u8; PAGE]).unwrap();
+        assert!(decode(Encoding::Zstd, &sizeless, &mut dst).is_err());
+        // Garbage and truncations never panic.
+        let mut s = 11u64;
+        for len in 0..300 {
+            let mut junk: Vec<u8> = (0..len)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    s as u8
+                })
+                .collect();
+            if len >= 4 {
+                junk[..4].copy_from_slice(&one[..4]);
+            }
+            let _ = decode(Encoding::Zstd, &junk, &mut dst);
+            let _ = decode(Encoding::Zstd, &one[..len.min(one.len())], &mut dst);
+        }
     }
 
     #[test]

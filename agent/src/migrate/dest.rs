@@ -302,7 +302,9 @@ fn receive(
             .try_clone()
             .map_err(protocol::ProtocolError::from)?;
         cuts.push(sock.try_clone().ok());
-        let acks = FrameWriter::new(sock);
+        // Acknowledgements carry the version the session negotiated, as the source's frames do.
+        let mut acks = FrameWriter::new(sock);
+        acks.set_version(cw.version());
         let mem = vm.memory().clone();
         let tx = ev_tx.clone();
         let ctl = conn.try_clone().ok();

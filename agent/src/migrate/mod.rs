@@ -25,6 +25,7 @@ pub mod protocol;
 pub mod query;
 pub mod session;
 pub mod source;
+pub mod tune;
 pub mod untrusted;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,7 +115,12 @@ pub struct MigrateOptions {
     /// Do not encrypt this migration (refused by a destination that requires encryption).
     pub no_encrypt: bool,
     /// Compress pages (LZ4, XOR deltas); off: zero pages are still skipped, the rest go raw.
+    /// Off overrides `codec`.
     pub compress: bool,
+    /// The page codec: auto (chosen per stream from measured rates; see `tune`), none, lz4,
+    /// zstd. Left out of the JSON when auto, so that agents from before `--codec` accept it.
+    #[serde(skip_serializing_if = "tune::CodecChoice::is_auto")]
+    pub codec: tune::CodecChoice,
 }
 
 impl Default for MigrateOptions {
@@ -129,6 +135,7 @@ impl Default for MigrateOptions {
             encrypt: false,
             no_encrypt: false,
             compress: true,
+            codec: tune::CodecChoice::Auto,
         }
     }
 }
@@ -193,6 +200,8 @@ pub struct EncodingStats {
     pub raw: EncodingCount,
     pub lz4: EncodingCount,
     pub delta: EncodingCount,
+    #[serde(default)]
+    pub zstd: EncodingCount,
 }
 
 impl EncodingStats {
@@ -202,6 +211,7 @@ impl EncodingStats {
             Encoding::Raw => &mut self.raw,
             Encoding::Lz4 => &mut self.lz4,
             Encoding::Delta => &mut self.delta,
+            Encoding::Zstd => &mut self.zstd,
         };
         c.pages += 1;
         c.bytes += bytes as u64;
@@ -212,13 +222,14 @@ impl EncodingStats {
             (&mut self.raw, o.raw),
             (&mut self.lz4, o.lz4),
             (&mut self.delta, o.delta),
+            (&mut self.zstd, o.zstd),
         ] {
             a.pages += b.pages;
             a.bytes += b.bytes;
         }
     }
     pub fn pages(&self) -> u64 {
-        self.zero.pages + self.raw.pages + self.lz4.pages + self.delta.pages
+        self.zero.pages + self.raw.pages + self.lz4.pages + self.delta.pages + self.zstd.pages
     }
 }
 
@@ -277,6 +288,9 @@ pub struct Summary {
     /// virtio devices at the switchover (source side; forwarding counts on both sides).
     #[serde(default)]
     pub devices: DeviceSummary,
+    /// Per data stream: the page codec in force and why (the rates it measured).
+    #[serde(default)]
+    pub tuning: Vec<tune::StreamTuning>,
 }
 
 /// What the switchover did with the guest's virtio devices.

@@ -55,8 +55,9 @@
 //! 16-byte [`PageRecordHeader`] and its payload (see [`super::codec`]).
 //!
 //! Versions: a build speaks [`MIN_VERSION`]`..=`[`VERSION`], the current version and the previous
-//! one (version 1 is the first released, so today the range is 1..=1; the build that introduces
-//! version 2 keeps `MIN_VERSION = 1`). The `Hello` offers the range and is stamped with
+//! one (version 1 is the first released; version 2 adds the [`Encoding::Zstd`] page encoding, so
+//! today the range is 1..=2). A source sends `Zstd` records only on a session that negotiated
+//! version 2 or later; a destination of either version decodes everything else alike. The `Hello` offers the range and is stamped with
 //! `MIN_VERSION`, so any peer that shares a version can read it; the `HelloAck` picks the highest
 //! version both speak, and control frames from then on carry it ([`FrameWriter::set_version`]).
 //! A peer with no common version gets an `Abort` that names both ranges (lab test
@@ -77,7 +78,7 @@ use crate::vm::VmSpec;
 /// "FRRY" little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRRY");
 /// Current protocol version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Oldest version this build still speaks.
 pub const MIN_VERSION: u16 = 1;
 /// Largest payload a frame may carry.
@@ -287,21 +288,33 @@ pub enum Encoding {
     Lz4 = 3,
     /// LZ4 block of (page XOR the version the destination holds).
     Delta = 4,
+    /// One zstd frame of the page (a low level; its header must declare exactly one page of
+    /// content). Protocol version 2 and later.
+    Zstd = 5,
 }
 
 impl Encoding {
-    pub const ALL: [Encoding; 4] = [
+    pub const ALL: [Encoding; 5] = [
         Encoding::Zero,
         Encoding::Raw,
         Encoding::Lz4,
         Encoding::Delta,
+        Encoding::Zstd,
     ];
+    /// The oldest protocol version that carries this encoding.
+    pub fn since_version(self) -> u16 {
+        match self {
+            Encoding::Zstd => 2,
+            _ => 1,
+        }
+    }
     pub fn from_u8(v: u8) -> Option<Encoding> {
         match v {
             1 => Some(Encoding::Zero),
             2 => Some(Encoding::Raw),
             3 => Some(Encoding::Lz4),
             4 => Some(Encoding::Delta),
+            5 => Some(Encoding::Zstd),
             _ => None,
         }
     }
@@ -358,7 +371,18 @@ pub fn write_record_header(dst: &mut [u8], gpa: u64, encoding: Encoding, len: us
 
 /// A whole frame as bytes (header + payload).
 pub fn encode_frame(cmd: Command, count: u32, payload: &[u8], seq: u32) -> Vec<u8> {
-    let h = FrameHeader::new(cmd, count, payload, seq);
+    encode_frame_version(cmd, count, payload, seq, VERSION)
+}
+
+/// [`encode_frame`] stamped with the session's negotiated `version`.
+pub fn encode_frame_version(
+    cmd: Command,
+    count: u32,
+    payload: &[u8],
+    seq: u32,
+    version: u16,
+) -> Vec<u8> {
+    let h = FrameHeader::with_version(cmd, count, payload, seq, version);
     let mut v = Vec::with_capacity(HEADER_LEN + payload.len());
     v.extend_from_slice(h.as_bytes());
     v.extend_from_slice(payload);
@@ -389,7 +413,9 @@ pub fn parse_records(payload: &[u8], count: u32) -> Result<Vec<PageRecord<'_>>, 
         let ok_len = match encoding {
             Encoding::Zero => len == 0,
             Encoding::Raw => len == PAGE_SIZE as usize,
-            Encoding::Lz4 | Encoding::Delta => len > 0 && len <= super::codec::MAX_ENCODED,
+            Encoding::Lz4 | Encoding::Delta | Encoding::Zstd => {
+                len > 0 && len <= super::codec::MAX_ENCODED
+            }
         };
         if !ok_len {
             return Err(bad(format!(
@@ -449,6 +475,11 @@ impl<W: Write> FrameWriter<W> {
     /// (so that any peer sharing a version can read it), the negotiated one afterwards.
     pub fn set_version(&mut self, version: u16) {
         self.version = version;
+    }
+
+    /// The version frames are stamped with now.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     pub fn send(&mut self, cmd: Command, count: u32, payload: &[u8]) -> Result<(), ProtocolError> {

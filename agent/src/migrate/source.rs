@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::codec::{Adaptive, DeltaCache, Encoder, PAGE};
+use super::codec::{Adaptive, Codec, DeltaCache, Encoder, PAGE};
 use super::converge::{self, Decision, RoundStats};
 use super::protocol::RECORD_LEN;
 use super::protocol::{
     self, Abort, Command, Complete, FrameReader, FrameWriter, Observed, Prepared, Ready, Resumed,
     RoundEnd, Setup, StreamHello,
 };
+use super::tune::{self, CodecPlan, Meter, StreamTuning};
 use super::{
     stream_of, EncodingStats, GuestOn, MigrateError, MigrateOptions, MigrationHandle, Phase,
     Summary,
@@ -106,6 +107,8 @@ struct Totals {
     send: SendStats,
     /// The stream's next frame number (after a round's end).
     next_seq: u32,
+    /// The stream's codec so far (cumulative, not per round).
+    tuning: StreamTuning,
 }
 
 struct Report {
@@ -135,8 +138,10 @@ struct DataConn {
     acks: FrameReader<BufReader<TcpStream>>,
     /// Seals page frames when the migration is encrypted.
     seal: Option<crate::transport::seal::Sealer>,
-    /// LZ4 and deltas (else zero or raw only).
-    compress: bool,
+    /// How pages are encoded (fixed, or tuned from measured rates).
+    plan: CodecPlan,
+    /// The protocol version the session negotiated (frames are stamped with it).
+    version: u16,
 }
 
 impl DataConn {
@@ -145,11 +150,12 @@ impl DataConn {
         cmd: Command,
         msg: &T,
     ) -> Result<(), MigrateError> {
-        let frame = protocol::encode_frame(
+        let frame = protocol::encode_frame_version(
             cmd,
             0,
             &serde_json::to_vec(msg).unwrap_or_default(),
             self.seq,
+            self.version,
         );
         self.sink.send_bytes(&frame).map_err(stream_io)?;
         self.seq = self.seq.wrapping_add(1);
@@ -181,11 +187,12 @@ fn finish_frame(c: &mut DataConn, f: &mut Option<PagesFrame>) -> Result<(), Migr
         let hl = protocol::HEADER_LEN;
         end = hl + s.seal(c.seq, &mut buf[hl..], fr.pos - hl)?;
     }
-    let h = protocol::FrameHeader::new(
+    let h = protocol::FrameHeader::with_version(
         Command::Pages,
         fr.count,
         &buf[protocol::HEADER_LEN..end],
         c.seq,
+        c.version,
     );
     buf[..protocol::HEADER_LEN].copy_from_slice(zerocopy::IntoBytes::as_bytes(&h));
     if crate::faults::armed() && crate::faults::hit("source:corrupt").is_some() {
@@ -197,6 +204,185 @@ fn finish_frame(c: &mut DataConn, f: &mut Option<PagesFrame>) -> Result<(), Migr
     c.seq = c.seq.wrapping_add(1);
     c.bytes += end as u64;
     Ok(())
+}
+
+/// A stream's page codec and the measuring behind it (see [`super::tune`]): clock reads per
+/// sampled page, per frame and per batch only.
+struct Tuner {
+    stream: u32,
+    codec: Codec,
+    meter: Meter,
+    link_mb_s: Option<f64>,
+    window_start: Instant,
+    active_since: Option<Instant>,
+    wait_mark: u64,
+    wire_mark: u64,
+    report: StreamTuning,
+    /// A switch under trial: the codec before it and the non-zero MB/s it achieved.
+    trial: Option<(Codec, f64)>,
+    /// Windows each codec stays left out after a failed trial.
+    blocked: [u32; 3],
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}
+
+impl Tuner {
+    fn new(stream: u32, plan: &CodecPlan) -> Tuner {
+        Tuner {
+            stream,
+            codec: plan.start,
+            meter: Meter::default(),
+            link_mb_s: None,
+            window_start: Instant::now(),
+            active_since: None,
+            wait_mark: 0,
+            wire_mark: 0,
+            trial: None,
+            blocked: [0; 3],
+            report: StreamTuning {
+                stream,
+                codec: Some(plan.start),
+                mode: plan.mode.to_string(),
+                ..StreamTuning::default()
+            },
+        }
+    }
+
+    fn auto(plan: &CodecPlan) -> bool {
+        !plan.allowed.is_empty()
+    }
+
+    /// A batch of pages starts (busy time counts from here)…
+    fn begin(&mut self, c: &DataConn) {
+        if self.active_since.is_none() && self.meter.pages == 0 {
+            // A fresh window: rates from here.
+            self.window_start = Instant::now();
+            self.wait_mark = c.sink.waited_ns;
+            self.wire_mark = c.bytes;
+        }
+        self.active_since = Some(Instant::now());
+    }
+
+    /// …and ends (waiting for work or acknowledgements is not busy).
+    fn end(&mut self) {
+        if let Some(t) = self.active_since.take() {
+            self.meter.busy_ns += nanos(t.elapsed());
+        }
+    }
+
+    /// Run every allowed codec on `page` (one sampled page), timed.
+    fn sample(&mut self, enc: &mut Encoder, page: &[u8], plan: &CodecPlan) {
+        let Ok(page) = <&[u8; PAGE]>::try_from(page) else {
+            return;
+        };
+        let t0 = Instant::now();
+        for &c in &plan.allowed {
+            if c == Codec::None {
+                self.meter.sample_out[0] += PAGE as u64;
+                continue;
+            }
+            let t = Instant::now();
+            let n = enc.compress(page, c).unwrap_or(PAGE);
+            self.meter.sample_ns[c.index()] += nanos(t.elapsed());
+            self.meter.sample_out[c.index()] += n as u64;
+        }
+        self.meter.samples += 1;
+        self.meter.overhead_ns += nanos(t0.elapsed());
+    }
+
+    /// After a frame: when the window is over, re-decide from what it measured.
+    fn tick(&mut self, c: &DataConn) {
+        let window = if self.report.switches == 0 && self.report.rates.is_none() {
+            tune::FIRST_WINDOW
+        } else {
+            tune::WINDOW
+        };
+        let now = Instant::now();
+        if now - self.window_start < window || self.meter.samples < tune::MIN_SAMPLES {
+            return;
+        }
+        if let Some(t) = self.active_since {
+            self.meter.busy_ns += nanos(now - t);
+            self.active_since = Some(now);
+        }
+        self.meter.wait_ns = c.sink.waited_ns - self.wait_mark;
+        self.meter.wire_bytes = c.bytes - self.wire_mark;
+        let busy = self.meter.busy_ns as f64 / 1e9;
+        if busy > 0.0 {
+            self.link_mb_s = tune::link_estimate(
+                self.link_mb_s,
+                self.meter.wire_bytes as f64 / busy / 1e6,
+                self.meter.wait_ns as f64 / 1e9,
+                busy,
+                (now - self.window_start).as_secs_f64(),
+            );
+        }
+        // What this window achieved: non-zero pages per busy second (zero pages cost little,
+        // and their share varies along guest memory).
+        let achieved = self.meter.nonzero as f64 * PAGE as f64 / busy.max(1e-9) / 1e6;
+        for b in &mut self.blocked {
+            *b = b.saturating_sub(1);
+        }
+        let mut decided = false;
+        if let Some((prev, before)) = self.trial.take() {
+            if tune::trial_failed(before, achieved) {
+                tracing::debug!(
+                    stream = self.stream,
+                    from = self.codec.name(),
+                    back_to = prev.name(),
+                    before_mb_s = before,
+                    after_mb_s = achieved,
+                    "page codec switch undone: it moved less"
+                );
+                self.blocked[self.codec.index()] = tune::TRIAL_BLOCK_WINDOWS;
+                self.codec = prev;
+                self.report.switches += 1;
+                self.report.reverted += 1;
+                self.report.codec = Some(prev);
+                decided = true;
+            }
+        }
+        let allowed: Vec<Codec> = c
+            .plan
+            .allowed
+            .iter()
+            .copied()
+            .filter(|x| *x == self.codec || self.blocked[x.index()] == 0)
+            .collect();
+        if let Some(r) = self
+            .meter
+            .rates(self.codec, self.link_mb_s)
+            .filter(|_| !decided)
+        {
+            let ch = tune::choose(&r, &allowed, self.codec);
+            if ch.codec != self.codec {
+                self.trial = Some((self.codec, achieved));
+                self.report.switches += 1;
+                tracing::debug!(
+                    stream = self.stream,
+                    from = self.codec.name(),
+                    to = ch.codec.name(),
+                    link_mb_s = self.link_mb_s,
+                    predicted_mb_s = ?ch.predicted_mb_s,
+                    "page codec changed"
+                );
+                self.codec = ch.codec;
+            }
+            self.report.codec = Some(self.codec);
+            self.report.rates = Some(r);
+            self.report.predicted_mb_s = ch.predicted_mb_s;
+        }
+        let until = self.meter.until_sample;
+        self.meter = Meter {
+            until_sample: until,
+            ..Meter::default()
+        };
+        self.window_start = now;
+        self.wait_mark = c.sink.waited_ns;
+        self.wire_mark = c.bytes;
+    }
 }
 
 fn worker_loop(
@@ -216,6 +402,8 @@ fn worker_loop(
     let mut t = Totals::default();
     let mut wire_mark = c.bytes;
     let mut stats_mark = c.sink.stats;
+    let mut tuner = Tuner::new(stream, &c.plan);
+    let auto = Tuner::auto(&c.plan);
     // A sealed frame grows by its tag.
     let cap = c.sink.buffer_size()
         - if c.seal.is_some() {
@@ -227,11 +415,20 @@ fn worker_loop(
         for work in rx {
             match work {
                 Work::Pages { round, last, gpas } => {
+                    tuner.begin(&c);
                     for gpa in gpas {
                         if frame.as_ref().is_some_and(|f| {
                             f.pos + RECORD_LEN + PAGE > cap || f.pos >= protocol::PAGES_FRAME_TARGET
                         }) {
-                            finish_frame(&mut c, &mut frame)?;
+                            if auto {
+                                let (t0, w0) = (Instant::now(), c.sink.waited_ns);
+                                finish_frame(&mut c, &mut frame)?;
+                                let waited = c.sink.waited_ns - w0;
+                                tuner.meter.frame_ns += nanos(t0.elapsed()).saturating_sub(waited);
+                                tuner.tick(&c);
+                            } else {
+                                finish_frame(&mut c, &mut frame)?;
+                            }
                         }
                         let fr = frame.get_or_insert(PagesFrame {
                             pos: protocol::HEADER_LEN,
@@ -242,35 +439,45 @@ fn worker_loop(
                         // One copy out of guest memory: the snapshot that is checked,
                         // compressed, checksummed and (if raw) sent as it is.
                         mem.read(gpa, slot)?;
+                        tuner.meter.pages += 1;
                         if round == 0 && is_zero(slot) {
                             // The destination's fresh memory is zero already.
                             t.skipped += 1;
                             sent.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
-                        let (e, n) = if !c.compress {
+                        let codec = tuner.codec;
+                        let (e, n) = if !c.plan.delta && codec == Codec::None {
                             // Zero or raw (the page is in place already); no delta cache.
                             if is_zero(slot) {
                                 (protocol::Encoding::Zero, 0)
                             } else {
+                                tuner.meter.nonzero += 1;
                                 (protocol::Encoding::Raw, PAGE)
                             }
                         } else {
-                            let cached = cache.contains(gpa);
+                            if auto && !is_zero(slot) {
+                                tuner.meter.nonzero += 1;
+                                if tuner.meter.sample_now() {
+                                    tuner.sample(&mut enc, slot, &c.plan);
+                                }
+                            }
+                            let cached = c.plan.delta && cache.contains(gpa);
                             // The cache must always hold what the destination holds.
-                            let keep = cached || (round >= 1 && !last);
+                            let keep = c.plan.delta && (cached || (round >= 1 && !last));
                             if keep {
                                 scratch.copy_from_slice(slot);
                             }
                             let r = {
                                 let base = if cached { cache.get(gpa) } else { None };
-                                enc.encode_adaptive(slot, base, &mut adaptive)
+                                enc.encode_adaptive(slot, base, codec, &mut adaptive)
                             };
                             if keep {
                                 cache.put(gpa, &scratch);
                             }
                             r
                         };
+                        tuner.report.pages_by_codec[codec.index()] += 1;
                         protocol::write_record_header(
                             &mut buf[fr.pos..fr.pos + RECORD_LEN],
                             gpa,
@@ -283,6 +490,7 @@ fn worker_loop(
                         t.pages += 1;
                         sent.fetch_add(1, Ordering::Relaxed);
                     }
+                    tuner.end();
                 }
                 Work::End { round, last } => {
                     finish_frame(&mut c, &mut frame)?;
@@ -323,6 +531,7 @@ fn worker_loop(
                     };
                     stats_mark = now;
                     t.next_seq = c.seq;
+                    t.tuning = tuner.report.clone();
                     let _ = reports.send(Report {
                         stream,
                         result: Ok(std::mem::take(&mut t)),
@@ -359,6 +568,8 @@ struct Engine<'a> {
     throttle: u8,
     max_throttle: u8,
     send: SendStats,
+    /// Per stream: its codec and why (from its latest report).
+    tuning: Vec<StreamTuning>,
 }
 
 impl Engine<'_> {
@@ -511,6 +722,9 @@ impl Engine<'_> {
                     totals.wire_bytes += tt.wire_bytes;
                     totals.enc.merge(&tt.enc);
                     totals.send.merge(&tt.send);
+                    if let Some(slot) = self.tuning.get_mut(stream as usize) {
+                        *slot = tt.tuning;
+                    }
                 }
                 Ok(Report {
                     stream,
@@ -804,6 +1018,11 @@ fn precopy_and_prepare(
     if crate::faults::armed() {
         crate::faults::hit("source:before-streams");
     }
+    // The page codec: fixed by the user, or tuned per stream; zstd only where the destination
+    // speaks a protocol version that has it.
+    let version = cw.version();
+    let plan = tune::plan(job.options.codec, job.options.compress, version)
+        .map_err(MigrateError::Config)?;
     // Data streams and their workers.
     let cache_pages = ((mem.size() as f64 * job.options.cache_percent / 100.0) / PAGE as f64)
         as usize
@@ -827,6 +1046,7 @@ fn precopy_and_prepare(
             sock.try_clone().map_err(protocol::ProtocolError::from)?,
         ));
         let mut w = FrameWriter::new(sock.try_clone().map_err(protocol::ProtocolError::from)?);
+        w.set_version(version);
         w.send_msg(
             Command::StreamHello,
             &StreamHello {
@@ -847,7 +1067,8 @@ fn precopy_and_prepare(
             bytes: w.bytes,
             acks,
             seal: data_key.map(|k| crate::transport::seal::Sealer::new(&k, i)),
-            compress: job.options.compress,
+            plan: plan.clone(),
+            version,
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let sent = Arc::new(AtomicU64::new(0));
@@ -881,6 +1102,12 @@ fn precopy_and_prepare(
         throttle: 0,
         max_throttle: 0,
         send: SendStats::default(),
+        tuning: (0..n)
+            .map(|i| StreamTuning {
+                stream: i,
+                ..StreamTuning::default()
+            })
+            .collect(),
     };
     let mut r = eng_run(&mut eng, cw, cr, paused_here, t0);
     if let Ok((_, mark)) = &mut r {
@@ -1117,6 +1344,7 @@ fn eng_run(
             .and_then(|l| l.migration_tx_between(copy_started, t_pages)),
         announcements: Vec::new(),
         devices,
+        tuning: eng.tuning.clone(),
     };
     tracing::info!(
         vm = %vm.spec.name,

@@ -212,6 +212,9 @@ pub struct FrameSink {
     /// SEND_ZC bytes per buffer whose notification (which says how they went) is pending.
     zc_pending: HashMap<u16, u64>,
     pub stats: SendStats,
+    /// Nanoseconds spent blocked waiting for the kernel to complete sends (the stream was
+    /// link-bound then): read by the codec tuner.
+    pub waited_ns: u64,
 }
 
 const TAG_SEND: u64 = 1 << 32;
@@ -275,6 +278,7 @@ impl FrameSink {
             poison,
             zc_pending: HashMap::new(),
             stats: SendStats::default(),
+            waited_ns: 0,
         }
     }
 
@@ -312,7 +316,10 @@ impl FrameSink {
             return Err(UringError::TooLarge(self.bufs[b as usize].len()));
         }
         if self.mode == SendMode::Std || self.ring.is_none() {
+            // Blocking: the copy and any wait for the link count as waiting.
+            let t = Instant::now();
             let r = self.sock.write_all(&self.bufs[b as usize][..len]);
+            self.waited_ns += t.elapsed().as_nanos() as u64;
             self.ledger.sent(b, false);
             self.release(b);
             r.map_err(UringError::Send)?;
@@ -403,7 +410,10 @@ impl FrameSink {
             // Bounded, so callers can give up on a stream whose operations never complete.
             let ts = types::Timespec::from(Duration::from_millis(200));
             let args = types::SubmitArgs::new().timespec(&ts);
-            match ring.submitter().submit_with_args(1, &args) {
+            let t = Instant::now();
+            let r = ring.submitter().submit_with_args(1, &args);
+            self.waited_ns += t.elapsed().as_nanos() as u64;
+            match r {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ETIME)) => {}
                 Err(e) => return Err(UringError::Wait(e)),
@@ -545,6 +555,7 @@ impl Drop for FrameSink {
                 poison: false,
                 zc_pending: std::mem::take(&mut self.zc_pending),
                 stats: self.stats,
+                waited_ns: 0,
             };
             let spawned = std::thread::Builder::new()
                 .name("zc-reaper".into())
