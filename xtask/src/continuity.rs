@@ -101,9 +101,13 @@ pub struct Watcher {
 
 impl Watcher {
     pub fn start(lab: &Lab, guest: Ipv4Addr, max: Duration) -> Result<Watcher> {
-        let cl = lab.client_netns().to_owned();
-        let pinger = Pinger::start(&cl, guest, Duration::from_millis(10), max)?;
-        let counter = CounterReader::start(&cl, guest, max)?;
+        Watcher::start_in(lab.client_netns(), guest, max)
+    }
+
+    /// [`Watcher::start`] from the client namespace `cl`.
+    pub fn start_in(cl: &str, guest: Ipv4Addr, max: Duration) -> Result<Watcher> {
+        let pinger = Pinger::start(cl, guest, Duration::from_millis(10), max)?;
+        let counter = CounterReader::start(cl, guest, max)?;
         wait("the counter stream to flow", 20, || {
             Ok((counter.records() > 1000).then_some(()))
         })?;
