@@ -542,12 +542,15 @@ impl NetPin {
     }
 
     /// Migration traffic sent on the migration NIC between two instants: average and the peak
-    /// of the 100 ms samples.
+    /// of the 100 ms samples. The window is widened by one sample on each side, so a copy shorter
+    /// than two sampling periods still has a first and a last sample around it (its average then
+    /// includes up to a period of idle link on each side).
     pub fn migration_tx_between(&self, from: Instant, to: Instant) -> Option<LinkUtilization> {
         let h = self.history.lock().ok()?;
+        let start = from.checked_sub(SAMPLE_EVERY).unwrap_or(from);
         let pts: Vec<(Instant, u64)> = h
             .iter()
-            .filter(|s| s.at >= from && s.at <= to + SAMPLE_EVERY)
+            .filter(|s| s.at >= start && s.at <= to + SAMPLE_EVERY)
             .map(|s| (s.at, s.values[self.migration_index][3].0))
             .collect();
         if pts.len() < 2 {
