@@ -192,16 +192,40 @@ impl Datastores {
                 want,
             }),
             Err(_) => {
-                if let Some(parent) = p.parent() {
-                    std::fs::create_dir_all(parent).map_err(io(&store, parent))?;
-                }
-                let f = std::fs::OpenOptions::new()
+                // Made whole under a temporary name, then `link(2)`ed into place: two hosts
+                // creating the same disk at once both end with one complete file of the right
+                // size (the loser finds it and checks its size), never half of one.
+                let parent = p.parent().map(Path::to_path_buf).unwrap_or_default();
+                std::fs::create_dir_all(&parent).map_err(io(&store, &parent))?;
+                let nonce = crate::migrate::random_u64().map_err(|e| DatastoreError::Io {
+                    name: store.clone(),
+                    path: parent.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                let tmp = parent.join(format!(".ferry-new-{}-{nonce:016x}", std::process::id()));
+                let made = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
-                    .open(&p)
-                    .map_err(io(&store, &p))?;
-                f.set_len(want).map_err(io(&store, &p))?;
-                Ok(p)
+                    .open(&tmp)
+                    .and_then(|f| f.set_len(want))
+                    .and_then(|()| std::fs::hard_link(&tmp, &p));
+                let _ = std::fs::remove_file(&tmp);
+                match made {
+                    Ok(()) => Ok(p),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        let found = std::fs::metadata(&p).map_err(io(&store, &p))?.len();
+                        if found == want {
+                            Ok(p)
+                        } else {
+                            Err(DatastoreError::Size {
+                                path: d.path.clone(),
+                                found,
+                                want,
+                            })
+                        }
+                    }
+                    Err(e) => Err(io(&store, &p)(e)),
+                }
             }
         }
     }
