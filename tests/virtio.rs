@@ -1185,6 +1185,31 @@ fn blk_read_request(vm: &Vm, setup: bool, avail_flags: u16) -> u16 {
     })
 }
 
+/// A service VM (not started) running `program` with one disk of `disk_len` bytes in a fresh
+/// temporary directory: the directory, the disk's path, the device environment and the VM.
+fn vm_with_disk(
+    hv: &ferry::vm::Hypervisor,
+    tag: &str,
+    name: &str,
+    program: Vec<u8>,
+    disk_len: u64,
+) -> (TempDir, PathBuf, DeviceEnv, Vm) {
+    let dir = TempDir::new(tag);
+    let path = dir.0.join("program.bin");
+    std::fs::write(&path, program).unwrap();
+    let disk = dir.0.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(disk_len)
+        .unwrap();
+    let env = DeviceEnv {
+        bridges: vec![],
+        disks: vec![Some(disk.clone())],
+    };
+    let vm = Vm::create_in(hv, service_spec(name, &path, false), &env).unwrap();
+    (dir, disk, env, vm)
+}
+
 /// A used buffer on a real KVM VM raises the disk's line: the irqfd for GSI 6 sets bit 6 of
 /// the 8259 master's IRR (KVM_GET_IRQCHIP); with VRING_AVAIL_F_NO_INTERRUPT the device leaves
 /// the line alone. A VM built for a restore (as a migration's destination is) has its own
@@ -1194,19 +1219,7 @@ fn virtio_used_buffers_raise_the_gsi_in_kvm() {
     let Some(hv) = hypervisor("virtio_used_buffers_raise_the_gsi_in_kvm") else {
         return;
     };
-    let dir = TempDir::new("irq");
-    let program = dir.0.join("probe.bin");
-    std::fs::write(&program, probe_program()).unwrap();
-    let disk = dir.0.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let env = DeviceEnv {
-        bridges: vec![],
-        disks: vec![Some(disk.clone())],
-    };
-    let vm = Vm::create_in(&hv, service_spec("irqsrc", &program, false), &env).unwrap();
+    let (_dir, _disk, env, vm) = vm_with_disk(&hv, "irq", "irqsrc", probe_program(), 1 << 20);
     let line = 1u8 << BLK_GSI;
     let raised = |vm: &Vm| vm.devices().virtio.blk[0].irq().raised();
     assert_eq!(vm.devices().virtio.blk[0].irq().gsi(), BLK_GSI);
@@ -1280,19 +1293,8 @@ fn service_guest_runs_on_with_a_pending_virtio_interrupt() {
     let Some(hv) = hypervisor("service_guest_runs_on_with_a_pending_virtio_interrupt") else {
         return;
     };
-    let dir = TempDir::new("irqrun");
-    let program = dir.0.join("journal.bin");
-    std::fs::write(&program, journal_program()).unwrap();
-    let disk = dir.0.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let env = DeviceEnv {
-        bridges: vec![],
-        disks: vec![Some(disk.clone())],
-    };
-    let vm = Vm::create_in(&hv, service_spec("irqrun", &program, false), &env).unwrap();
+    let (_dir, _disk, _env, vm) =
+        vm_with_disk(&hv, "irqrun", "irqrun", journal_program(), 16 << 20);
     let line = 1u8 << BLK_GSI;
     assert_eq!(
         pic_master_irr(&vm) & line,
