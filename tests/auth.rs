@@ -6,6 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry::control::config::{ClusterSection, EncryptPolicy};
 use ferry::migrate::protocol::{self, Command, FrameReader, FrameWriter, Hello, HelloAck};
 use ferry::migrate::session::{self, Auth, ClusterKey, Identity};
 use ferry_tests::{ferry_bin, in_netns, require, LabFerry, Need};
@@ -187,10 +188,9 @@ fn agents_without_the_key_cannot_migrate_to_a_keyed_peer() {
     let Some(mut lab) = lab("auth-nokey") else {
         return;
     };
-    let path = lab.host("a").unwrap().config.clone();
-    let text = std::fs::read_to_string(&path).unwrap();
-    let cut = text.find("\n[cluster]").unwrap();
-    std::fs::write(&path, &text[..cut]).unwrap();
+    // No [cluster] section on a: no key (and no ownership datastore).
+    lab.edit_config("a", |c| c.cluster = ClusterSection::default())
+        .unwrap();
     lab.stop_agent("a").unwrap();
     lab.start_agent("a").unwrap();
     let f = LabFerry { lab: &lab };
@@ -255,17 +255,15 @@ fn encrypted_migration_and_hosts_that_require_it() {
         assert_eq!(rec["phase"], "completed", "{rec}");
     }
     // b now requires encryption; a sends plain unless asked.
-    let set = |lab: &mut Lab, host: &str, line: &str| {
-        let path = lab.host(host).unwrap().config.clone();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let text = text.replacen("[migration]\n", &format!("[migration]\n{line}\n"), 1);
-        std::fs::write(&path, text).unwrap();
+    let set = |lab: &mut Lab, host: &str, policy: EncryptPolicy| {
+        lab.edit_config(host, |c| c.migration.as_mut().unwrap().encrypt = policy)
+            .unwrap();
         lab.stop_agent(host).unwrap();
         lab.start_agent(host).unwrap();
     };
-    set(&mut lab, "b", "encrypt = \"required\"");
+    set(&mut lab, "b", EncryptPolicy::Required);
     // Restarting a's agent stops its guests (docs/operations.md): a new one after it.
-    set(&mut lab, "a", "encrypt = \"off\"");
+    set(&mut lab, "a", EncryptPolicy::Off);
     let f = LabFerry { lab: &lab };
     f.json("a", &["vm", "create", "e2", "--memory", "64M", "--start"]);
     let rec = f.migrate("a", "e2", "b", &[]);

@@ -1,5 +1,6 @@
 //! Pre-migration checks in the lab, each failing and then passing, and the MAC announcement.
 
+use ferry::control::config::Config;
 use ferry_tests::{ferry_bin, require, wait_for, LabFerry, Need};
 use serde_json::Value;
 use xtask::lab::{Lab, LabOptions};
@@ -11,11 +12,9 @@ fn lab(test: &str) -> Option<Lab> {
     Some(Lab::up(LabOptions::for_test(test).with_ferry_bin(ferry_bin())).expect("lab up"))
 }
 
-/// Edit a host's config (`edit` gets the text) and restart its agent.
-fn reconfigure(lab: &mut Lab, host: &str, edit: impl FnOnce(String) -> String) {
-    let path = lab.host(host).unwrap().config.clone();
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, edit(text)).unwrap();
+/// Edit a host's config and restart its agent.
+fn reconfigure(lab: &mut Lab, host: &str, edit: impl FnOnce(&mut Config)) {
+    lab.edit_config(host, edit).unwrap();
     lab.stop_agent(host).unwrap();
     lab.start_agent(host).unwrap();
 }
@@ -66,7 +65,7 @@ fn cpu_check_names_the_feature_and_a_mask_fixes_it() {
         return;
     };
     // b offers one feature less (a cluster baseline hiding clwb).
-    reconfigure(&mut lab, "b", |t| t + "\n[cpu]\nmask = [\"clwb\"]\n");
+    reconfigure(&mut lab, "b", |c| c.cpu.mask = vec!["clwb".to_owned()]);
     let f = LabFerry { lab: &lab };
     f.json("a", &["vm", "create", "full", "--memory", "64M", "--start"]);
     let (ok, row) = check(&f, "full", "CPU");
@@ -106,8 +105,9 @@ fn cpu_check_names_the_feature_and_a_mask_fixes_it() {
 fn datastore_and_port_group_checks() {
     let Some(mut lab) = lab("chk-ds") else { return };
     // a knows a port group b does not have.
-    reconfigure(&mut lab, "a", |t| {
-        t.replace("[port_groups]\n", "[port_groups]\nlab-only = \"vmbr0\"\n")
+    reconfigure(&mut lab, "a", |c| {
+        c.port_groups
+            .insert("lab-only".to_owned(), "vmbr0".to_owned());
     });
     let f = LabFerry { lab: &lab };
     // "local" exists on both hosts but is different storage.
@@ -229,15 +229,7 @@ fn room_check_refuses_before_any_memory_moves() {
         f.json("b", &["host"])["memory_total_mib"].as_u64().unwrap()
     };
     // b keeps all but 256 MiB of its memory for itself.
-    reconfigure(&mut lab, "b", |t| {
-        t.replace(
-            "[agent]\n",
-            &format!(
-                "[limits]\nmemory_reserve_mib = {}\n\n[agent]\n",
-                total - 256
-            ),
-        )
-    });
+    reconfigure(&mut lab, "b", |c| c.limits.memory_reserve_mib = total - 256);
     let f = LabFerry { lab: &lab };
     let (ok, row) = check(&f, "big", "Room");
     assert!(!ok);

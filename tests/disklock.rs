@@ -120,16 +120,8 @@ fn a_dead_hosts_lock_is_stale_and_taken_over_only_on_purpose() {
     };
     // A short lease (3 s) so the test does not wait 30.
     for host in ["a", "b"] {
-        let path = lab.host(host).unwrap().config.clone();
-        let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(
-            &path,
-            text.replace(
-                "ownership_datastore = \"shared\"\n",
-                "ownership_datastore = \"shared\"\nlock_lease_s = 3\n",
-            ),
-        )
-        .unwrap();
+        lab.edit_config(host, |c| c.cluster.lock_lease_s = 3)
+            .unwrap();
         lab.stop_agent(host).unwrap();
         lab.start_agent(host).unwrap();
     }

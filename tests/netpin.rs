@@ -1,6 +1,7 @@
 //! eBPF on the lab hosts' NICs: pinning migration traffic to the migration NIC, counting it, and
 //! the attachments' life cycle.
 
+use ferry::control::config::MigrationSection;
 use ferry_tests::{ferry_bin, require, wait_for, LabFerry, Need};
 use serde_json::Value;
 use xtask::lab::{Lab, LabOptions};
@@ -44,15 +45,10 @@ fn bpf_tx(stats: &Value, name: &str) -> u64 {
     i["tx"]["migration"]["bytes"].as_u64().unwrap() + i["tx"]["other"]["bytes"].as_u64().unwrap()
 }
 
-/// Set `key = value` in host `host`'s [migration] section and restart its agent.
-fn reconfigure(lab: &mut Lab, host: &str, line: &str) {
-    let path = lab.host(host).unwrap().config.clone();
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        text.replace("[migration]\n", &format!("[migration]\n{line}\n")),
-    )
-    .unwrap();
+/// Change host `host`'s [migration] section and restart its agent.
+fn reconfigure(lab: &mut Lab, host: &str, edit: impl FnOnce(&mut MigrationSection)) {
+    lab.edit_config(host, |c| edit(c.migration.as_mut().expect("[migration]")))
+        .unwrap();
     lab.stop_agent(host).unwrap();
     lab.start_agent(host).unwrap();
 }
@@ -133,7 +129,7 @@ fn migration_traffic_is_pinned_and_counted_or_leaks_when_off() {
         assert_eq!(rec["phase"], "completed", "{rec}");
     }
 
-    reconfigure(&mut lab, "a", "pin = false");
+    reconfigure(&mut lab, "a", |m| m.pin = false);
     let f = LabFerry { lab: &lab };
     let s0 = f.json("a", &["stats"]);
     assert_eq!(s0["pinning"]["enabled"], false);
@@ -312,7 +308,7 @@ fn dedicated_keeps_other_traffic_off_the_migration_nic() {
         other_ping(&lab).expect("without dedicated, other traffic passes");
         assert_eq!(dropped(&f), 0);
     }
-    reconfigure(&mut lab, "a", "dedicated = true");
+    reconfigure(&mut lab, "a", |m| m.dedicated = true);
     let f = LabFerry { lab: &lab };
     assert_eq!(f.json("a", &["stats"])["pinning"]["dedicated"], true);
     let e = other_ping(&lab).expect_err("with dedicated, other traffic is dropped");
@@ -358,13 +354,11 @@ fn dedicated_keeps_other_traffic_off_the_migration_nic() {
 #[test]
 fn where_ebpf_cannot_attach_the_agent_runs_and_says_so_once() {
     let Some(mut lab) = lab("nobpf") else { return };
-    let path = lab.host("a").unwrap().config.clone();
-    let text = std::fs::read_to_string(&path).unwrap();
-    assert!(text.contains("interface = \"mig0\""), "{text}");
-    std::fs::write(
-        &path,
-        text.replace("interface = \"mig0\"", "interface = \"nosuch0\""),
-    )
+    lab.edit_config("a", |c| {
+        let m = c.migration.as_mut().expect("[migration]");
+        assert_eq!(m.interface.as_deref(), Some("mig0"));
+        m.interface = Some("nosuch0".to_owned());
+    })
     .unwrap();
     lab.stop_agent("a").unwrap();
     let log_path = lab.host("a").unwrap().log.clone();

@@ -104,6 +104,8 @@ fn lab_links_work_and_down_removes_everything() {
 
     let config = std::fs::read_to_string(&a.config).unwrap();
     assert!(config.contains("[peers]\nb = \"198.18.0.2\"\n"), "{config}");
+    let written = ferry::control::config::Config::load(&a.config, true).unwrap();
+    assert_eq!(Some(written), lab.agent_config("a"));
     assert!(lab.shared_datastore().is_dir());
     assert!(lab.root().join("lab.json").is_file());
 

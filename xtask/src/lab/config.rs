@@ -1,13 +1,35 @@
-//! Each lab agent's `agent.toml`, and the cluster key the agents share.
+//! Each lab agent's `agent.toml` and the cluster key the agents share.
+//!
+//! A config is the agent's own [`Config`] value, serialized with `toml`: no TOML is written by
+//! hand, and a change to the agent's schema breaks the xtask build rather than the lab at run
+//! time. Every setting is spelled out, defaults included, so the file shows what the agent runs
+//! with. Tests change a lab agent's settings with [`Lab::edit_config`], which goes through the
+//! same types.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
+use ferry::control::config::{
+    AgentSection, ClusterSection, Config, CpuSection, DebugSection, EncryptPolicy, LimitsSection,
+    ManagementSection, MetricsSection, MigrationSection, DEFAULT_MANAGEMENT_PORT,
+};
 
-use super::lifecycle::local_datastore;
+use super::lifecycle::{local_datastore, shared_datastore};
 use super::{Lab, LabHost, LAB_LINK_SPEED, METRICS_PORT, MIGRATION_IFACE, PORT_GROUP, VM_BRIDGE};
+
+/// The datastore both hosts share (and that holds the ownership records) and each host's own.
+const SHARED_DATASTORE: &str = "shared";
+const LOCAL_DATASTORE: &str = "local";
+
+/// The first lines of every lab agent's `agent.toml`.
+const HEADER: &str =
+    "# A lab agent's config, written by `cargo xtask lab` (xtask/src/lab/config.rs) from the\n\
+                      # agent's own Config type. The lab is a test bench: [debug] faults = true\n\
+                      # accepts fault injection.\n\n";
 
 impl Lab {
     /// The cluster key both lab agents share (created once per lab, mode 0600).
@@ -15,204 +37,238 @@ impl Lab {
         self.root.join("cluster.key")
     }
 
+    /// The configuration `up` gives host `host`'s agent, or `None` if there is no such host.
+    pub fn agent_config(&self, host: &str) -> Option<Config> {
+        let h = self.host(host)?;
+        Some(agent_config(
+            h,
+            &self.root,
+            &self.hosts,
+            &self.cluster_key(),
+        ))
+    }
+
+    /// Changes host `host`'s `agent.toml`: reads and checks it as the agent would, lets `edit`
+    /// change the [`Config`] and writes it back. The agent sees the change when it is restarted
+    /// ([`Lab::stop_agent`], [`Lab::start_agent`]).
+    pub fn edit_config(&self, host: &str, edit: impl FnOnce(&mut Config)) -> Result<()> {
+        let h = &self.hosts[self.index_of(host)?];
+        let mut config = Config::load(&h.config, true)
+            .with_context(|| format!("cannot read the agent config of host {host}"))?;
+        edit(&mut config);
+        write_config(&h.config, &config)
+    }
+
     pub(super) fn write_configs(&self) -> Result<()> {
         let key = self.cluster_key();
         if !key.exists() {
             let mut bytes = [0u8; 32];
             fs::File::open("/dev/urandom")
-                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                .and_then(|mut f| f.read_exact(&mut bytes))
                 .context("cannot read /dev/urandom for the lab's cluster key")?;
             let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            use std::os::unix::fs::OpenOptionsExt;
             let mut f = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .open(&key)
                 .with_context(|| format!("cannot create {}", key.display()))?;
-            std::io::Write::write_all(&mut f, hex.as_bytes())?;
+            f.write_all(hex.as_bytes())?;
         }
         for h in &self.hosts {
-            let peers: Vec<(&str, Ipv4Addr)> = self
-                .hosts
-                .iter()
-                .filter(|p| p.name != h.name)
-                .map(|p| (p.name.as_str(), p.mgmt_addr))
-                .collect();
-            let text = render_agent_config(
-                h,
-                &self.shared_datastore(),
-                &local_datastore(&self.root, &h.name),
-                &peers,
-            )? + &format!(
-                "\n[cluster]\nkey_file = {}\nownership_datastore = \"shared\"\n\n\
-                 [metrics]\naddress = \"{}:{METRICS_PORT}\"\n\n\
-                 # The lab is a test bench: it accepts fault injection.\n[debug]\nfaults = true\n",
-                toml_path(&key)?,
-                h.mgmt_addr
-            );
-            fs::write(&h.config, text)
-                .with_context(|| format!("cannot write agent config {}", h.config.display()))?;
+            write_config(&h.config, &agent_config(h, &self.root, &self.hosts, &key))?;
         }
         Ok(())
     }
 }
 
-/// Renders `ROOT/<host>/agent.toml` in the exact format the agent accepts.
-fn render_agent_config(
-    host: &LabHost,
-    shared: &Path,
-    local: &Path,
-    peers: &[(&str, Ipv4Addr)],
-) -> Result<String> {
-    let mut peer_lines = String::new();
-    for (name, addr) in peers {
-        peer_lines.push_str(&format!("{} = \"{addr}\"\n", toml_key(name)?));
+/// The configuration of `host`'s agent in the lab at `root` with hosts `hosts` (its peers are
+/// the others) and cluster key file `key`.
+fn agent_config(host: &LabHost, root: &Path, hosts: &[LabHost], key: &Path) -> Config {
+    Config {
+        agent: AgentSection {
+            name: host.name.clone(),
+            socket: host.socket.clone(),
+            state_dir: host.state_dir.clone(),
+        },
+        limits: LimitsSection::default(),
+        management: Some(ManagementSection {
+            address: host.mgmt_addr.into(),
+            port: DEFAULT_MANAGEMENT_PORT,
+        }),
+        migration: Some(MigrationSection {
+            interface: Some(MIGRATION_IFACE.to_owned()),
+            address: host.migration_addr.into(),
+            enabled: true,
+            ebpf: true,
+            pin: true,
+            dedicated: false,
+            link_speed: Some(LAB_LINK_SPEED.to_owned()),
+            encrypt: EncryptPolicy::default(),
+        }),
+        datastores: [
+            (SHARED_DATASTORE.to_owned(), shared_datastore(root)),
+            (
+                LOCAL_DATASTORE.to_owned(),
+                local_datastore(root, &host.name),
+            ),
+        ]
+        .into(),
+        port_groups: [(PORT_GROUP.to_owned(), VM_BRIDGE.to_owned())].into(),
+        peers: hosts
+            .iter()
+            .filter(|p| p.name != host.name)
+            .map(|p| (p.name.clone(), p.mgmt_addr.to_string()))
+            .collect(),
+        cpu: CpuSection::default(),
+        cluster: ClusterSection {
+            key_file: Some(key.to_path_buf()),
+            ownership_datastore: Some(SHARED_DATASTORE.to_owned()),
+            ..ClusterSection::default()
+        },
+        debug: DebugSection { faults: true },
+        metrics: MetricsSection {
+            address: Some(SocketAddr::from((host.mgmt_addr, METRICS_PORT))),
+        },
     }
-    Ok(format!(
-        "[agent]\n\
-         name = {name}\n\
-         socket = {socket}\n\
-         state_dir = {state_dir}\n\
-         \n\
-         [management]\n\
-         address = \"{mgmt}\"\n\
-         \n\
-         [migration]\n\
-         interface = \"{MIGRATION_IFACE}\"\n\
-         address = \"{migration}\"\n\
-         link_speed = \"{LAB_LINK_SPEED}\"\n\
-         \n\
-         [datastores]\n\
-         shared = {shared}\n\
-         local = {local}\n\
-         \n\
-         [port_groups]\n\
-         {PORT_GROUP} = \"{VM_BRIDGE}\"\n\
-         \n\
-         [peers]\n\
-         {peer_lines}",
-        name = toml_string(&host.name),
-        socket = toml_path(&host.socket)?,
-        state_dir = toml_path(&host.state_dir)?,
-        mgmt = host.mgmt_addr,
-        migration = host.migration_addr,
-        shared = toml_path(shared)?,
-        local = toml_path(local)?,
-    ))
 }
 
-/// A TOML basic string.
-fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn toml_path(p: &Path) -> Result<String> {
-    let s = p.to_str().ok_or_else(|| {
-        anyhow!(
-            "path {} is not valid UTF-8, which the agent config cannot hold: choose another --root",
-            p.display()
+/// `config` as the text of an `agent.toml`.
+fn render(config: &Config) -> Result<String> {
+    let body = toml::to_string(config).with_context(|| {
+        format!(
+            "cannot write the agent config of host {} as TOML (its paths must be valid UTF-8: \
+             choose another --root)",
+            config.agent.name
         )
     })?;
-    Ok(toml_string(s))
+    Ok(format!("{HEADER}{body}"))
 }
 
-/// A bare TOML key (the host names are fixed, so this only guards against misuse).
-fn toml_key(k: &str) -> Result<&str> {
-    if !k.is_empty()
-        && k.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        Ok(k)
-    } else {
-        bail!("{k:?} cannot be a bare TOML key")
-    }
+fn write_config(path: &Path, config: &Config) -> Result<()> {
+    fs::write(path, render(config)?)
+        .with_context(|| format!("cannot write agent config {}", path.display()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::HOSTS;
+    use std::net::Ipv4Addr;
 
-    fn host_a(root: &Path) -> LabHost {
-        LabHost::planned("t", root, &HOSTS[0])
+    use crate::lab::{HostSpec, HOSTS};
+
+    fn planned(root: &Path) -> Vec<LabHost> {
+        HOSTS
+            .iter()
+            .map(|spec: &HostSpec| LabHost::planned("t", root, spec))
+            .collect()
     }
 
+    /// What each lab agent is told, read back the way the agent reads it.
     #[test]
-    fn agent_config_matches_the_documented_format() {
+    fn configs_parse_back_to_the_same_values() {
         let root = Path::new("/run/ferry/lab");
-        let a = host_a(root);
-        let text = render_agent_config(
-            &a,
-            &root.join("datastores/shared"),
-            &local_datastore(root, "a"),
-            &[("b", Ipv4Addr::new(198, 18, 0, 2))],
-        )
-        .unwrap();
-        let expected = r#"[agent]
-name = "a"
-socket = "/run/ferry/lab/a/agent.sock"
-state_dir = "/run/ferry/lab/a/state"
-
-[management]
-address = "198.18.0.1"
-
-[migration]
-interface = "mig0"
-address = "198.18.1.1"
-link_speed = "40gbit"
-
-[datastores]
-shared = "/run/ferry/lab/datastores/shared"
-local = "/run/ferry/lab/datastores/local-a"
-
-[port_groups]
-vm-net = "vmbr0"
-
-[peers]
-b = "198.18.0.2"
-"#;
-        assert_eq!(text, expected);
+        let hosts = planned(root);
+        let key = root.join("cluster.key");
+        for h in &hosts {
+            let config = agent_config(h, root, &hosts, &key);
+            let text = render(&config).unwrap();
+            let back = Config::parse(&text, &h.config).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!(back, config, "{text}");
+            assert!(text.starts_with("# A lab agent's config"), "{text}");
+        }
     }
 
     #[test]
-    fn agent_config_of_b_mirrors_a() {
+    fn config_of_a_is_the_lab_layout() {
+        let root = Path::new("/run/ferry/lab");
+        let hosts = planned(root);
+        let c = agent_config(&hosts[0], root, &hosts, &root.join("cluster.key"));
+        assert_eq!(c.agent.name, "a");
+        assert_eq!(c.agent.socket, Path::new("/run/ferry/lab/a/agent.sock"));
+        assert_eq!(c.agent.state_dir, Path::new("/run/ferry/lab/a/state"));
+        let mgmt = c.management.as_ref().unwrap();
+        assert_eq!(mgmt.address.to_string(), "198.18.0.1");
+        assert_eq!(mgmt.port, DEFAULT_MANAGEMENT_PORT);
+        let mig = c.migration.as_ref().unwrap();
+        assert_eq!(mig.interface.as_deref(), Some("mig0"));
+        assert_eq!(mig.address.to_string(), "198.18.1.1");
+        assert_eq!(mig.link_speed.as_deref(), Some("40gbit"));
+        assert!(mig.enabled && mig.ebpf && mig.pin && !mig.dedicated);
+        assert_eq!(mig.encrypt, EncryptPolicy::Preferred);
+        assert_eq!(
+            c.datastores["shared"],
+            Path::new("/run/ferry/lab/datastores/shared")
+        );
+        assert_eq!(
+            c.datastores["local"],
+            Path::new("/run/ferry/lab/datastores/local-a")
+        );
+        assert_eq!(c.datastores.len(), 2);
+        assert_eq!(c.port_groups["vm-net"], "vmbr0");
+        assert_eq!(c.port_groups.len(), 1);
+        assert_eq!(
+            c.peers.iter().collect::<Vec<_>>(),
+            [(&"b".to_owned(), &"198.18.0.2".to_owned())]
+        );
+        assert_eq!(
+            c.cluster.key_file.as_deref(),
+            Some(Path::new("/run/ferry/lab/cluster.key"))
+        );
+        assert_eq!(c.cluster.ownership_datastore.as_deref(), Some("shared"));
+        assert_eq!(
+            c.cluster.lock_lease_s,
+            ClusterSection::default().lock_lease_s
+        );
+        assert_eq!(
+            c.metrics.address,
+            Some(SocketAddr::from((Ipv4Addr::new(198, 18, 0, 1), 9720)))
+        );
+        assert!(c.debug.faults);
+        assert_eq!(c.limits, LimitsSection::default());
+        assert!(c.cpu.mask.is_empty());
+    }
+
+    #[test]
+    fn config_of_b_mirrors_a() {
         let root = Path::new("/r");
-        let b = LabHost::planned("t", root, &HOSTS[1]);
-        let text = render_agent_config(
-            &b,
-            &root.join("datastores/shared"),
-            &local_datastore(root, "b"),
-            &[("a", HOSTS[0].mgmt)],
-        )
-        .unwrap();
-        assert!(text.contains("name = \"b\"\n"));
-        assert!(text.contains("[management]\naddress = \"198.18.0.2\"\n"));
-        assert!(text.contains("address = \"198.18.1.2\"\n"));
-        assert!(text.contains("local = \"/r/datastores/local-b\"\n"));
-        assert!(text.ends_with("[peers]\na = \"198.18.0.1\"\n"));
+        let hosts = planned(root);
+        let c = agent_config(&hosts[1], root, &hosts, &root.join("cluster.key"));
+        assert_eq!(c.agent.name, "b");
+        assert_eq!(c.management.unwrap().address.to_string(), "198.18.0.2");
+        assert_eq!(c.migration.unwrap().address.to_string(), "198.18.1.2");
+        assert_eq!(c.datastores["local"], Path::new("/r/datastores/local-b"));
+        assert_eq!(
+            c.peers.into_iter().collect::<Vec<_>>(),
+            [("a".to_owned(), "198.18.0.1".to_owned())]
+        );
+        assert_eq!(
+            c.metrics.address,
+            Some(SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 9720)))
+        );
+    }
+
+    /// Paths that need quoting and escaping in TOML come back unchanged.
+    #[test]
+    fn awkward_paths_survive_the_round_trip() {
+        let root = Path::new("/tmp/a \"quoted\" root\\with\ttab\u{1}, ünïcode and 'apostrophes'");
+        let hosts = planned(root);
+        let config = agent_config(&hosts[0], root, &hosts, &root.join("cluster.key"));
+        let text = render(&config).unwrap();
+        let back =
+            Config::parse(&text, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(back, config);
+        assert_eq!(back.agent.socket, root.join("a").join("agent.sock"));
     }
 
     #[test]
-    fn toml_strings_are_escaped() {
-        assert_eq!(toml_string(r#"a"b\c"#), r#""a\"b\\c""#);
-        assert_eq!(toml_string("x\ny\u{1}"), "\"x\\ny\\u0001\"");
-        assert!(toml_key("vm-net").is_ok());
-        assert!(toml_key("a b").is_err());
-        assert!(toml_key("").is_err());
+    fn a_root_that_is_not_utf8_is_refused_with_advice() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let root = Path::new(OsStr::from_bytes(b"/tmp/\xff"));
+        let hosts = planned(root);
+        let config = agent_config(&hosts[0], root, &hosts, &root.join("cluster.key"));
+        let err = format!("{:#}", render(&config).unwrap_err());
+        assert!(err.contains("choose another --root"), "{err}");
     }
 }

@@ -125,7 +125,7 @@ impl Lab {
 
     /// The datastore directory both hosts share.
     pub fn shared_datastore(&self) -> PathBuf {
-        self.root.join("datastores").join("shared")
+        shared_datastore(&self.root)
     }
 
     /// The local datastore directory of host `host`, if there is such a host.
@@ -331,6 +331,10 @@ impl Drop for Lab {
             );
         }
     }
+}
+
+pub(super) fn shared_datastore(root: &Path) -> PathBuf {
+    root.join("datastores").join("shared")
 }
 
 pub(super) fn local_datastore(root: &Path, host: &str) -> PathBuf {
