@@ -95,7 +95,7 @@ pub fn build() -> Result<Vec<u8>> {
     flat_image(&elf).with_context(|| format!("making a flat image of {}", elf_path.display()))
 }
 
-/// The bytes of an ELF executable's loadable segments laid out from [`LOAD_ADDR`] (what
+/// The bytes of an ELF executable's loadable segments laid out from `LOAD_ADDR` (what
 /// `objcopy -O binary` gives), after checking it is entered at its first byte and fits below
 /// the heap.
 pub fn flat_image(elf: &[u8]) -> Result<Vec<u8>> {
