@@ -85,10 +85,10 @@ pub const DEFAULT_NAME: &str = "lab";
 pub const DEFAULT_ROOT: &str = "/run/ferry/lab";
 /// File under the lab root that records a running lab (see [`LabState`]).
 pub const STATE_FILE: &str = "lab.json";
-/// Management interface in each host namespace.
 /// The speed the lab's agents assume for the veth migration link (veth reports none): about
 /// what two streams of a raw TCP blast reach on the lab machines (~34 Gbit/s).
 pub const LAB_LINK_SPEED: &str = "40gbit";
+/// Management interface in each host namespace.
 pub const MGMT_IFACE: &str = "mgmt0";
 /// Each lab agent serves Prometheus metrics on its management address at this port.
 pub const METRICS_PORT: u16 = 9720;
@@ -110,8 +110,9 @@ const PREFIX_LEN: u8 = 24;
 pub const VM_NET_PREFIX_LEN: u8 = 24;
 /// The client namespace's address on the VM network.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 200);
-/// The client's interface (in its namespace) and its port on the switch's bridge.
+/// The client's interface (in its namespace).
 pub const CLIENT_IFACE: &str = "eth0";
+/// The client's port on the switch's bridge.
 pub const CLIENT_SWITCH_PORT: &str = "cl-up";
 
 /// Address number `n` (1..=199) on the VM network, for a guest: 198.18.2.n. Numbers from 200
