@@ -28,6 +28,7 @@ use aya::maps::{Array, MapData, PerCpuHashMap, PerCpuValues};
 use aya::programs::{tc::TcAttachType, SchedClassifier};
 use aya::Ebpf;
 use serde::{Deserialize, Serialize};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// The BPF object, built from `ebpf/netpin.bpf.c`.
 pub static OBJECT: &[u8] = include_bytes!("../../../ebpf/netpin.bpf.o");
@@ -60,17 +61,27 @@ pub enum NetpinError {
     Map(String),
 }
 
+// The keys and values of the three BPF maps, mirrors of the structs in ebpf/netpin.bpf.c.
+// The zerocopy derives prove at compile time that each has no padding (IntoBytes) and that
+// every bit pattern is a valid value (FromBytes); the const block below checks size, alignment
+// and every field's offset against the C definitions; the test
+// `map_structs_match_the_c_source` reads the C source and compares field names, offsets and
+// sizes.
+
+/// `struct config` (FERRY_CONFIG, an array of one).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, IntoBytes, FromBytes, Immutable)]
 struct Config {
     migration_ifindex: u32,
     mark: u32,
+    /// Network byte order.
     migration_addr: u32,
     flags: u32,
 }
 
+/// `struct counter_key` (FERRY_COUNTERS' key).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, IntoBytes, FromBytes, Immutable)]
 struct CounterKey {
     ifindex: u32,
     dir: u8,
@@ -78,19 +89,44 @@ struct CounterKey {
     pad: u16,
 }
 
+/// `struct counter` (FERRY_COUNTERS' and FERRY_EVENTS' value).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, IntoBytes, FromBytes, Immutable)]
 struct Counter {
     bytes: u64,
     packets: u64,
 }
 
-// SAFETY: plain #[repr(C)] structs of integers with no padding holes the kernel could
-// misread (each matches its C definition in ebpf/netpin.bpf.c field for field).
+// The C layouts (each field at its natural alignment, as clang lays them out for BPF).
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    // struct config { __u32 migration_ifindex; __u32 mark; __u32 migration_addr; __u32 flags; }
+    assert!(size_of::<Config>() == 16 && align_of::<Config>() == 4);
+    assert!(offset_of!(Config, migration_ifindex) == 0);
+    assert!(offset_of!(Config, mark) == 4);
+    assert!(offset_of!(Config, migration_addr) == 8);
+    assert!(offset_of!(Config, flags) == 12);
+    // struct counter_key { __u32 ifindex; __u8 dir; __u8 class; __u16 pad; }
+    assert!(size_of::<CounterKey>() == 8 && align_of::<CounterKey>() == 4);
+    assert!(offset_of!(CounterKey, ifindex) == 0);
+    assert!(offset_of!(CounterKey, dir) == 4);
+    assert!(offset_of!(CounterKey, class) == 5);
+    assert!(offset_of!(CounterKey, pad) == 6);
+    // struct counter { __u64 bytes; __u64 packets; }
+    assert!(size_of::<Counter>() == 16 && align_of::<Counter>() == 8);
+    assert!(offset_of!(Counter, bytes) == 0);
+    assert!(offset_of!(Counter, packets) == 8);
+};
+
+// aya's map API takes `Pod` values, an unsafe marker trait with no bridge from zerocopy's
+// traits, so the impls stay; the derives above carry the proof they need.
+// SAFETY: `Config` is #[repr(C)] with no padding (IntoBytes) and valid for every bit pattern
+// (FromBytes), so copying it to and from the kernel's map bytes is sound; its layout is the C
+// struct's (the const block above).
 unsafe impl aya::Pod for Config {}
-// SAFETY: as above; the explicit `pad` field fills the struct to 8 bytes.
+// SAFETY: as for `Config`; the explicit `pad` field fills the struct to 8 bytes.
 unsafe impl aya::Pod for CounterKey {}
-// SAFETY: as above.
+// SAFETY: as for `Config`.
 unsafe impl aya::Pod for Counter {}
 
 /// What netpin needs from the configuration.
@@ -631,5 +667,74 @@ mod tests {
     #[test]
     fn object_is_embedded() {
         assert_eq!(&OBJECT[..4], b"\x7fELF");
+    }
+
+    /// `(field, offset, size)` of each field of `struct NAME` in the C source, laid out the C
+    /// way (each field at its natural alignment), and the struct's size.
+    fn c_layout(src: &str, name: &str) -> (Vec<(String, usize, usize)>, usize) {
+        let start = src
+            .find(&format!("\nstruct {name} {{\n"))
+            .unwrap_or_else(|| panic!("no struct {name} in ebpf/netpin.bpf.c"));
+        let body = &src[start..];
+        let body = &body[body.find('{').unwrap() + 1..body.find("};").unwrap()];
+        let (mut fields, mut offset, mut align) = (Vec::new(), 0usize, 1usize);
+        for line in body.lines() {
+            let line = line
+                .split("/*")
+                .next()
+                .unwrap()
+                .trim()
+                .trim_end_matches(';');
+            if line.is_empty() {
+                continue;
+            }
+            let (ty, field) = line.split_once(' ').unwrap();
+            let size = match ty {
+                "__u8" => 1,
+                "__u16" => 2,
+                "__u32" => 4,
+                "__u64" => 8,
+                other => panic!("struct {name}: type {other} is not mirrored here"),
+            };
+            offset = offset.next_multiple_of(size);
+            fields.push((field.trim().to_owned(), offset, size));
+            offset += size;
+            align = align.max(size);
+        }
+        (fields, offset.next_multiple_of(align))
+    }
+
+    /// `(field, offset, size)` of the Rust mirror's fields, and its size.
+    macro_rules! rust_layout {
+        ($t:ty: $($f:ident),+) => {{
+            let v = <$t>::default();
+            (
+                vec![$((
+                    stringify!($f).to_owned(),
+                    std::mem::offset_of!($t, $f),
+                    std::mem::size_of_val(&v.$f),
+                )),+],
+                std::mem::size_of::<$t>(),
+            )
+        }};
+    }
+
+    /// The map structs and the C structs agree field for field: a field added, removed,
+    /// renamed, reordered or retyped on either side fails here.
+    #[test]
+    fn map_structs_match_the_c_source() {
+        let src = include_str!("../../../ebpf/netpin.bpf.c");
+        assert_eq!(
+            c_layout(src, "config"),
+            rust_layout!(Config: migration_ifindex, mark, migration_addr, flags)
+        );
+        assert_eq!(
+            c_layout(src, "counter_key"),
+            rust_layout!(CounterKey: ifindex, dir, class, pad)
+        );
+        assert_eq!(
+            c_layout(src, "counter"),
+            rust_layout!(Counter: bytes, packets)
+        );
     }
 }
