@@ -125,6 +125,7 @@ pub fn vm_addr(n: u8) -> Result<Ipv4Addr> {
     }
     Ok(Ipv4Addr::new(198, 18, 2, n))
 }
+
 /// Longest lab name accepted (namespace names are `ferry-NAME-sw` and so on).
 const MAX_NAME_LEN: usize = 32;
 /// `sizeof(sockaddr_un.sun_path)` minus the terminating NUL.
