@@ -1254,7 +1254,7 @@ fn run_agent(a: &AgentArgs) -> Result<(), Failure> {
         .build()
         .map_err(|e| fail(format!("cannot start the runtime: {e}")))?;
     rt.block_on(crate::control::daemon::run(config))
-        .map_err(|e| fail(crate::control::error_chain(&e)))
+        .map_err(|e| fail(crate::util::error_chain(&e)))
 }
 
 fn out<T: Serialize>(cli: &Cli, v: &T, human: impl FnOnce(&T) -> String) {

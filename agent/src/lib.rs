@@ -11,6 +11,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod announce;
+pub mod auth;
 pub mod checks;
 pub mod cli;
 pub mod control;
@@ -20,4 +21,5 @@ pub mod migrate;
 pub mod netpin;
 pub mod ratelimit;
 pub mod transport;
+pub mod util;
 pub mod vm;

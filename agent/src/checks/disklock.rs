@@ -148,7 +148,7 @@ impl DiskLocks {
     /// Write `rec` to a temporary file in the lock directory; returns its path.
     fn write_temp(dir: &Path, rec: &LockRecord) -> Result<PathBuf, LockError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let nonce = crate::migrate::random_u64().map_err(|e| LockError::Io {
+        let nonce = crate::util::random_u64().map_err(|e| LockError::Io {
             path: dir.to_path_buf(),
             source: std::io::Error::other(e.to_string()),
         })?;

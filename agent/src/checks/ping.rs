@@ -248,7 +248,7 @@ pub fn ping(
     timeout: Duration,
 ) -> Result<PingReport, PingError> {
     let s = Icmp::open(local, remote, iface)?;
-    let id = (crate::migrate::random_u64().map_err(|e| PingError::Random(e.to_string()))? & 0xffff)
+    let id = (crate::util::random_u64().map_err(|e| PingError::Random(e.to_string()))? & 0xffff)
         as u16;
     let mut rtts = Vec::new();
     for seq in 0..count as u16 {

@@ -368,7 +368,7 @@ pub struct Agent {
     netpin: Result<Arc<NetPin>, String>,
     datastores: Datastores,
     /// The cluster key peers must prove (and this agent proves to them).
-    key: Option<Arc<mig::session::ClusterKey>>,
+    key: Option<Arc<crate::auth::ClusterKey>>,
     /// Guest ownership records on the shared datastore (`[cluster] ownership_datastore`).
     ownership: Option<Ownership>,
     /// Disk locks on the datastores: one running guest per disk in the cluster.
@@ -427,7 +427,7 @@ impl Agent {
         hv: Arc<Hypervisor>,
         netpin: Result<Arc<NetPin>, String>,
         datastores: Datastores,
-        key: Option<Arc<mig::session::ClusterKey>>,
+        key: Option<Arc<crate::auth::ClusterKey>>,
     ) -> Arc<Agent> {
         let ownership = config
             .cluster
@@ -989,7 +989,7 @@ impl Agent {
         .map_err(|e| {
             refuse(format!(
                 "{owner} does not answer: {}",
-                crate::control::error_chain(&e)
+                crate::util::error_chain(&e)
             ))
         })?;
         if facts.vms.iter().any(|v| v == name) {
@@ -1441,7 +1441,7 @@ impl Agent {
                             mig::GuestOn::Destination,
                             format!(
                                 "{}; {}",
-                                crate::control::error_chain(&f.error),
+                                crate::util::error_chain(&f.error),
                                 f.note.unwrap_or_default()
                             ),
                         );
@@ -1556,7 +1556,7 @@ impl Agent {
             .map_err(|e| {
                 AgentError::Conflict(format!(
                     "cannot ask {to} about itself: {}",
-                    crate::control::error_chain(&e)
+                    crate::util::error_chain(&e)
                 ))
             })?;
         let local = self.host_facts(&[]);
@@ -1591,7 +1591,7 @@ impl Agent {
         .map_err(|e| {
             AgentError::Conflict(format!(
                 "cannot reach {to}: {}",
-                crate::control::error_chain(&e)
+                crate::util::error_chain(&e)
             ))
         })?;
         let remote: std::net::Ipv4Addr = pf
@@ -1628,7 +1628,7 @@ impl Agent {
             .map_err(|e| {
                 AgentError::Conflict(format!(
                     "cannot ask {p}: {}",
-                    crate::control::error_chain(&e)
+                    crate::util::error_chain(&e)
                 ))
             })?;
             all.push(f);
@@ -1679,7 +1679,7 @@ impl Agent {
                 mig::MigrateError::Config(m) => AgentError::Invalid(m),
                 other => AgentError::Conflict(format!(
                     "the throughput probe failed: {}",
-                    crate::control::error_chain(&other)
+                    crate::util::error_chain(&other)
                 )),
             })
         })

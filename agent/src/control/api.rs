@@ -101,7 +101,7 @@ pub struct ApiError(u16, &'static str, String);
 
 impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> Self {
-        let msg = super::error_chain(&e);
+        let msg = crate::util::error_chain(&e);
         if e.status() >= 500 {
             tracing::error!(error = %msg, "request failed");
         }

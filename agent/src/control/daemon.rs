@@ -19,7 +19,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Datastore(#[from] crate::checks::datastore::DatastoreError),
     #[error(transparent)]
-    Key(#[from] crate::migrate::session::KeyError),
+    Key(#[from] crate::auth::KeyError),
     #[error("another agent is already serving {0}; stop it first (or use another [agent] socket)")]
     AlreadyRunning(PathBuf),
     #[error("{what} {path}: {source}")]
@@ -133,7 +133,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     hv.set_host_mask(mask);
     let datastores = crate::checks::datastore::Datastores::open(&config.datastores)?;
     let key = match &config.cluster.key_file {
-        Some(p) => Some(Arc::new(crate::migrate::session::ClusterKey::load(p)?)),
+        Some(p) => Some(Arc::new(crate::auth::ClusterKey::load(p)?)),
         None => {
             if config.management.is_some() {
                 tracing::warn!("no [cluster] key_file: peer agents are not authenticated; anyone who can reach the management address can send or take guests");

@@ -84,8 +84,8 @@ pub enum MigrateError {
     Ownership(#[from] ownership::OwnershipError),
     #[error(transparent)]
     Seal(#[from] crate::transport::seal::SealError),
-    #[error("{0}")]
-    Random(String),
+    #[error(transparent)]
+    Random(#[from] crate::util::UtilError),
     #[error("{0}")]
     Other(String),
 }
@@ -431,7 +431,7 @@ impl MigrationHandle {
         } else {
             Phase::Failed
         };
-        let msg = crate::control::error_chain(e);
+        let msg = crate::util::error_chain(e);
         let elapsed = self.started.elapsed().as_secs_f64();
         self.update(|r| {
             r.phase = phase;
@@ -480,20 +480,7 @@ impl MigrationHandle {
 
 /// A fresh migration id: "m-" and 8 hex digits from the kernel's random source.
 pub fn new_id() -> Result<String, MigrateError> {
-    Ok(format!("m-{:08x}", random_u64()? as u32))
-}
-
-/// 64 random bits from the kernel (`getrandom(2)`). There is no fallback: nonces and data-stream
-/// tokens made from anything guessable would let a peer without the key in, so a failure is an
-/// error that stops what needed the number.
-pub fn random_u64() -> Result<u64, MigrateError> {
-    let mut b = [0u8; 8];
-    getrandom::getrandom(&mut b).map_err(|e| {
-        MigrateError::Random(format!(
-            "the kernel's random source (getrandom) failed: {e}; nothing that needs a secret can be made without it"
-        ))
-    })?;
-    Ok(u64::from_le_bytes(b))
+    Ok(format!("m-{:08x}", crate::util::random_u64()? as u32))
 }
 
 /// The data stream a page travels on.
