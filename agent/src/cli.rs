@@ -18,7 +18,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::checks::cpu::CpuPolicy;
+use crate::vm::cpuid::CpuPolicy;
 use crate::checks::ping::PingReport;
 use crate::checks::CheckReport;
 use crate::control::agent::Baseline;

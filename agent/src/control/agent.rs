@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::announce::Announcement;
 use crate::checks::datastore::Datastores;
-use crate::checks::disklock::{DiskLocks, LockError, LockHolder};
+use crate::checks::disklock::{DiskLockInfo, DiskLocks, LockError, LockHolder};
 use crate::checks::{CheckReport, HostFacts, LinkProbe, Requirements};
 use crate::migrate::dest::Host;
 use crate::migrate::ownership::{Ownership, Staged};
@@ -373,16 +373,6 @@ pub struct Agent {
     ownership: Option<Ownership>,
     /// Disk locks on the datastores: one running guest per disk in the cluster.
     locks: DiskLocks,
-}
-
-/// A disk of a guest and who holds its lock (`ferry vm inspect`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DiskLockInfo {
-    pub disk: String,
-    /// None: nobody (the guest is not running, or the lock could not be read: see `error`).
-    pub holder: Option<LockHolder>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
 }
 
 impl From<LockError> for AgentError {
@@ -1616,6 +1606,7 @@ impl Agent {
     /// The CPU baseline common to this host and `peers`.
     pub async fn cpu_baseline(&self, peers: Vec<String>) -> Result<Baseline, AgentError> {
         use crate::checks::cpu;
+        use crate::vm::cpuid;
         let mut all = vec![self.host_facts(&[])];
         for p in peers {
             let addr = self.peer_addr(&p)?;
@@ -1633,7 +1624,7 @@ impl Agent {
             })?;
             all.push(f);
         }
-        let sets: Vec<_> = all.iter().map(|f| cpu::features(&f.cpuid)).collect();
+        let sets: Vec<_> = all.iter().map(|f| cpuid::features(&f.cpuid)).collect();
         let mut common = sets[0].clone();
         let mut any = sets[0].clone();
         for s in &sets[1..] {

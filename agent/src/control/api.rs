@@ -62,7 +62,7 @@ pub struct CreateRequest {
     #[serde(default)]
     pub nics: Vec<crate::vm::NicSpec>,
     #[serde(default)]
-    pub cpu: crate::checks::cpu::CpuPolicy,
+    pub cpu: crate::vm::cpuid::CpuPolicy,
     /// Run it at once.
     #[serde(default)]
     pub start: bool,

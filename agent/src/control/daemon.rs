@@ -128,7 +128,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .cpu
         .mask
         .iter()
-        .filter_map(|f| crate::checks::cpu::parse_feature(f).ok())
+        .filter_map(|f| crate::vm::cpuid::parse_feature(f).ok())
         .collect();
     hv.set_host_mask(mask);
     let datastores = crate::checks::datastore::Datastores::open(&config.datastores)?;
