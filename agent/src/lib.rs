@@ -16,7 +16,6 @@ pub mod checks;
 pub mod cli;
 pub mod control;
 pub mod faults;
-pub mod metrics;
 pub mod migrate;
 pub mod netpin;
 pub mod ratelimit;

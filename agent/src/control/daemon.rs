@@ -115,6 +115,8 @@ fn start_netpin(config: &Config) -> Result<Arc<crate::netpin::NetPin>, String> {
 /// Run the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     super::memory::tune();
+    // Migrations tell whoever observes them when they end; the metrics count them.
+    crate::migrate::observe_endings(super::metrics::ended);
     let hv = Hypervisor::open()?;
     hv.huge_pages.store(
         config.limits.huge_pages,
@@ -244,13 +246,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     served.map_err(DaemonError::Serve)
 }
 
-/// `GET /metrics`: Prometheus text (see [`crate::metrics`]).
+/// `GET /metrics`: Prometheus text (see [`super::metrics`]).
 async fn metrics(
     axum::extract::State(agent): axum::extract::State<Arc<Agent>>,
 ) -> impl axum::response::IntoResponse {
     let a = agent.clone();
     let live = tokio::task::spawn_blocking(move || {
-        let mut live = crate::metrics::Live::default();
+        let mut live = super::metrics::Live::default();
         for v in a.list() {
             let state = serde_json::to_value(v.state)
                 .ok()
@@ -274,7 +276,7 @@ async fn metrics(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(&live),
+        super::metrics::render(&live),
     )
 }
 

@@ -8,5 +8,6 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod memory;
+pub mod metrics;
 pub mod peer;
 pub mod sdnotify;

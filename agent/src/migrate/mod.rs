@@ -29,7 +29,7 @@ pub mod tune;
 pub mod untrusted;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -359,6 +359,24 @@ pub struct MigrationRecord {
     pub note: Option<String>,
 }
 
+/// Told once when a migration ends: its final record and, unless it completed, the error that
+/// ended it.
+pub type EndObserver = fn(&MigrationRecord, Option<&MigrateError>);
+
+static END_OBSERVER: OnceLock<EndObserver> = OnceLock::new();
+
+/// Have `f` told of every migration of this process that ends, in either direction (the control
+/// plane counts them for its metrics). The first observer stays; returns whether `f` is it.
+pub fn observe_endings(f: EndObserver) -> bool {
+    END_OBSERVER.set(f).is_ok()
+}
+
+fn ended(record: &MigrationRecord, failure: Option<&MigrateError>) {
+    if let Some(f) = END_OBSERVER.get() {
+        f(record, failure);
+    }
+}
+
 /// A running or finished migration, shared between its engine thread and the API.
 pub struct MigrationHandle {
     pub id: String,
@@ -441,7 +459,7 @@ impl MigrationHandle {
             r.pages_left = 0;
             r.eta_s = None;
         });
-        crate::metrics::ended(&self.record(), Some(e));
+        ended(&self.record(), Some(e));
     }
 
     pub fn complete(&self, s: Summary) {
@@ -454,7 +472,7 @@ impl MigrationHandle {
             r.eta_s = None;
             r.summary = Some(s);
         });
-        crate::metrics::ended(&self.record(), None);
+        ended(&self.record(), None);
     }
 
     /// Say how an ending after the commit point was resolved.
@@ -486,4 +504,46 @@ pub fn new_id() -> Result<String, MigrateError> {
 /// The data stream a page travels on.
 pub fn stream_of(gpa: u64, streams: u32) -> u32 {
     ((gpa >> 21) % u64::from(streams.max(1))) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (id, phase, the failure's text) of every ending the observer was told of.
+    static SEEN: Mutex<Vec<(String, Phase, Option<String>)>> = Mutex::new(Vec::new());
+
+    fn record_ending(r: &MigrationRecord, e: Option<&MigrateError>) {
+        if let Ok(mut g) = SEEN.lock() {
+            g.push((r.id.clone(), r.phase, e.map(|e| e.to_string())));
+        }
+    }
+
+    #[test]
+    fn the_observer_is_told_of_each_ending_once() {
+        // Another test may have set an observer first; this one must be it to see anything.
+        assert!(observe_endings(record_ending), "an observer was set before");
+        let done = MigrationHandle::new("m-obs-done".into(), "v", "out", "b");
+        done.complete(Summary::default());
+        let cancelled = MigrationHandle::new("m-obs-cancel".into(), "v", "in", "a");
+        cancelled.fail(&MigrateError::Cancelled);
+        let seen: Vec<_> = SEEN
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.0.starts_with("m-obs-"))
+            .cloned()
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("m-obs-done".into(), Phase::Completed, None),
+                (
+                    "m-obs-cancel".into(),
+                    Phase::Cancelled,
+                    Some("cancelled by the user".into())
+                ),
+            ]
+        );
+    }
 }
