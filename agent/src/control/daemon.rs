@@ -279,6 +279,3 @@ async fn metrics(
         super::metrics::render(&live),
     )
 }
-
-/// Keep `Arc` in the public signature stable for callers holding the agent.
-pub type SharedAgent = Arc<Agent>;
