@@ -6,8 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::migrate::protocol::{self, Command, FrameReader, FrameWriter, Hello, HelloAck};
 use ferry::auth::{self, ClusterKey};
+use ferry::migrate::protocol::{self, Command, FrameReader, FrameWriter, Hello, HelloAck};
 use ferry::migrate::session::{self, Auth, Identity};
 use ferry_tests::{ferry_bin, in_netns, require, LabFerry, Need};
 use xtask::lab::{Lab, LabOptions};

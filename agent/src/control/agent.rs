@@ -1617,10 +1617,7 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?
             .map_err(|e| {
-                AgentError::Conflict(format!(
-                    "cannot ask {p}: {}",
-                    crate::util::error_chain(&e)
-                ))
+                AgentError::Conflict(format!("cannot ask {p}: {}", crate::util::error_chain(&e)))
             })?;
             all.push(f);
         }

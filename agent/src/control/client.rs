@@ -223,9 +223,7 @@ fn from_hyper(e: hyper::Error) -> ClientError {
             )
         );
     match io_kind {
-        Some(kind) if !malformed => {
-            ClientError::Io(std::io::Error::new(kind, error_chain(&e)))
-        }
+        Some(kind) if !malformed => ClientError::Io(std::io::Error::new(kind, error_chain(&e))),
         _ => ClientError::Protocol(error_chain(&e)),
     }
 }

@@ -247,7 +247,11 @@ fn receive(
     let data_addr = listener
         .local_addr()
         .map_err(protocol::ProtocolError::from)?;
-    let token = format!("{:016x}{:016x}", crate::util::random_u64()?, crate::util::random_u64()?);
+    let token = format!(
+        "{:016x}{:016x}",
+        crate::util::random_u64()?,
+        crate::util::random_u64()?
+    );
     let data_key =
         cluster_key.map(|k| crate::transport::seal::data_key(&k, &setup.migration_id, &token));
     // A guest with NICs takes the frames its source still receives after the switchover.
