@@ -87,7 +87,7 @@ fn encode_decode(c: &mut Criterion) {
 
 /// What `--encrypt` costs per byte: sealing and opening a 256 KiB page frame (AES-256-GCM).
 fn seal(c: &mut Criterion) {
-    use ferry::migrate::session::ClusterKey;
+    use ferry::auth::ClusterKey;
     use ferry::transport::seal::{data_key, Sealer, TAG_LEN};
     const FRAME: usize = 256 << 10;
     let key = data_key(&ClusterKey::from_bytes(&[7; 32]), "m-bench", "token");

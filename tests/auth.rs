@@ -6,9 +6,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry::auth::{self, ClusterKey};
 use ferry::control::config::{ClusterSection, EncryptPolicy};
 use ferry::migrate::protocol::{self, Command, FrameReader, FrameWriter, Hello, HelloAck};
-use ferry::migrate::session::{self, Auth, ClusterKey, Identity};
+use ferry::migrate::session::{self, Auth, Identity};
 use ferry_tests::{ferry_bin, in_netns, require, LabFerry, Need};
 use xtask::lab::{Lab, LabOptions};
 
@@ -101,14 +102,14 @@ fn unauthenticated_wrong_key_and_replayed_peers_get_nothing() {
         assert!(e.to_string().contains("requires the cluster key"), "{e}");
 
         // A client that skips Auth and asks straight away gets nothing.
-        let (mut w, mut r, ack) = raw_hello("intruder", &session::nonce().unwrap());
+        let (mut w, mut r, ack) = raw_hello("intruder", &auth::nonce().unwrap());
         assert!(ack.proof.is_some());
         w.send_msg(Command::Query, &ferry::migrate::query::Query::default())
             .unwrap();
         refused(&mut r);
 
         // A wrong proof gets nothing.
-        let nc = session::nonce().unwrap();
+        let nc = auth::nonce().unwrap();
         let (mut w, mut r, ack) = raw_hello("intruder", &nc);
         let proof = wrong.proof("ferry-client", &ack.nonce, &nc, "intruder");
         w.send_msg(Command::Auth, &Auth { proof }).unwrap();
@@ -117,7 +118,7 @@ fn unauthenticated_wrong_key_and_replayed_peers_get_nothing() {
         refused(&mut r);
 
         // A replayed proof (valid for an earlier session with the same client nonce) gets nothing.
-        let nc = session::nonce().unwrap();
+        let nc = auth::nonce().unwrap();
         let (mut w, mut r, ack) = raw_hello("tester", &nc);
         let proof = right.proof("ferry-client", &ack.nonce, &nc, "tester");
         w.send_msg(

@@ -18,7 +18,6 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::checks::cpu::CpuPolicy;
 use crate::checks::ping::PingReport;
 use crate::checks::CheckReport;
 use crate::control::agent::Baseline;
@@ -32,6 +31,7 @@ use crate::control::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
 use crate::migrate::blast::{BlastMode, BlastRequest, BlastResult};
 use crate::migrate::{MigrateOptions, MigrationRecord, Phase};
 use crate::netpin::StatsReport;
+use crate::vm::cpuid::CpuPolicy;
 use crate::vm::{DiskSpec, GuestKind, NicSpec, Profile, RawMode, RawParams, WorkloadParams};
 
 /// Default root of the lab made by `cargo xtask lab up`.
@@ -1254,7 +1254,7 @@ fn run_agent(a: &AgentArgs) -> Result<(), Failure> {
         .build()
         .map_err(|e| fail(format!("cannot start the runtime: {e}")))?;
     rt.block_on(crate::control::daemon::run(config))
-        .map_err(|e| fail(crate::control::error_chain(&e)))
+        .map_err(|e| fail(crate::util::error_chain(&e)))
 }
 
 fn out<T: Serialize>(cli: &Cli, v: &T, human: impl FnOnce(&T) -> String) {

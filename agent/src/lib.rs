@@ -7,17 +7,23 @@
 //! - [`migrate`]: live migration (engine, codec, wire protocol, convergence).
 //! - [`transport`]: the data streams (TCP sockets, io_uring sends and receives).
 //! - [`cli`]: the `ferry` command line, a client of that API.
+//! - [`checks`]: what a migration needs from a destination (host facts, the evaluation).
+//! - [`auth`] and [`util`]: the cluster key and its proofs; error chains and random numbers.
+//!
+//! Dependencies run one way: `cli` → `control` → `migrate` → (`checks`, `transport`) →
+//! (`vm`, `netpin`) → (`auth`, `util`).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod announce;
+pub mod auth;
 pub mod checks;
 pub mod cli;
 pub mod control;
 pub mod faults;
-pub mod metrics;
 pub mod migrate;
 pub mod netpin;
 pub mod ratelimit;
 pub mod transport;
+pub mod util;
 pub mod vm;

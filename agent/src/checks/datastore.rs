@@ -77,7 +77,7 @@ impl Datastores {
                     let ident = Identity {
                         id: {
                             let r = || {
-                                crate::migrate::random_u64().map_err(|e| {
+                                crate::util::random_u64().map_err(|e| {
                                     io(name, &idf)(std::io::Error::other(e.to_string()))
                                 })
                             };
@@ -197,7 +197,7 @@ impl Datastores {
                 // size (the loser finds it and checks its size), never half of one.
                 let parent = p.parent().map(Path::to_path_buf).unwrap_or_default();
                 std::fs::create_dir_all(&parent).map_err(io(&store, &parent))?;
-                let nonce = crate::migrate::random_u64().map_err(|e| DatastoreError::Io {
+                let nonce = crate::util::random_u64().map_err(|e| DatastoreError::Io {
                     name: store.clone(),
                     path: parent.clone(),
                     source: std::io::Error::other(e.to_string()),

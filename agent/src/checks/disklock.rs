@@ -87,6 +87,16 @@ pub struct LockHolder {
     pub heartbeat_age_s: Option<u64>,
 }
 
+/// A disk of a guest and who holds its lock (`ferry vm inspect`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskLockInfo {
+    pub disk: String,
+    /// None: nobody (the guest is not running, or the lock could not be read: see `error`).
+    pub holder: Option<LockHolder>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// The host's disk locks over its datastores.
 #[derive(Debug, Clone)]
 pub struct DiskLocks {
@@ -148,7 +158,7 @@ impl DiskLocks {
     /// Write `rec` to a temporary file in the lock directory; returns its path.
     fn write_temp(dir: &Path, rec: &LockRecord) -> Result<PathBuf, LockError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let nonce = crate::migrate::random_u64().map_err(|e| LockError::Io {
+        let nonce = crate::util::random_u64().map_err(|e| LockError::Io {
             path: dir.to_path_buf(),
             source: std::io::Error::other(e.to_string()),
         })?;

@@ -5,6 +5,11 @@
 //! connection with its facts). [`evaluate`] is a pure function of the VM's requirements, both
 //! hosts' facts and the link probe; `ferry check VM --to PEER` prints its table and
 //! `ferry migrate` refuses on any failure (`--force` skips warnings, never failures).
+//!
+//! Layering: this module sits below [`crate::migrate`] (a peer's `Query` is answered with
+//! [`HostFacts`], and the destination's `Host` reports them) and above [`crate::vm`] (the CPUID
+//! model, disk paths), [`crate::util`] and [`crate::netpin`]. It uses neither `control` nor
+//! `migrate`: the agent in `control` gathers the facts, runs [`evaluate`] and decides.
 
 pub mod cpu;
 pub mod datastore;
@@ -15,7 +20,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use cpu::CpuidEntry;
+use crate::vm::cpuid::{self, CpuidEntry};
 
 /// What a host tells a peer about itself.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -136,7 +141,7 @@ fn item(requirement: &str, result: Outcome, detail: String, fix: Option<&str>) -
 }
 
 /// One row per disk: its lock must be free or held by the guest itself.
-pub fn disk_lock_items(vm: &str, locks: &[crate::control::agent::DiskLockInfo]) -> Vec<CheckItem> {
+pub fn disk_lock_items(vm: &str, locks: &[disklock::DiskLockInfo]) -> Vec<CheckItem> {
     locks
         .iter()
         .map(|l| match (&l.holder, &l.error) {
@@ -193,7 +198,7 @@ pub fn evaluate(
     let mut items = Vec::new();
 
     // CPU.
-    let missing = cpu::missing(&cpu::features(&req.cpuid), &cpu::features(&peer.cpuid));
+    let missing = cpu::missing(&cpuid::features(&req.cpuid), &cpuid::features(&peer.cpuid));
     items.push(if missing.is_empty() {
         item(
             "CPU",

@@ -2,11 +2,13 @@
 //! only (SO_BINDTODEVICE), to the peer's migration address — the vmkping of vMotion. Round trip
 //! min/avg/max, loss, and path-MTU probes with the don't-fragment bit at 1500 and 9000 bytes.
 
-use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// Result of one path-MTU probe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,8 +37,8 @@ pub struct PingReport {
 /// Errors of the probe.
 #[derive(Debug, thiserror::Error)]
 pub enum PingError {
-    #[error("{0}")]
-    Random(String),
+    #[error(transparent)]
+    Random(#[from] crate::util::UtilError),
     #[error("cannot open an ICMP socket (needs root / CAP_NET_RAW): {0}")]
     Socket(std::io::Error),
     #[error("cannot bind the probe to {what}: {source}")]
@@ -76,126 +78,56 @@ fn echo_request(id: u16, seq: u16, payload: usize) -> Vec<u8> {
     p
 }
 
-fn setsockopt<T>(fd: i32, level: i32, name: i32, val: &T) -> std::io::Result<()> {
-    // SAFETY: `val` points to a live T of exactly the size passed.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (val as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 struct Icmp {
-    fd: OwnedFd,
-    remote: libc::sockaddr_in,
+    socket: Socket,
+    remote: SockAddr,
 }
 
 impl Icmp {
     fn open(local: Ipv4Addr, remote: Ipv4Addr, iface: Option<&str>) -> Result<Icmp, PingError> {
-        // SAFETY: plain socket(2); the result is checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_ICMP,
-            )
-        };
-        if raw < 0 {
-            return Err(PingError::Socket(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let f = fd.as_raw_fd();
+        // socket2 opens it close-on-exec.
+        let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+            .map_err(PingError::Socket)?;
         if let Some(dev) = iface {
-            let mut name = dev.as_bytes().to_vec();
-            name.push(0);
-            // SAFETY: SO_BINDTODEVICE reads a NUL-terminated name of the given length.
-            let r = unsafe {
-                libc::setsockopt(
-                    f,
-                    libc::SOL_SOCKET,
-                    libc::SO_BINDTODEVICE,
-                    name.as_ptr().cast(),
-                    name.len() as libc::socklen_t,
-                )
-            };
-            if r != 0 {
-                return Err(PingError::Bind {
+            socket
+                .bind_device(Some(dev.as_bytes()))
+                .map_err(|source| PingError::Bind {
                     what: format!("interface {dev}"),
-                    source: std::io::Error::last_os_error(),
-                });
-            }
+                    source,
+                })?;
         }
-        let _ = setsockopt(
-            f,
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            &(crate::netpin::MIGRATION_MARK as libc::c_int),
-        );
-        let sa = |a: Ipv4Addr| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let l = sa(local);
-        // SAFETY: bind with a sockaddr_in we own and its size.
-        let r = unsafe {
-            libc::bind(
-                f,
-                (&l as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(PingError::Bind {
+        let _ = socket.set_mark(crate::netpin::MIGRATION_MARK);
+        socket
+            .bind(&SocketAddrV4::new(local, 0).into())
+            .map_err(|source| PingError::Bind {
                 what: format!("address {local}"),
-                source: std::io::Error::last_os_error(),
-            });
-        }
+                source,
+            })?;
         Ok(Icmp {
-            fd,
-            remote: sa(remote),
+            socket,
+            remote: SocketAddrV4::new(remote, 0).into(),
         })
     }
 
+    /// Probe the path MTU: set the don't-fragment bit and let sends larger than the local
+    /// interface's MTU fail with EMSGSIZE (`IP_PMTUDISC_PROBE`, which socket2 does not offer).
     fn dont_fragment(&self) {
-        let _ = setsockopt(
-            self.fd.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            &libc::IP_PMTUDISC_PROBE,
-        );
+        let val: libc::c_int = libc::IP_PMTUDISC_PROBE;
+        // SAFETY: setsockopt(2) on a socket we own, reading one c_int that lives across the
+        // call, with its size.
+        let _ = unsafe {
+            libc::setsockopt(
+                self.socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
     }
 
     fn send(&self, pkt: &[u8]) -> std::io::Result<()> {
-        // SAFETY: sendto with our buffer and a sockaddr_in we own.
-        let r = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                pkt.as_ptr().cast(),
-                pkt.len(),
-                0,
-                (&self.remote as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        self.socket.send_to(pkt, &self.remote).map(|_| ())
     }
 
     /// Wait for the echo reply to (id, seq) until `deadline`.
@@ -206,23 +138,20 @@ impl Icmp {
             if left.is_zero() {
                 return false;
             }
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
+            if self
+                .socket
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .is_err()
+            {
+                return false;
+            }
+            // A raw socket reads whole IPv4 packets; a timeout or an error tries again until
+            // the deadline.
+            let n = match (&self.socket).read(&mut buf) {
+                Ok(n) if n > 0 => n,
+                _ => continue,
             };
-            // SAFETY: poll on one pollfd we own.
-            let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
-            if r <= 0 {
-                continue;
-            }
-            // SAFETY: recv into our buffer of the given length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n <= 0 {
-                continue;
-            }
-            let b = &buf[..n as usize];
+            let b = &buf[..n];
             let ihl = usize::from(b.first().map_or(0, |v| v & 0x0f)) * 4;
             if b.len() < ihl + 8 {
                 continue;
@@ -248,8 +177,7 @@ pub fn ping(
     timeout: Duration,
 ) -> Result<PingReport, PingError> {
     let s = Icmp::open(local, remote, iface)?;
-    let id = (crate::migrate::random_u64().map_err(|e| PingError::Random(e.to_string()))? & 0xffff)
-        as u16;
+    let id = (crate::util::random_u64()? & 0xffff) as u16;
     let mut rtts = Vec::new();
     for seq in 0..count as u16 {
         let t = Instant::now();

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::announce::Announcement;
 use crate::checks::datastore::Datastores;
-use crate::checks::disklock::{DiskLocks, LockError, LockHolder};
+use crate::checks::disklock::{DiskLockInfo, DiskLocks, LockError, LockHolder};
 use crate::checks::{CheckReport, HostFacts, LinkProbe, Requirements};
 use crate::migrate::dest::Host;
 use crate::migrate::ownership::{Ownership, Staged};
@@ -368,21 +368,11 @@ pub struct Agent {
     netpin: Result<Arc<NetPin>, String>,
     datastores: Datastores,
     /// The cluster key peers must prove (and this agent proves to them).
-    key: Option<Arc<mig::session::ClusterKey>>,
+    key: Option<Arc<crate::auth::ClusterKey>>,
     /// Guest ownership records on the shared datastore (`[cluster] ownership_datastore`).
     ownership: Option<Ownership>,
     /// Disk locks on the datastores: one running guest per disk in the cluster.
     locks: DiskLocks,
-}
-
-/// A disk of a guest and who holds its lock (`ferry vm inspect`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DiskLockInfo {
-    pub disk: String,
-    /// None: nobody (the guest is not running, or the lock could not be read: see `error`).
-    pub holder: Option<LockHolder>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
 }
 
 impl From<LockError> for AgentError {
@@ -427,7 +417,7 @@ impl Agent {
         hv: Arc<Hypervisor>,
         netpin: Result<Arc<NetPin>, String>,
         datastores: Datastores,
-        key: Option<Arc<mig::session::ClusterKey>>,
+        key: Option<Arc<crate::auth::ClusterKey>>,
     ) -> Arc<Agent> {
         let ownership = config
             .cluster
@@ -989,7 +979,7 @@ impl Agent {
         .map_err(|e| {
             refuse(format!(
                 "{owner} does not answer: {}",
-                crate::control::error_chain(&e)
+                crate::util::error_chain(&e)
             ))
         })?;
         if facts.vms.iter().any(|v| v == name) {
@@ -1441,7 +1431,7 @@ impl Agent {
                             mig::GuestOn::Destination,
                             format!(
                                 "{}; {}",
-                                crate::control::error_chain(&f.error),
+                                crate::util::error_chain(&f.error),
                                 f.note.unwrap_or_default()
                             ),
                         );
@@ -1556,7 +1546,7 @@ impl Agent {
             .map_err(|e| {
                 AgentError::Conflict(format!(
                     "cannot ask {to} about itself: {}",
-                    crate::control::error_chain(&e)
+                    crate::util::error_chain(&e)
                 ))
             })?;
         let local = self.host_facts(&[]);
@@ -1591,7 +1581,7 @@ impl Agent {
         .map_err(|e| {
             AgentError::Conflict(format!(
                 "cannot reach {to}: {}",
-                crate::control::error_chain(&e)
+                crate::util::error_chain(&e)
             ))
         })?;
         let remote: std::net::Ipv4Addr = pf
@@ -1616,6 +1606,7 @@ impl Agent {
     /// The CPU baseline common to this host and `peers`.
     pub async fn cpu_baseline(&self, peers: Vec<String>) -> Result<Baseline, AgentError> {
         use crate::checks::cpu;
+        use crate::vm::cpuid;
         let mut all = vec![self.host_facts(&[])];
         for p in peers {
             let addr = self.peer_addr(&p)?;
@@ -1626,14 +1617,11 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?
             .map_err(|e| {
-                AgentError::Conflict(format!(
-                    "cannot ask {p}: {}",
-                    crate::control::error_chain(&e)
-                ))
+                AgentError::Conflict(format!("cannot ask {p}: {}", crate::util::error_chain(&e)))
             })?;
             all.push(f);
         }
-        let sets: Vec<_> = all.iter().map(|f| cpu::features(&f.cpuid)).collect();
+        let sets: Vec<_> = all.iter().map(|f| cpuid::features(&f.cpuid)).collect();
         let mut common = sets[0].clone();
         let mut any = sets[0].clone();
         for s in &sets[1..] {
@@ -1679,7 +1667,7 @@ impl Agent {
                 mig::MigrateError::Config(m) => AgentError::Invalid(m),
                 other => AgentError::Conflict(format!(
                     "the throughput probe failed: {}",
-                    crate::control::error_chain(&other)
+                    crate::util::error_chain(&other)
                 )),
             })
         })

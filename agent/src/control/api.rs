@@ -62,7 +62,7 @@ pub struct CreateRequest {
     #[serde(default)]
     pub nics: Vec<crate::vm::NicSpec>,
     #[serde(default)]
-    pub cpu: crate::checks::cpu::CpuPolicy,
+    pub cpu: crate::vm::cpuid::CpuPolicy,
     /// Run it at once.
     #[serde(default)]
     pub start: bool,
@@ -101,7 +101,7 @@ pub struct ApiError(u16, &'static str, String);
 
 impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> Self {
-        let msg = super::error_chain(&e);
+        let msg = crate::util::error_chain(&e);
         if e.status() >= 500 {
             tracing::error!(error = %msg, "request failed");
         }

@@ -413,7 +413,7 @@ impl Config {
             }
         }
         for f in &self.cpu.mask {
-            crate::checks::cpu::parse_feature(f).map_err(|e| bad(format!("[cpu] mask: {e}")))?;
+            crate::vm::cpuid::parse_feature(f).map_err(|e| bad(format!("[cpu] mask: {e}")))?;
         }
         if let Some(m) = &self.migration {
             if let Some(sp) = &m.link_speed {

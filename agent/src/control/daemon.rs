@@ -19,7 +19,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Datastore(#[from] crate::checks::datastore::DatastoreError),
     #[error(transparent)]
-    Key(#[from] crate::migrate::session::KeyError),
+    Key(#[from] crate::auth::KeyError),
     #[error("another agent is already serving {0}; stop it first (or use another [agent] socket)")]
     AlreadyRunning(PathBuf),
     #[error("{what} {path}: {source}")]
@@ -115,6 +115,8 @@ fn start_netpin(config: &Config) -> Result<Arc<crate::netpin::NetPin>, String> {
 /// Run the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     super::memory::tune();
+    // Migrations tell whoever observes them when they end; the metrics count them.
+    crate::migrate::observe_endings(super::metrics::ended);
     let hv = Hypervisor::open()?;
     hv.huge_pages.store(
         config.limits.huge_pages,
@@ -128,12 +130,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .cpu
         .mask
         .iter()
-        .filter_map(|f| crate::checks::cpu::parse_feature(f).ok())
+        .filter_map(|f| crate::vm::cpuid::parse_feature(f).ok())
         .collect();
     hv.set_host_mask(mask);
     let datastores = crate::checks::datastore::Datastores::open(&config.datastores)?;
     let key = match &config.cluster.key_file {
-        Some(p) => Some(Arc::new(crate::migrate::session::ClusterKey::load(p)?)),
+        Some(p) => Some(Arc::new(crate::auth::ClusterKey::load(p)?)),
         None => {
             if config.management.is_some() {
                 tracing::warn!("no [cluster] key_file: peer agents are not authenticated; anyone who can reach the management address can send or take guests");
@@ -244,13 +246,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     served.map_err(DaemonError::Serve)
 }
 
-/// `GET /metrics`: Prometheus text (see [`crate::metrics`]).
+/// `GET /metrics`: Prometheus text (see [`super::metrics`]).
 async fn metrics(
     axum::extract::State(agent): axum::extract::State<Arc<Agent>>,
 ) -> impl axum::response::IntoResponse {
     let a = agent.clone();
     let live = tokio::task::spawn_blocking(move || {
-        let mut live = crate::metrics::Live::default();
+        let mut live = super::metrics::Live::default();
         for v in a.list() {
             let state = serde_json::to_value(v.state)
                 .ok()
@@ -274,9 +276,6 @@ async fn metrics(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(&live),
+        super::metrics::render(&live),
     )
 }
-
-/// Keep `Arc` in the public signature stable for callers holding the agent.
-pub type SharedAgent = Arc<Agent>;

@@ -8,20 +8,6 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod memory;
+pub mod metrics;
 pub mod peer;
 pub mod sdnotify;
-
-/// An error and its causes on one line, each cause once (for the CLI and API messages).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        let t = x.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = x.source();
-    }
-    s
-}

@@ -214,7 +214,7 @@ pub async fn serve(listener: TcpListener, host: Arc<dyn Host>) {
                 Err(PeerError::Evicted) => {}
                 Err(e) => {
                     warn_limited!(l2.warn_failed, peer = %addr, reason = e.kind(), "a peer failed the handshake");
-                    tracing::debug!(peer = %addr, error = %peer_text(&crate::control::error_chain(&e), 512), "peer handshake failed");
+                    tracing::debug!(peer = %addr, error = %peer_text(&crate::util::error_chain(&e), 512), "peer handshake failed");
                 }
             }
         });

@@ -382,7 +382,7 @@ pub fn serve(
         Err(e) => return Err(refuse(cw, e)),
     };
     let listener: TcpListener = transport::listen(local).map_err(|e| refuse(cw, e.to_string()))?;
-    let token = match super::random_u64() {
+    let token = match crate::util::random_u64() {
         Ok(t) => format!("{t:016x}"),
         Err(e) => return Err(refuse(cw, e.to_string())),
     };

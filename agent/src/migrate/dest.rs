@@ -129,7 +129,7 @@ pub fn serve(conn: TcpStream, host: Arc<dyn Host>) {
         Ok((cw, cr, hello)) => serve_session(conn, cw, cr, &hello.agent, host),
         Err(e) => {
             // Unauthenticated: nothing it said above debug level.
-            tracing::debug!(peer = %peer, error = %crate::migrate::untrusted::peer_text(&crate::control::error_chain(&e), 512), "peer handshake failed");
+            tracing::debug!(peer = %peer, error = %crate::migrate::untrusted::peer_text(&crate::util::error_chain(&e), 512), "peer handshake failed");
         }
     }
 }
@@ -148,7 +148,7 @@ pub fn serve_session(
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
     if let Err(e) = handle(conn, &mut cw, &mut cr, host.as_ref(), &peer, agent) {
         let agent = super::untrusted::peer_str(agent);
-        tracing::warn!(peer = %peer, agent = %agent, error = %crate::control::error_chain(&e), "incoming migration failed");
+        tracing::warn!(peer = %peer, agent = %agent, error = %crate::util::error_chain(&e), "incoming migration failed");
     }
 }
 
@@ -189,7 +189,7 @@ fn handle(
             // A refusal goes back in its own words; anything else with its cause chain.
             let reason = match e {
                 MigrateError::Refused(r) => r.clone(),
-                other => crate::control::error_chain(other),
+                other => crate::util::error_chain(other),
             };
             let _ = cw.send_msg(Command::Abort, &Abort { reason });
             handle.fail(e);
@@ -247,7 +247,11 @@ fn receive(
     let data_addr = listener
         .local_addr()
         .map_err(protocol::ProtocolError::from)?;
-    let token = format!("{:016x}{:016x}", super::random_u64()?, super::random_u64()?);
+    let token = format!(
+        "{:016x}{:016x}",
+        crate::util::random_u64()?,
+        crate::util::random_u64()?
+    );
     let data_key =
         cluster_key.map(|k| crate::transport::seal::data_key(&k, &setup.migration_id, &token));
     // A guest with NICs takes the frames its source still receives after the switchover.
@@ -340,7 +344,7 @@ fn receive(
                     match super::forward::receive(&vm, &r, seal, &resumed) {
                         Ok(fs) => return fs,
                         Err(e) => {
-                            tracing::warn!(vm = %vm.spec.name, error = %crate::control::error_chain(&e), "forwarded frames refused; the rest from the source is dropped");
+                            tracing::warn!(vm = %vm.spec.name, error = %crate::util::error_chain(&e), "forwarded frames refused; the rest from the source is dropped");
                         }
                     }
                 } else {

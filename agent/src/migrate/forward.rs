@@ -220,7 +220,7 @@ impl Out {
         match sent {
             Ok(()) => self.stats.frames += u64::from(count),
             Err(e) => {
-                tracing::warn!(vm, error = %crate::control::error_chain(&e), frames = count, "forwarding to the destination failed; frames for the guest reaching this host are dropped");
+                tracing::warn!(vm, error = %crate::util::error_chain(&e), frames = count, "forwarding to the destination failed; frames for the guest reaching this host are dropped");
                 self.stats.dropped += u64::from(count);
                 self.broken = true;
             }

@@ -29,7 +29,7 @@ pub mod tune;
 pub mod untrusted;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -84,8 +84,8 @@ pub enum MigrateError {
     Ownership(#[from] ownership::OwnershipError),
     #[error(transparent)]
     Seal(#[from] crate::transport::seal::SealError),
-    #[error("{0}")]
-    Random(String),
+    #[error(transparent)]
+    Random(#[from] crate::util::UtilError),
     #[error("{0}")]
     Other(String),
 }
@@ -359,6 +359,24 @@ pub struct MigrationRecord {
     pub note: Option<String>,
 }
 
+/// Told once when a migration ends: its final record and, unless it completed, the error that
+/// ended it.
+pub type EndObserver = fn(&MigrationRecord, Option<&MigrateError>);
+
+static END_OBSERVER: OnceLock<EndObserver> = OnceLock::new();
+
+/// Have `f` told of every migration of this process that ends, in either direction (the control
+/// plane counts them for its metrics). The first observer stays; returns whether `f` is it.
+pub fn observe_endings(f: EndObserver) -> bool {
+    END_OBSERVER.set(f).is_ok()
+}
+
+fn ended(record: &MigrationRecord, failure: Option<&MigrateError>) {
+    if let Some(f) = END_OBSERVER.get() {
+        f(record, failure);
+    }
+}
+
 /// A running or finished migration, shared between its engine thread and the API.
 pub struct MigrationHandle {
     pub id: String,
@@ -431,7 +449,7 @@ impl MigrationHandle {
         } else {
             Phase::Failed
         };
-        let msg = crate::control::error_chain(e);
+        let msg = crate::util::error_chain(e);
         let elapsed = self.started.elapsed().as_secs_f64();
         self.update(|r| {
             r.phase = phase;
@@ -441,7 +459,7 @@ impl MigrationHandle {
             r.pages_left = 0;
             r.eta_s = None;
         });
-        crate::metrics::ended(&self.record(), Some(e));
+        ended(&self.record(), Some(e));
     }
 
     pub fn complete(&self, s: Summary) {
@@ -454,7 +472,7 @@ impl MigrationHandle {
             r.eta_s = None;
             r.summary = Some(s);
         });
-        crate::metrics::ended(&self.record(), None);
+        ended(&self.record(), None);
     }
 
     /// Say how an ending after the commit point was resolved.
@@ -480,23 +498,52 @@ impl MigrationHandle {
 
 /// A fresh migration id: "m-" and 8 hex digits from the kernel's random source.
 pub fn new_id() -> Result<String, MigrateError> {
-    Ok(format!("m-{:08x}", random_u64()? as u32))
-}
-
-/// 64 random bits from the kernel (`getrandom(2)`). There is no fallback: nonces and data-stream
-/// tokens made from anything guessable would let a peer without the key in, so a failure is an
-/// error that stops what needed the number.
-pub fn random_u64() -> Result<u64, MigrateError> {
-    let mut b = [0u8; 8];
-    getrandom::getrandom(&mut b).map_err(|e| {
-        MigrateError::Random(format!(
-            "the kernel's random source (getrandom) failed: {e}; nothing that needs a secret can be made without it"
-        ))
-    })?;
-    Ok(u64::from_le_bytes(b))
+    Ok(format!("m-{:08x}", crate::util::random_u64()? as u32))
 }
 
 /// The data stream a page travels on.
 pub fn stream_of(gpa: u64, streams: u32) -> u32 {
     ((gpa >> 21) % u64::from(streams.max(1))) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (id, phase, the failure's text) of every ending the observer was told of.
+    static SEEN: Mutex<Vec<(String, Phase, Option<String>)>> = Mutex::new(Vec::new());
+
+    fn record_ending(r: &MigrationRecord, e: Option<&MigrateError>) {
+        if let Ok(mut g) = SEEN.lock() {
+            g.push((r.id.clone(), r.phase, e.map(|e| e.to_string())));
+        }
+    }
+
+    #[test]
+    fn the_observer_is_told_of_each_ending_once() {
+        // Another test may have set an observer first; this one must be it to see anything.
+        assert!(observe_endings(record_ending), "an observer was set before");
+        let done = MigrationHandle::new("m-obs-done".into(), "v", "out", "b");
+        done.complete(Summary::default());
+        let cancelled = MigrationHandle::new("m-obs-cancel".into(), "v", "in", "a");
+        cancelled.fail(&MigrateError::Cancelled);
+        let seen: Vec<_> = SEEN
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.0.starts_with("m-obs-"))
+            .cloned()
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("m-obs-done".into(), Phase::Completed, None),
+                (
+                    "m-obs-cancel".into(),
+                    Phase::Cancelled,
+                    Some("cancelled by the user".into())
+                ),
+            ]
+        );
+    }
 }

@@ -240,7 +240,7 @@ impl Ownership {
         std::fs::create_dir_all(&dir).map_err(Self::io(dir.clone()))?;
         let tmp = dir.join(format!(
             ".{:016x}.tmp",
-            super::random_u64().map_err(|e| OwnershipError::Io {
+            crate::util::random_u64().map_err(|e| OwnershipError::Io {
                 path: dir.clone(),
                 source: std::io::Error::other(e.to_string()),
             })?

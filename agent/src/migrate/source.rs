@@ -843,7 +843,7 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
                         // the network between us failed).
                         _ => MigrateError::Lost {
                             peer: peer_agent.clone(),
-                            cause: crate::control::error_chain(&e),
+                            cause: crate::util::error_chain(&e),
                         },
                     }
                 }
@@ -853,7 +853,7 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
             let _ = cw.send_msg(
                 Command::Abort,
                 &Abort {
-                    reason: crate::control::error_chain(&e),
+                    reason: crate::util::error_chain(&e),
                 },
             );
             let _ = ctl.shutdown(std::net::Shutdown::Both);
@@ -864,7 +864,7 @@ pub fn run(job: &SourceJob) -> Result<Summary, Box<Failure>> {
                     tracing::error!(vm = %vm.spec.name, error = %re, "could not resume the guest after a failed migration");
                 }
             }
-            tracing::warn!(vm = %vm.spec.name, id = %job.handle.id, error = %crate::control::error_chain(&e), "migration failed; the guest runs on the source");
+            tracing::warn!(vm = %vm.spec.name, id = %job.handle.id, error = %crate::util::error_chain(&e), "migration failed; the guest runs on the source");
             return Err(before(e));
         }
     };
@@ -1129,7 +1129,7 @@ fn precopy_and_prepare(
         let _ = cw.send_msg(
             Command::Abort,
             &Abort {
-                reason: crate::control::error_chain(e),
+                reason: crate::util::error_chain(e),
             },
         );
         // Workers may be blocked writing to a destination that stopped reading.
@@ -1380,7 +1380,7 @@ fn resolve(
     let vm = &job.vm;
     let name = vm.spec.name.as_str();
     let me = job.identity.agent.as_str();
-    let why = crate::control::error_chain(&error);
+    let why = crate::util::error_chain(&error);
     tracing::warn!(vm = name, error = %why, "lost the destination after the commit; resolving where the guest runs");
     let deadline = Instant::now() + RESOLVE_WINDOW;
     let mut last = String::new();
@@ -1447,7 +1447,7 @@ fn step(
         super::query::facts(job.peer, &job.identity, &super::query::Query::default()).map_err(|e| {
             format!(
                 "{dest_agent} does not answer: {}",
-                crate::control::error_chain(&e)
+                crate::util::error_chain(&e)
             )
         })
     };

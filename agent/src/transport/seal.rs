@@ -16,7 +16,7 @@
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
-use crate::migrate::session::ClusterKey;
+use crate::auth::ClusterKey;
 
 /// The lane (stream index in the nonce) of frames sealed on the control connection.
 pub const CONTROL_LANE: u32 = u32::MAX;

@@ -465,7 +465,8 @@ impl GuestMemory {
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         let (r, off) = self.find(gpa, data.len() as u64)?;
         // SAFETY: bounds checked by `find`; `data` cannot overlap guest memory handed out by us
-        // except through `host_slice`, whose callers must not alias it with writes.
+        // except through the `unsafe` views `region_slice` and `page_mut`, whose callers promise
+        // no such aliasing.
         unsafe { volatile_copy_in(data, r.host.as_ptr().add(off as usize)) };
         Self::mark_range(r, off, data.len() as u64);
         Ok(())
@@ -531,13 +532,6 @@ impl GuestMemory {
         self.write(gpa, &v.to_le_bytes())
     }
 
-    /// Whether the page at `gpa` is all zero (word-wise scan).
-    pub fn page_is_zero(&self, gpa: u64) -> Result<bool, MemoryError> {
-        let mut page = [0u8; PAGE_SIZE as usize];
-        self.read(gpa, &mut page)?;
-        Ok(is_zero(&page))
-    }
-
     /// A view of a whole region's bytes.
     ///
     /// # Safety
@@ -551,22 +545,6 @@ impl GuestMemory {
         // SAFETY: the mapping is live for `self`'s lifetime and exactly `size` bytes long; the
         // absence of writers is the caller's promise (see `# Safety`).
         Ok(unsafe { std::slice::from_raw_parts(r.host.as_ptr(), r.layout.size as usize) })
-    }
-
-    /// A mutable view of a whole region's bytes, for bulk loads (restore). Marks the whole
-    /// region dirty.
-    ///
-    /// # Safety
-    /// The vCPUs must not run and no other view of the region may exist while the slice lives.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn region_slice_mut(&self, region: usize) -> Result<&mut [u8], MemoryError> {
-        let r = self
-            .regions
-            .get(region)
-            .ok_or(MemoryError::NoRegion(region))?;
-        Self::mark_range(r, 0, r.layout.size);
-        // SAFETY: the mapping is live for `self`'s lifetime; exclusivity is the caller's promise.
-        Ok(unsafe { std::slice::from_raw_parts_mut(r.host.as_ptr(), r.layout.size as usize) })
     }
 }
 

@@ -4,6 +4,7 @@
 //!  Hypervisor (/dev/kvm, probed once: MSR list, CPUID, TSC)
 //!    └─ Vm ── GuestMemory (regions + dirty log)       memory.rs
 //!         ├── Vcpu threads (KVM_RUN, pause, state)     vcpu.rs
+//!         │     └ CPUID the guest sees (policy, masks) cpuid.rs
 //!         ├── Devices (serial console, yield port)     devices.rs
 //!         │     └ virtio-mmio net (tap) and blk (image) virtio/
 //!         └── VmState (versioned, serializable)        state.rs
@@ -22,6 +23,7 @@
 //! `linux` kind (bzImage + initrd + cmdline) fits the same shape: its loader writes the kernel,
 //! the zero page and the command line and returns a 64-bit entry state.
 
+pub mod cpuid;
 pub mod devices;
 pub mod memory;
 pub mod raw;
@@ -41,7 +43,7 @@ use std::collections::BTreeSet;
 
 use kvm_bindings::{kvm_irqchip, CpuId, KVM_MAX_CPUID_ENTRIES};
 
-use crate::checks::cpu::{self, CpuPolicy, CpuidEntry, FeatureBit};
+use cpuid::{CpuPolicy, CpuidEntry, FeatureBit};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
@@ -147,7 +149,7 @@ pub struct VmSpec {
     pub nics: Vec<NicSpec>,
     /// What CPU the guest sees.
     #[serde(default)]
-    pub cpu: crate::checks::cpu::CpuPolicy,
+    pub cpu: CpuPolicy,
 }
 
 /// A disk: a file on a datastore, vSphere style (`[datastore] relative/path`).
@@ -402,7 +404,7 @@ impl Hypervisor {
     /// The CPUID this host offers guests (KVM's supported CPUID less the host mask).
     pub fn offered_cpuid(&self) -> Vec<CpuidEntry> {
         let mut v = to_entries(self.cpuid.as_slice());
-        cpu::apply(&mut v, &self.host_mask());
+        cpuid::apply(&mut v, &self.host_mask());
         v
     }
 
@@ -425,10 +427,10 @@ impl Hypervisor {
                 .filter(|f| f.leaf == e.function && f.subleaf == e.index)
             {
                 let r = match f.reg {
-                    cpu::Reg::Eax => &mut e.eax,
-                    cpu::Reg::Ebx => &mut e.ebx,
-                    cpu::Reg::Ecx => &mut e.ecx,
-                    cpu::Reg::Edx => &mut e.edx,
+                    cpuid::Reg::Eax => &mut e.eax,
+                    cpuid::Reg::Ebx => &mut e.ebx,
+                    cpuid::Reg::Ecx => &mut e.ecx,
+                    cpuid::Reg::Edx => &mut e.edx,
                 };
                 *r &= !(1u32 << f.bit);
             }

@@ -219,13 +219,6 @@ impl VcpuShared {
         self.set_want(WANT_STOP);
     }
 
-    pub fn is_parked(&self) -> bool {
-        self.ctl
-            .lock()
-            .map(|g| g.parked || g.exited)
-            .unwrap_or(true)
-    }
-
     fn call(&self, req: Request, timeout: Duration) -> Result<Response, VcpuError> {
         self.submit(req)?;
         self.wait_response(timeout)

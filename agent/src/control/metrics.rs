@@ -1,6 +1,8 @@
 //! Prometheus metrics (opt-in: `[metrics] address = "ADDR:PORT"`, served as text at
 //! `GET /metrics`). Counters and histograms of migrations are updated when a migration ends
-//! (both directions); guests by state and link utilization are read at scrape time.
+//! (both directions: the daemon registers [`ended`] with [`crate::migrate::observe_endings`], so
+//! the engine never calls up into the control plane); guests by state and link utilization are
+//! read at scrape time.
 //!
 //! Series:
 //! - `ferry_migrations_total{direction,result}`: ended migrations (`completed`, `failed`,
