@@ -1,18 +1,17 @@
 //! Ferry: a host agent that runs KVM guests and live-migrates them between hosts.
 //!
-//! The binary (`src/main.rs`) only parses the command line; everything lives here:
+//! The `ferry-agent` package (crate name `ferry`). The `ferry` command is the `ferry-cli`
+//! package (`agent/cli/`), a client of this library; everything else lives here:
 //!
 //! - [`vm`]: the KVM guest runtime (memory + dirty log, vCPU threads, devices, state).
 //! - [`control`]: the agent daemon, its configuration and its local HTTP/JSON API.
 //! - [`migrate`]: live migration (engine, codec, wire protocol, convergence).
 //! - [`transport`]: the data streams (TCP sockets, io_uring sends and receives).
-//! - [`cli`]: the `ferry` command line, a client of that API.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod announce;
 pub mod checks;
-pub mod cli;
 pub mod control;
 pub mod faults;
 pub mod metrics;
