@@ -1,7 +1,7 @@
 //! Embeds the service guest's program (`guest/ferry-guest.bin`, committed by the guest's build)
 //! when it exists; otherwise an empty image, and creating a `service` VM without `program` then
 //! fails with a clear message. Adding the image later: touch the workspace `Cargo.toml` (watched
-//! while the image is missing) or `cargo clean -p ferry`.
+//! while the image is missing) or `cargo clean -p ferry-agent`.
 
 use std::path::PathBuf;
 

@@ -209,7 +209,7 @@ pub fn test(extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run(cargo().args(["build", "-p", "ferry"]))?;
+    run(cargo().args(["build", "-p", "ferry-cli"]))?;
     // The systemd unit, against this build and its generated man pages.
     let docs = workspace_root().join("target/unit-check");
     crate::dist::docs(&docs)?;
@@ -244,7 +244,7 @@ pub fn test(extra: &[String]) -> Result<()> {
 }
 
 pub fn build_ferry() -> Result<PathBuf> {
-    run(cargo().args(["build", "-p", "ferry"]))?;
+    run(cargo().args(["build", "-p", "ferry-cli"]))?;
     let bin = workspace_root().join("target/debug/ferry");
     if !bin.is_file() {
         bail!("{} was not built", bin.display());
@@ -252,9 +252,9 @@ pub fn build_ferry() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// The release build users deploy, for benchmarks (`cargo build --release -p ferry`); says so.
+/// The release build users deploy, for benchmarks (`cargo build --release -p ferry-cli`); says so.
 pub fn build_ferry_release() -> Result<PathBuf> {
-    run(cargo().args(["build", "--release", "-p", "ferry"]))?;
+    run(cargo().args(["build", "--release", "-p", "ferry-cli"]))?;
     let bin = workspace_root().join("target/release/ferry");
     if !bin.is_file() {
         bail!("{} was not built", bin.display());

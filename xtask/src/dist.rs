@@ -39,7 +39,7 @@ pub fn target_dir() -> PathBuf {
 /// Man pages (one per subcommand) and shell completions for `ferry`, generated from its clap
 /// definitions, under `root` (`usr/share/...`, where Debian's shells look for them).
 pub fn docs(root: &Path) -> Result<()> {
-    let cmd = ferry::cli::Cli::command();
+    let cmd = ferry_cli::Cli::command();
     let man = root.join("usr/share/man/man1");
     std::fs::create_dir_all(&man)?;
     clap_mangen::generate_to(cmd.clone(), &man).context("cannot write the man pages")?;
@@ -104,12 +104,12 @@ pub fn dist(version_suffix: &str) -> Result<PathBuf> {
     deb(&bin, version_suffix)
 }
 
-/// `cargo build --release -p ferry`; the binary's path.
+/// `cargo build --release -p ferry-cli`; the binary's path.
 pub fn build_release() -> Result<PathBuf> {
     crate::dev::run(
         Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .current_dir(workspace_root())
-            .args(["build", "--release", "-p", "ferry"]),
+            .args(["build", "--release", "-p", "ferry-cli"]),
     )?;
     let bin = target_dir().join("release/ferry");
     ensure!(bin.is_file(), "{} was not built", bin.display());

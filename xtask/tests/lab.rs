@@ -168,7 +168,7 @@ fn failed_up_leaves_nothing_behind() {
     let root = opts.root.clone();
     let err = Lab::up(opts).unwrap_err();
     assert!(
-        format!("{err:#}").contains("cargo build -p ferry"),
+        format!("{err:#}").contains("cargo build -p ferry-cli"),
         "{err:#}"
     );
     assert!(!root.exists());

@@ -731,7 +731,7 @@ mod volatile_copy_tests {
 
 #[cfg(test)]
 mod volatile_copy_timing {
-    /// `cargo test -p ferry --release --lib volatile_copy_speed -- --ignored --nocapture`
+    /// `cargo test -p ferry-agent --release --lib volatile_copy_speed -- --ignored --nocapture`
     #[test]
     #[ignore = "a timing, not a check"]
     fn volatile_copy_speed() {

@@ -12,7 +12,7 @@ pub fn ferry_bin() -> Result<PathBuf> {
         let bin = PathBuf::from(value);
         if !bin.is_file() {
             bail!(
-                "FERRY_BIN={} is not a file: build the agent with `cargo build -p ferry` and point \
+                "FERRY_BIN={} is not a file: build the agent with `cargo build -p ferry-cli` and point \
                  FERRY_BIN at target/<profile>/ferry, or unset FERRY_BIN",
                 bin.display()
             );
@@ -31,7 +31,7 @@ pub fn ferry_bin() -> Result<PathBuf> {
     let bin = dir.join("ferry");
     if !bin.is_file() {
         bail!(
-            "the ferry binary {} does not exist: run `cargo build -p ferry` (same profile and \
+            "the ferry binary {} does not exist: run `cargo build -p ferry-cli` (same profile and \
              CARGO_TARGET_DIR as this build) or set FERRY_BIN",
             bin.display()
         );
@@ -51,7 +51,7 @@ fn profile_dir(exe: &Path) -> Option<PathBuf> {
 pub(super) fn resolve_ferry_bin(bin: &Path) -> Result<PathBuf> {
     let abs = fs::canonicalize(bin).with_context(|| {
         format!(
-            "ferry binary {} not found: run `cargo build -p ferry` or pass the right path",
+            "ferry binary {} not found: run `cargo build -p ferry-cli` or pass the right path",
             bin.display()
         )
     })?;

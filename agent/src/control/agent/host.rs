@@ -1,0 +1,189 @@
+//! The destination's side of a migration: the agent as the [`Host`] the receiver asks to create
+//! the incoming guest, register the migration, and take over (or give back) its ownership.
+
+use std::sync::Arc;
+
+use crate::announce::Announcement;
+use crate::checks::HostFacts;
+use crate::migrate::dest::Host;
+use crate::migrate::ownership::Staged;
+use crate::migrate::{self as mig, MigrationHandle};
+use crate::vm::memory::RegionLayout;
+use crate::vm::{Vm, VmSpec};
+
+use super::Agent;
+
+impl Host for Agent {
+    fn name(&self) -> String {
+        self.config.agent.name.clone()
+    }
+
+    fn identity(&self) -> mig::session::Identity {
+        Agent::identity(self)
+    }
+
+    fn requires_encryption(&self) -> bool {
+        self.config
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.encrypt == crate::control::config::EncryptPolicy::Required)
+    }
+
+    fn migration_addr(&self) -> Result<std::net::IpAddr, String> {
+        match &self.config.migration {
+            Some(m) if m.enabled => Ok(m.address),
+            Some(_) => Err(format!(
+                "migration is disabled on {} ([migration] enabled = false)",
+                self.config.agent.name
+            )),
+            None => Err(format!(
+                "migration is not configured on {} (no [migration] section)",
+                self.config.agent.name
+            )),
+        }
+    }
+
+    fn create_incoming(
+        &self,
+        spec: &VmSpec,
+        regions: &[RegionLayout],
+        handle: &Arc<MigrationHandle>,
+    ) -> Result<Arc<Vm>, String> {
+        self.check_new_name(&spec.name).map_err(|e| e.to_string())?;
+        let _r = self.reserve(spec.memory_mib).map_err(|e| e.to_string())?;
+        if crate::faults::hit("dest:create").as_deref() == Some("fail") {
+            return Err(format!(
+                "cannot allocate {} MiB of guest memory: out of memory (injected fault)",
+                spec.memory_mib
+            ));
+        }
+        // The guest's disks stay locked for it: it holds them on the source until the commit
+        // moves its ownership record here (a lock the source never took is taken in its name).
+        let source = handle.record().peer;
+        let source = source.split_once(" (").map_or(source.as_str(), |(n, _)| n);
+        self.lock_disks(spec, source).map_err(|e| e.to_string())?;
+        let env = self.device_env(spec).map_err(|e| e.to_string())?;
+        let vm = Vm::create_empty_in(&self.hv, spec.clone(), regions, &env)
+            .map_err(|e| e.to_string())?;
+        let e = self.insert(vm).map_err(|e| e.to_string())?;
+        e.set_migration(Some(format!("in {}", handle.id)));
+        if let (Ok(g), Ok(mut m)) = (e.op.clone().try_lock_owned(), self.incoming_ops.lock()) {
+            m.insert(spec.name.clone(), g);
+        }
+        Ok(e.vm())
+    }
+
+    fn incoming_done(&self, name: &str, ok: bool) {
+        if let Ok(mut m) = self.incoming_ops.lock() {
+            m.remove(name);
+        }
+        let Ok(e) = self.entry(name) else { return };
+        e.set_migration(None);
+        if !ok {
+            if let Ok(mut m) = self.vms.lock() {
+                m.remove(name);
+            }
+            e.vm().stop();
+            tracing::info!(vm = name, "incoming VM removed after a failed migration");
+        }
+    }
+
+    fn register(&self, handle: Arc<MigrationHandle>) {
+        self.register_migration(handle);
+    }
+
+    fn facts(&self, disks: &[String]) -> HostFacts {
+        self.host_facts(disks)
+    }
+
+    fn announce(&self, spec: &VmSpec) -> Vec<Announcement> {
+        Agent::announce(self, spec)
+    }
+
+    fn prepare_claim(&self, vm: &str, from: &str, migration: &str) -> Option<Staged> {
+        let o = self.ownership.as_ref()?;
+        let (expect, g) = match o.current(vm).ok()? {
+            Some(r) if r.owned_by(from) => (Some(from), r.generation),
+            None => (None, 0),
+            Some(_) => return None,
+        };
+        o.stage(vm, expect, g, Some(self.me()), Some(migration), "migrated")
+            .map_err(|e| tracing::warn!(vm, error = %e, "could not prepare the ownership claim; the commit will write it"))
+            .ok()
+    }
+
+    fn claimed(&self, vm: &str) {
+        if let Some(o) = &self.ownership {
+            o.prune(vm);
+        }
+    }
+
+    fn claim(
+        &self,
+        vm: &str,
+        from: &str,
+        generation: Option<u64>,
+        migration: &str,
+        prepared: Option<Staged>,
+    ) -> Result<Option<Staged>, String> {
+        let Some(o) = &self.ownership else {
+            // Without ownership records the lock file is the only word: it moves now.
+            self.hand_over_disks(vm);
+            return Ok(None);
+        };
+        let g = match generation {
+            Some(g) => g,
+            // The source keeps no records (configurations differ): take it from the source.
+            None => match o.current(vm).map_err(|e| e.to_string())? {
+                Some(r) if r.owned_by(from) => r.generation,
+                Some(r) => {
+                    return Err(format!(
+                        "the record names {} (generation {}), not {from}",
+                        r.owner_name(),
+                        r.generation
+                    ))
+                }
+                None => 0,
+            },
+        };
+        let expect = if generation.is_none() && g == 0 {
+            None
+        } else {
+            Some(from)
+        };
+        let staged = match prepared {
+            Some(s) if s.record().generation == g + 1 && s.expects() == expect => s,
+            _ => o
+                .stage(vm, expect, g, Some(self.me()), Some(migration), "migrated")
+                .map_err(|e| e.to_string())?,
+        };
+        let r = o.publish(&staged).map_err(|e| e.to_string())?;
+        tracing::info!(
+            vm,
+            generation = r.generation,
+            "ownership taken over at the commit point"
+        );
+        self.hand_over_disks(vm);
+        Ok(Some(staged))
+    }
+
+    fn give_back(&self, vm: &str, to: &str, migration: &str) {
+        let Some(o) = &self.ownership else { return };
+        let res = o.current(vm).and_then(|cur| match cur {
+            Some(r) if r.owned_by(self.me()) => o
+                .claim(
+                    vm,
+                    Some(self.me()),
+                    r.generation,
+                    Some(to),
+                    Some(migration),
+                    "returned",
+                )
+                .map(|_| ()),
+            _ => Ok(()),
+        });
+        if let Err(e) = res {
+            tracing::error!(vm, error = %e, "could not hand ownership back to the source");
+        }
+    }
+}
