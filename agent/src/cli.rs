@@ -100,6 +100,9 @@ pub enum Command {
     /// Disk locks on the datastores
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Run one guest in a VMM process of its own (internal: the agent starts it)
+    #[command(hide = true)]
+    Vmm(crate::vmm::VmmArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -537,6 +540,7 @@ fn socket_path(cli: &Cli) -> PathBuf {
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::Agent(a) => run_agent(a),
+        Command::Vmm(a) => crate::vmm::run(a).map_err(|e| fail(e.to_string())),
         Command::Host => {
             let c = Client::new(socket_path(&cli));
             let h: HostInfo = c.get("/v1/host")?;

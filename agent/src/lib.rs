@@ -7,6 +7,7 @@
 //! - [`migrate`]: live migration (engine, codec, wire protocol, convergence).
 //! - [`transport`]: the data streams (TCP sockets, io_uring sends and receives).
 //! - [`cli`]: the `ferry` command line, a client of that API.
+//! - [`vmm`]: `ferry vmm`, one guest in a jailed process of its own, and the agent's client of it.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -21,3 +22,4 @@ pub mod netpin;
 pub mod ratelimit;
 pub mod transport;
 pub mod vm;
+pub mod vmm;
