@@ -370,7 +370,7 @@ fn raw_guest_console_through_the_vmm() {
     });
     assert_eq!(text, "hello from a VMM\n");
     let (off, rest) = c.console(5, 4096).unwrap();
-    assert_eq!((off, rest.as_slice()), (5, &b"o from a VMM\n"[..]));
+    assert_eq!((off, rest.as_slice()), (5, &b" from a VMM\n"[..]));
     assert_eq!(c.heartbeats().unwrap(), None);
     c.pause().unwrap();
     c.stop().unwrap();

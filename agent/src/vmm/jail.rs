@@ -369,10 +369,10 @@ pub fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, JailError> {
     Ok(m)
 }
 
-/// The programs to install: the allow-list (which lets `clone3` through), and one that makes
-/// `clone3` fail with ENOSYS. The kernel runs every installed filter and takes the most
-/// restrictive answer (KILL over ERRNO over ALLOW), so `clone3` fails and everything outside
-/// the allow-list kills.
+/// The programs to install, in order: one that makes `clone3` fail with ENOSYS, then the
+/// allow-list (which lets `clone3` through, and not `seccomp`: it must come last). The kernel
+/// runs every installed filter and takes the most restrictive answer (KILL over ERRNO over
+/// ALLOW), so `clone3` fails and everything outside the allow-list kills.
 fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, JailError> {
     let err = |e: seccompiler::BackendError| JailError::Seccomp(e.to_string());
     let mut rules = rules()?;
@@ -390,7 +390,7 @@ fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, JailError> {
         arch,
     )
     .map_err(err)?;
-    Ok(vec![allow.try_into().map_err(err)?, clone3.try_into().map_err(err)?])
+    Ok(vec![clone3.try_into().map_err(err)?, allow.try_into().map_err(err)?])
 }
 
 #[cfg(test)]
@@ -409,6 +409,6 @@ mod tests {
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         let f = filters(SeccompMode::Kill).unwrap();
         assert_eq!(f.len(), 2);
-        assert!(f[0].len() > 50);
+        assert!(f[1].len() > 50);
     }
 }
