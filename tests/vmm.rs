@@ -226,7 +226,10 @@ fn vmm_runs_a_guest_shares_its_memory_and_survives_its_client() {
 
     // The socket is the owner's only.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(vmm.socket()).unwrap().permissions().mode();
+    let mode = std::fs::metadata(vmm.socket())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
 
     // Jailed: seccomp filter, no capabilities, no_new_privs, unprivileged, own mount
@@ -234,20 +237,37 @@ fn vmm_runs_a_guest_shares_its_memory_and_survives_its_client() {
     let pid = h.pid;
     assert_eq!(proc_field(pid, "Seccomp").as_deref(), Some("2"));
     assert_eq!(proc_field(pid, "NoNewPrivs").as_deref(), Some("1"));
-    assert_eq!(proc_field(pid, "CapEff").as_deref(), Some("0000000000000000"));
-    assert_eq!(proc_field(pid, "CapPrm").as_deref(), Some("0000000000000000"));
-    assert_eq!(proc_field(pid, "CapBnd").as_deref(), Some("0000000000000000"));
+    assert_eq!(
+        proc_field(pid, "CapEff").as_deref(),
+        Some("0000000000000000")
+    );
+    assert_eq!(
+        proc_field(pid, "CapPrm").as_deref(),
+        Some("0000000000000000")
+    );
+    assert_eq!(
+        proc_field(pid, "CapBnd").as_deref(),
+        Some("0000000000000000")
+    );
     let uid = proc_field(pid, "Uid").unwrap();
     assert!(uid.split_whitespace().all(|u| u == "65534"), "Uid: {uid}");
     let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
         .collect();
-    assert!(tasks.len() >= 3, "vCPU threads and the server: {}", tasks.len());
+    assert!(
+        tasks.len() >= 3,
+        "vCPU threads and the server: {}",
+        tasks.len()
+    );
     for t in &tasks {
         let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
         assert!(s.contains("Seccomp:\t2"), "thread {:?}:\n{s}", t.path());
-        assert!(s.contains("CapEff:\t0000000000000000"), "thread {:?}:\n{s}", t.path());
+        assert!(
+            s.contains("CapEff:\t0000000000000000"),
+            "thread {:?}:\n{s}",
+            t.path()
+        );
     }
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
     assert_ne!(ns(&pid.to_string()), ns("self"), "own mount namespace");
@@ -278,7 +298,11 @@ fn vmm_runs_a_guest_shares_its_memory_and_survives_its_client() {
     let _ = c.fetch_dirty().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let d = c.fetch_dirty().unwrap();
-    assert!(d.count() > 10, "a guest writing 64 MiB/s dirtied {} pages", d.count());
+    assert!(
+        d.count() > 10,
+        "a guest writing 64 MiB/s dirtied {} pages",
+        d.count()
+    );
     // Put pages back: they come again with the next fetch.
     c.mark_dirty(&d).unwrap();
 
@@ -297,7 +321,10 @@ fn vmm_runs_a_guest_shares_its_memory_and_survives_its_client() {
     let rep = workload::verify(&mem, 2, &params(&spec)).unwrap();
     assert!(rep.ok(), "bad pages: {rep:?}");
     assert!(rep.pages_checked > 1000);
-    assert!(mem.populated().count() > 1000, "memfd pages the guest touched");
+    assert!(
+        mem.populated().count() > 1000,
+        "memfd pages the guest touched"
+    );
 
     // State.
     let st = c.capture_state_decoded().unwrap();
@@ -466,7 +493,11 @@ fn migration_between_two_vmms_through_their_memfds() {
     drop(d);
     std::thread::sleep(Duration::from_millis(200));
     let mut d2 = dst.connect();
-    assert_eq!(d2.status().unwrap().state, VmStatus::Running, "a resumed incoming VMM stays");
+    assert_eq!(
+        d2.status().unwrap().state,
+        VmStatus::Running,
+        "a resumed incoming VMM stays"
+    );
     d2.stop().unwrap();
     assert!(dst.wait_exit(20).clean);
 }
@@ -529,7 +560,10 @@ fn a_forbidden_syscall_kills_only_that_vmm() {
     assert_eq!(rec.signal, Some(libc::SIGSYS), "{rec:?}");
     assert!(!rec.clean);
     assert!(rec.reason.contains("seccomp"), "{}", rec.reason);
-    assert!(!victim.socket().exists(), "the monitor removed the dead VMM's socket");
+    assert!(
+        !victim.socket().exists(),
+        "the monitor removed the dead VMM's socket"
+    );
     // Nothing else died: the other VMM serves and its guest runs on.
     let after = wait_beats_past(&mut o, before[0].beats, "the other guest after the kill");
     assert!(after[0].beats > before[0].beats);
@@ -576,12 +610,18 @@ fn malformed_frames_get_errors_and_the_vmm_keeps_serving() {
     // A request before Hello.
     let s = connect_raw(&path);
     let status = protocol::encode(&Request::Status, "req").unwrap();
-    assert_eq!(error_kind(raw_exchange(&s, &status)), Some(ErrorKind::Protocol));
+    assert_eq!(
+        error_kind(raw_exchange(&s, &status)),
+        Some(ErrorKind::Protocol)
+    );
     // A body that decodes as nothing: an error, and the connection stays usable.
     let mut junk = protocol::MAGIC.to_vec();
     junk.extend_from_slice(&5u32.to_le_bytes());
     junk.extend_from_slice(&[0xee, 1, 2, 3, 4]);
-    assert_eq!(error_kind(raw_exchange(&s, &junk)), Some(ErrorKind::Protocol));
+    assert_eq!(
+        error_kind(raw_exchange(&s, &junk)),
+        Some(ErrorKind::Protocol)
+    );
     let hello = protocol::encode(
         &Request::Hello(protocol::HelloRequest {
             protocol_version: protocol::PROTOCOL_VERSION,
@@ -601,12 +641,18 @@ fn malformed_frames_get_errors_and_the_vmm_keeps_serving() {
         error_kind(raw_exchange(&s, b"GET / HTTP/1.1\r\n\r\n")),
         Some(ErrorKind::Protocol)
     );
-    assert!(protocol::read_frame(&s, || {}).is_err(), "closed after a bad magic");
+    assert!(
+        protocol::read_frame(&s, || {}).is_err(),
+        "closed after a bad magic"
+    );
     // An oversized frame: refused without reading it.
     let s = connect_raw(&path);
     let mut big = protocol::MAGIC.to_vec();
     big.extend_from_slice(&u32::MAX.to_le_bytes());
-    assert_eq!(error_kind(raw_exchange(&s, &big)), Some(ErrorKind::Protocol));
+    assert_eq!(
+        error_kind(raw_exchange(&s, &big)),
+        Some(ErrorKind::Protocol)
+    );
     // Half a frame, then the client goes away.
     let s = connect_raw(&path);
     use std::io::Write;
@@ -625,9 +671,14 @@ fn malformed_frames_get_errors_and_the_vmm_keeps_serving() {
     match raw_exchange(&s, &future) {
         Some(Reply::Error(e)) => {
             assert_eq!(e.kind, ErrorKind::Version);
-            assert!(e.message.contains("protocol 99 (ferry 99.0.0)"), "{}", e.message);
             assert!(
-                e.message.contains(&format!("protocol {}", protocol::PROTOCOL_VERSION)),
+                e.message.contains("protocol 99 (ferry 99.0.0)"),
+                "{}",
+                e.message
+            );
+            assert!(
+                e.message
+                    .contains(&format!("protocol {}", protocol::PROTOCOL_VERSION)),
                 "{}",
                 e.message
             );
@@ -663,7 +714,10 @@ fn malformed_frames_get_errors_and_the_vmm_keeps_serving() {
     };
     assert!(!st.success());
     assert!(dup.log().contains("already serving"), "{}", dup.log());
-    assert!(path.exists(), "the duplicate left the first VMM's socket alone");
+    assert!(
+        path.exists(),
+        "the duplicate left the first VMM's socket alone"
+    );
     assert_eq!(c.status().unwrap().state, VmStatus::Running);
     c.stop().unwrap();
     assert!(vmm.wait_exit(20).clean);

@@ -288,7 +288,9 @@ impl GuestMemory {
                 // huge pages only where /sys/kernel/mm/transparent_hugepage/shmem_enabled
                 // allows them).
                 // SAFETY: advice on the mapping just created, exactly its length.
-                unsafe { libc::madvise(host.as_ptr().cast(), l.size as usize, libc::MADV_HUGEPAGE) };
+                unsafe {
+                    libc::madvise(host.as_ptr().cast(), l.size as usize, libc::MADV_HUGEPAGE)
+                };
             }
             regions.push(Region::new(*l, slot as u32, host, memfd));
         }
@@ -464,7 +466,9 @@ impl GuestMemory {
         let mut out = Vec::with_capacity(self.regions.len());
         for r in &self.regions {
             if let Some(fd) = &r.memfd {
-                out.push(memfd_data_pages(fd, r.layout).unwrap_or_else(|_| RegionBitmap::full(r.layout)));
+                out.push(
+                    memfd_data_pages(fd, r.layout).unwrap_or_else(|_| RegionBitmap::full(r.layout)),
+                );
                 continue;
             }
             let mut bm = RegionBitmap::empty(r.layout);
@@ -744,7 +748,8 @@ fn create_memfd(slot: usize, size: u64) -> Result<OwnedFd, MemoryError> {
     let name = std::ffi::CString::new(format!("ferry-guest-{slot}"))
         .map_err(|_| err(std::io::Error::other("memfd name")))?;
     // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked and owned.
-    let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let raw =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if raw < 0 {
         return Err(err(std::io::Error::last_os_error()));
     }
@@ -816,7 +821,10 @@ fn memfd_data_pages(fd: &OwnedFd, layout: RegionLayout) -> std::io::Result<Regio
         if hole < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let (first, end) = (data as u64 / PAGE_SIZE, (hole.min(size) as u64).div_ceil(PAGE_SIZE));
+        let (first, end) = (
+            data as u64 / PAGE_SIZE,
+            (hole.min(size) as u64).div_ceil(PAGE_SIZE),
+        );
         for p in first..end {
             bm.set(p);
         }
@@ -880,6 +888,96 @@ mod tests {
         assert!(d.contains(0x1000_0000 + 5 * PAGE_SIZE));
         assert!(!d.contains(0x1000_0000 + 6 * PAGE_SIZE));
         assert_eq!(RegionBitmap::full(l).count(), 200);
+    }
+
+    /// Two views of the same memfds, as the VMM and the agent have them.
+    fn shared_pair(layout: &[RegionLayout]) -> (GuestMemory, GuestMemory) {
+        let fds: Vec<OwnedFd> = layout
+            .iter()
+            .enumerate()
+            .map(|(i, l)| create_memfd(i, l.size).unwrap())
+            .collect();
+        let dups: Vec<OwnedFd> = fds.iter().map(|f| f.try_clone().unwrap()).collect();
+        (
+            GuestMemory::map_shared(layout, fds).unwrap(),
+            GuestMemory::map_shared(layout, dups).unwrap(),
+        )
+    }
+
+    #[test]
+    fn memfd_memory_is_shared_between_mappings() {
+        let layout = [
+            RegionLayout {
+                gpa: 0,
+                size: 64 * PAGE_SIZE,
+            },
+            RegionLayout {
+                gpa: 1 << 30,
+                size: 32 * PAGE_SIZE,
+            },
+        ];
+        let (a, b) = shared_pair(&layout);
+        assert_eq!(a.backing(), Backing::Memfd);
+        assert_eq!(a.memfds().unwrap().len(), 2);
+        assert!(!a.has_vm());
+        assert_eq!(a.populated().count(), 0, "nothing touched yet");
+        a.write_u64(5 * PAGE_SIZE + 8, 0xfeed).unwrap();
+        a.write_u64((1 << 30) + 3 * PAGE_SIZE, 7).unwrap();
+        assert_eq!(b.read_u64(5 * PAGE_SIZE + 8).unwrap(), 0xfeed);
+        assert_eq!(b.read_u64((1 << 30) + 3 * PAGE_SIZE).unwrap(), 7);
+        // Populated is what the memfd holds, whichever mapping wrote it.
+        let p = b.populated();
+        assert_eq!(p.count(), 2);
+        assert!(p.contains(5 * PAGE_SIZE) && p.contains((1 << 30) + 3 * PAGE_SIZE));
+        // Discard punches a hole: both views read zero and it is no longer populated.
+        b.discard(5 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert_eq!(a.populated().count(), 1);
+        assert_eq!(a.read_u64(5 * PAGE_SIZE + 8).unwrap(), 0);
+        // (Reading a hole through a shared mapping allocates it again: readers of a memfd
+        // guest skip what `populated` does not list.)
+        assert_eq!(a.populated().count(), 2);
+        // No KVM behind a shared view: dirty logging is the VMM's business.
+        assert!(matches!(a.take_dirty(), Err(MemoryError::NoVm(_))));
+        assert!(matches!(
+            a.set_dirty_logging(0, true),
+            Err(MemoryError::NoVm(_))
+        ));
+    }
+
+    #[test]
+    fn map_shared_refuses_what_could_hurt_the_mapper() {
+        let l = [RegionLayout {
+            gpa: 0,
+            size: 16 * PAGE_SIZE,
+        }];
+        // Wrong count.
+        assert!(GuestMemory::map_shared(&l, vec![]).is_err());
+        // Wrong size.
+        let small = create_memfd(0, 8 * PAGE_SIZE).unwrap();
+        assert!(matches!(
+            GuestMemory::map_shared(&l, vec![small]),
+            Err(MemoryError::Shared(_))
+        ));
+        // Not sealed: its owner could shrink it under us.
+        // SAFETY: memfd_create with a constant name; the result is checked and owned.
+        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own memfd.
+        assert_eq!(
+            unsafe { libc::ftruncate(fd.as_raw_fd(), (16 * PAGE_SIZE) as i64) },
+            0
+        );
+        let e = GuestMemory::map_shared(&l, vec![fd]).unwrap_err();
+        assert!(e.to_string().contains("not sealed"), "{e}");
+        // Not a memfd at all.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert!(GuestMemory::map_shared(&l, vec![OwnedFd::from(f)]).is_err());
+        // The seals hold: the memfd cannot shrink.
+        let sealed = create_memfd(0, 16 * PAGE_SIZE).unwrap();
+        // SAFETY: ftruncate on our own memfd (refused by the seal).
+        assert_ne!(unsafe { libc::ftruncate(sealed.as_raw_fd(), 0) }, 0);
     }
 
     #[test]

@@ -58,10 +58,7 @@ pub enum ClientError {
     #[error("{0}")]
     Version(String),
     #[error("the VMM answered {request} with {got}")]
-    Unexpected {
-        request: &'static str,
-        got: String,
-    },
+    Unexpected { request: &'static str, got: String },
     #[error("the VMM's reply to {request} does not fit this guest: {why}")]
     Mismatch { request: &'static str, why: String },
     #[error(transparent)]

@@ -73,7 +73,10 @@ pub enum SeccompMode {
 /// one thread (a mount namespace is per thread until threads are created from it).
 pub fn enter_mount_namespace() -> Result<(), JailError> {
     // SAFETY: unshare(2) with a flag only; affects this (single-threaded) process.
-    check(unsafe { libc::unshare(libc::CLONE_NEWNS) }, "unshare(CLONE_NEWNS)")?;
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWNS) },
+        "unshare(CLONE_NEWNS)",
+    )?;
     // SAFETY: mount(2) with a constant NUL-terminated target and null source/type/data: only
     // changes the propagation of every mount in our new namespace to private.
     check(
@@ -109,7 +112,15 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
         }
     }
     // SAFETY: prctl with integer arguments only.
-    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
     if rc < 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "no ambient capabilities to clear");
     }
@@ -162,7 +173,13 @@ pub fn install_seccomp(mode: SeccompMode) -> Result<(), JailError> {
 pub fn forbidden_syscall() {
     // openat of the root directory: harmless, and exactly what a jailed VMM must not do.
     // SAFETY: openat with a constant NUL-terminated path; the result is closed if it comes back.
-    let fd = unsafe { libc::openat(libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::openat(
+            libc::AT_FDCWD,
+            c"/".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
     if fd >= 0 {
         // SAFETY: closing the descriptor just opened.
         unsafe { libc::close(fd) };
@@ -185,8 +202,18 @@ ioctl_iow_nr!(KVM_SET_CPUID2, kvm_bindings::KVMIO, 0x90, kvm_cpuid2);
 ioctl_iowr_nr!(KVM_GET_CPUID2, kvm_bindings::KVMIO, 0x91, kvm_cpuid2);
 ioctl_ior_nr!(KVM_GET_MP_STATE, kvm_bindings::KVMIO, 0x98, kvm_mp_state);
 ioctl_iow_nr!(KVM_SET_MP_STATE, kvm_bindings::KVMIO, 0x99, kvm_mp_state);
-ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, kvm_bindings::KVMIO, 0x9f, kvm_vcpu_events);
-ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, kvm_bindings::KVMIO, 0xa0, kvm_vcpu_events);
+ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_vcpu_events
+);
+ioctl_iow_nr!(
+    KVM_SET_VCPU_EVENTS,
+    kvm_bindings::KVMIO,
+    0xa0,
+    kvm_vcpu_events
+);
 ioctl_ior_nr!(KVM_GET_DEBUGREGS, kvm_bindings::KVMIO, 0xa1, kvm_debugregs);
 ioctl_iow_nr!(KVM_SET_DEBUGREGS, kvm_bindings::KVMIO, 0xa2, kvm_debugregs);
 ioctl_io_nr!(KVM_SET_TSC_KHZ, kvm_bindings::KVMIO, 0xa2);
@@ -390,7 +417,10 @@ fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, JailError> {
         arch,
     )
     .map_err(err)?;
-    Ok(vec![clone3.try_into().map_err(err)?, allow.try_into().map_err(err)?])
+    Ok(vec![
+        clone3.try_into().map_err(err)?,
+        allow.try_into().map_err(err)?,
+    ])
 }
 
 #[cfg(test)]

@@ -52,7 +52,9 @@ const MAX_LAST_WORDS: usize = 4096;
 /// Errors of `ferry vmm`.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    #[error("VM name {0:?} is not valid: use 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'")]
+    #[error(
+        "VM name {0:?} is not valid: use 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'"
+    )]
     Name(String),
     #[error("the state directory must be an absolute path, not {0:?}")]
     StateDir(PathBuf),
@@ -103,7 +105,12 @@ pub struct VmmArgs {
     #[arg(long, value_name = "DIR")]
     pub state_dir: PathBuf,
     /// Start a new guest from this launch file (JSON: spec, devices, host)
-    #[arg(long, value_name = "FILE", conflicts_with = "incoming", required_unless_present = "incoming")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "incoming",
+        required_unless_present = "incoming"
+    )]
     pub create: Option<PathBuf>,
     /// Wait for an incoming migration: an empty guest of this launch file's layout (JSON: spec,
     /// regions, devices, host)
@@ -359,7 +366,15 @@ pub fn run(args: &VmmArgs) -> Result<(), VmmError> {
     }
     drop(words_w);
     drop(listener);
-    monitor(args, pid, instance_id, words_r, &socket, socket_ino, &exit_file)
+    monitor(
+        args,
+        pid,
+        instance_id,
+        words_r,
+        &socket,
+        socket_ino,
+        &exit_file,
+    )
 }
 
 /// The monitor: wait for the VMM, then write its exit record and remove its socket.
@@ -498,8 +513,10 @@ fn vmm_setup_and_serve(
     let hv = Hypervisor::open()?;
     hv.memfd_backing
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    hv.huge_pages
-        .store(launch.host().huge_pages, std::sync::atomic::Ordering::Relaxed);
+    hv.huge_pages.store(
+        launch.host().huge_pages,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     hv.set_host_mask(launch.host().cpu_mask.clone());
     let mode = launch.mode();
     let vm = match launch {

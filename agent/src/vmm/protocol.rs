@@ -101,7 +101,10 @@ pub enum ProtocolError {
 impl ProtocolError {
     /// Whether the stream can still be used after this error (the framing is intact).
     pub fn recoverable(&self) -> bool {
-        matches!(self, ProtocolError::Decode { .. } | ProtocolError::FdCount { .. })
+        matches!(
+            self,
+            ProtocolError::Decode { .. } | ProtocolError::FdCount { .. }
+        )
     }
 }
 
@@ -302,16 +305,28 @@ pub enum Reply {
     Ok,
     Status(Box<VmmStatus>),
     /// One memfd per region rides with this frame.
-    MemoryFds { regions: Vec<RegionLayout> },
+    MemoryFds {
+        regions: Vec<RegionLayout>,
+    },
     Heartbeats(Option<Vec<Heartbeat>>),
-    Console { offset: u64, data: Vec<u8> },
+    Console {
+        offset: u64,
+        data: Vec<u8>,
+    },
     Cpuid(Vec<CpuidEntry>),
-    Paused { took_us: u64, quiesced: Quiesced },
+    Paused {
+        took_us: u64,
+        quiesced: Quiesced,
+    },
     /// Per region, the dirty bitmap as little-endian 64-bit words (bit n = page n).
-    Dirty { regions: Vec<Vec<u8>> },
+    Dirty {
+        regions: Vec<Vec<u8>>,
+    },
     State(Vec<u8>),
     /// One tap per NIC rides with this frame, in the same order.
-    Forwarding { nics: Vec<ForwardNic> },
+    Forwarding {
+        nics: Vec<ForwardNic>,
+    },
 }
 
 impl Reply {
@@ -463,10 +478,7 @@ pub struct Frame {
 /// Read one frame. `Closed` when the peer closed between frames. `on_header` runs once the
 /// header is in (the server tightens its read timeout there: a frame that has begun must come
 /// whole).
-pub fn read_frame(
-    sock: &UnixStream,
-    mut on_header: impl FnMut(),
-) -> Result<Frame, ProtocolError> {
+pub fn read_frame(sock: &UnixStream, mut on_header: impl FnMut()) -> Result<Frame, ProtocolError> {
     let mut fds = Vec::new();
     let mut header = [0u8; HEADER];
     let mut got = 0;
@@ -825,8 +837,12 @@ mod tests {
         assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
         // SAFETY: fresh descriptors from pipe2.
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
-        write_frame(&a, &f, &[std::os::fd::AsFd::as_fd(&r), std::os::fd::AsFd::as_fd(&w)])
-            .unwrap();
+        write_frame(
+            &a,
+            &f,
+            &[std::os::fd::AsFd::as_fd(&r), std::os::fd::AsFd::as_fd(&w)],
+        )
+        .unwrap();
         write_frame(&a, &f, &[]).unwrap();
         let got = read_frame(&b, || {}).unwrap();
         assert_eq!(decode_request(&got.body).unwrap(), Request::Status);
@@ -842,7 +858,10 @@ mod tests {
         assert!(got.fds.is_empty());
         // A bad magic, then a clean close.
         io::Write::write_all(&mut &a, b"GARBAGE!").unwrap();
-        assert!(matches!(read_frame(&b, || {}), Err(ProtocolError::Magic(_))));
+        assert!(matches!(
+            read_frame(&b, || {}),
+            Err(ProtocolError::Magic(_))
+        ));
         drop(a);
         assert!(matches!(read_frame(&b, || {}), Err(ProtocolError::Closed)));
     }

@@ -258,9 +258,7 @@ impl Server {
         if said_hello {
             let left = self.clients.fetch_sub(1, Ordering::SeqCst) - 1;
             tracing::info!(vm = %self.identity.name, clients = left, "agent disconnected");
-            if left == 0
-                && self.mode == Mode::Incoming
-                && !self.ever_resumed.load(Ordering::SeqCst)
+            if left == 0 && self.mode == Mode::Incoming && !self.ever_resumed.load(Ordering::SeqCst)
             {
                 self.request_exit(ExitReason::Abandoned);
             }
@@ -382,10 +380,8 @@ impl Server {
                             .zip(&regions)
                             .map(|(l, b)| {
                                 let words = RegionBitmap::empty(*l).bits.len();
-                                protocol::bytes_to_words(b, words).map(|bits| RegionBitmap {
-                                    layout: *l,
-                                    bits,
-                                })
+                                protocol::bytes_to_words(b, words)
+                                    .map(|bits| RegionBitmap { layout: *l, bits })
                             })
                             .collect::<Option<Vec<_>>>()
                     })
@@ -473,9 +469,10 @@ impl Server {
                 "test requests are off (the VMM was not started with --test-requests)",
             )),
             // Answered in `answer` (they carry descriptors).
-            Request::MemoryFds | Request::TakeForwarding => {
-                Err(Reply::error(ErrorKind::Protocol, "internal: misrouted request"))
-            }
+            Request::MemoryFds | Request::TakeForwarding => Err(Reply::error(
+                ErrorKind::Protocol,
+                "internal: misrouted request",
+            )),
         };
         result.unwrap_or_else(|e| e)
     }
