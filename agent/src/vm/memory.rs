@@ -965,10 +965,8 @@ mod tests {
         // SAFETY: a fresh descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: ftruncate on our own memfd.
-        assert_eq!(
-            unsafe { libc::ftruncate(fd.as_raw_fd(), (16 * PAGE_SIZE) as i64) },
-            0
-        );
+        let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), (16 * PAGE_SIZE) as i64) };
+        assert_eq!(rc, 0);
         let e = GuestMemory::map_shared(&l, vec![fd]).unwrap_err();
         assert!(e.to_string().contains("not sealed"), "{e}");
         // Not a memfd at all.

@@ -144,7 +144,7 @@ impl VmmClient {
                     (protocol::PROTOCOL_VERSION, env!("CARGO_PKG_VERSION")),
                 )))
             }
-            DecodedReply::Reply(Reply::Hello(h)) => h,
+            DecodedReply::Reply(Reply::Hello(h)) => *h,
             DecodedReply::Reply(Reply::Error(e)) if e.kind == ErrorKind::Version => {
                 return Err(ClientError::Version(e.message))
             }

@@ -73,24 +73,20 @@ pub enum SeccompMode {
 /// one thread (a mount namespace is per thread until threads are created from it).
 pub fn enter_mount_namespace() -> Result<(), JailError> {
     // SAFETY: unshare(2) with a flag only; affects this (single-threaded) process.
-    check(
-        unsafe { libc::unshare(libc::CLONE_NEWNS) },
-        "unshare(CLONE_NEWNS)",
-    )?;
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+    check(rc, "unshare(CLONE_NEWNS)")?;
     // SAFETY: mount(2) with a constant NUL-terminated target and null source/type/data: only
     // changes the propagation of every mount in our new namespace to private.
-    check(
-        unsafe {
-            libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            )
-        },
-        "making / private in the VMM's mount namespace",
-    )
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    check(rc, "making / private in the VMM's mount namespace")
 }
 
 /// Empty the capability bounding set and the ambient set, then become `uid`/`gid` (every
@@ -125,11 +121,14 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
         tracing::debug!(error = %std::io::Error::last_os_error(), "no ambient capabilities to clear");
     }
     // SAFETY: setgroups with an empty list (null pointer, length 0).
-    check(unsafe { libc::setgroups(0, std::ptr::null()) }, "setgroups")?;
+    let rc = unsafe { libc::setgroups(0, std::ptr::null()) };
+    check(rc, "setgroups")?;
     // SAFETY: set*id with plain integers; glibc applies them to every thread.
-    check(unsafe { libc::setresgid(gid, gid, gid) }, "setresgid")?;
+    let rc = unsafe { libc::setresgid(gid, gid, gid) };
+    check(rc, "setresgid")?;
     // SAFETY: as above.
-    check(unsafe { libc::setresuid(uid, uid, uid) }, "setresuid")?;
+    let rc = unsafe { libc::setresuid(uid, uid, uid) };
+    check(rc, "setresuid")?;
     // Belt and braces: nothing is left to clear, but make it explicit for this thread.
     let mut header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
@@ -137,10 +136,8 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
     };
     let data = [CapData::default(); 2];
     // SAFETY: capset with a valid v3 header and two zeroed data words (the kernel reads them).
-    check(
-        unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) as libc::c_int },
-        "capset",
-    )
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } as libc::c_int;
+    check(rc, "capset")
 }
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
@@ -234,7 +231,7 @@ ioctl_ior_nr!(KVM_SET_IRQCHIP, kvm_bindings::KVMIO, 0x63, kvm_irqchip);
 ioctl_iow_nr!(KVM_SET_CLOCK, kvm_bindings::KVMIO, 0x7b, kvm_clock_data);
 ioctl_ior_nr!(KVM_GET_CLOCK, kvm_bindings::KVMIO, 0x7c, kvm_clock_data);
 
-fn kvm_ioctls() -> Vec<libc::c_ulong> {
+fn kvm_ioctls() -> Vec<u64> {
     vec![
         KVM_RUN(),
         KVM_GET_REGS(),
@@ -391,8 +388,7 @@ pub fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, JailError> {
         )?,
     );
     // KVM: the run loop, state save/restore, dirty log, interrupt controller, clock.
-    let ioctls: Vec<u64> = kvm_ioctls().into_iter().map(u64::from).collect();
-    m.insert(libc::SYS_ioctl, any_of(1, &ioctls)?);
+    m.insert(libc::SYS_ioctl, any_of(1, &kvm_ioctls())?);
     Ok(m)
 }
 

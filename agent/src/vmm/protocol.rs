@@ -299,7 +299,7 @@ pub struct ForwardNic {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     /// Variant 0 in every version.
-    Hello(HelloReply),
+    Hello(Box<HelloReply>),
     /// Variant 1 in every version.
     Error(RemoteError),
     Ok,
@@ -649,7 +649,7 @@ mod tests {
     }
 
     fn hello_reply(version: u32) -> Reply {
-        Reply::Hello(HelloReply {
+        Reply::Hello(Box::new(HelloReply {
             protocol_version: version,
             binary_version: "9.9.9".into(),
             name: "t".into(),
@@ -665,7 +665,7 @@ mod tests {
             }],
             state: VmStatus::Created,
             test_requests: false,
-        })
+        }))
     }
 
     fn body(frame: &[u8]) -> &[u8] {

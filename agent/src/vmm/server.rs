@@ -327,7 +327,7 @@ impl Server {
             Request::Hello(_) => {
                 let mut h = self.identity.clone();
                 h.state = vm.status();
-                Ok(Reply::Hello(h))
+                Ok(Reply::Hello(Box::new(h)))
             }
             Request::Status => Ok(Reply::Status(Box::new(self.status()))),
             Request::Heartbeats => Ok(Reply::Heartbeats(vm.heartbeats())),
