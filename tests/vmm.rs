@@ -404,6 +404,76 @@ fn raw_guest_console_through_the_vmm() {
     assert!(vmm.wait_exit(20).clean);
 }
 
+#[test]
+fn service_guest_with_virtio_devices_runs_jailed() {
+    let test = "service_guest_jailed";
+    if !can_run(test) {
+        return;
+    }
+    let dir = StateDir::new(test);
+    let disk = dir.0.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut p = ferry::vm::ServiceParams::new("198.18.2.10".parse().unwrap(), 24);
+    p.journal_rate = 100;
+    let spec = VmSpec {
+        name: "svc1".into(),
+        memory_mib: 128,
+        vcpus: 1,
+        kind: GuestKind::Service(p),
+        disks: vec![ferry::vm::DiskSpec {
+            path: "[shared] svc1/disk.img".into(),
+            size_mib: 1,
+        }],
+        nics: vec![ferry::vm::NicSpec {
+            mac: "52:54:00:0a:0b:0c".into(),
+            port_group: "vm-net".into(),
+        }],
+        cpu: Default::default(),
+    };
+    let launch = Launch::Create(CreateLaunch {
+        spec,
+        // The NIC has no backend (no bridge in this test); the disk is a file.
+        devices: ferry::vm::DeviceEnv {
+            bridges: vec![None],
+            disks: vec![Some(disk)],
+        },
+        host: Default::default(),
+    });
+    let mut vmm = TestVmm::start(&dir, launch, false);
+    let mut c = vmm.connect();
+    c.resume().unwrap();
+    wait_for("the service guest is ready", 30, || {
+        let (_, text) = c.console(0, 1 << 16).unwrap();
+        String::from_utf8_lossy(&text)
+            .contains("ferry-guest: ready")
+            .then_some(())
+    });
+    // The journal goes to the disk through the jailed device threads (writes and flushes).
+    let written = wait_for("journal writes", 20, || {
+        let s = c.status().unwrap();
+        let d = &s.disks[0];
+        (d.writes > 5 && d.flushes > 5).then_some(d.writes)
+    });
+    let (_took, q) = c.pause().unwrap();
+    assert_eq!(q.io_stuck, 0);
+    let st = c.capture_state_decoded().unwrap();
+    assert_eq!(st.devices.virtio.blk.len(), 1);
+    assert_eq!(st.devices.virtio.net.len(), 1);
+    c.resume().unwrap();
+    wait_for("more journal writes after the resume", 20, || {
+        (c.status().unwrap().disks[0].writes > written).then_some(())
+    });
+    let s = c.status().unwrap();
+    assert_eq!(s.state, VmStatus::Running, "{:?}", s.fault);
+    assert_eq!(s.nics.len(), 1);
+    c.stop().unwrap();
+    let rec = vmm.wait_exit(20);
+    assert!(rec.clean, "{rec:?}");
+}
+
 /// Copy every populated page of `from` into `to` (whole memory), or only the pages of `dirty`.
 fn copy_pages(from: &GuestMemory, to: &GuestMemory, pages: impl Iterator<Item = u64>) -> u64 {
     let mut buf = [0u8; PAGE_SIZE as usize];
@@ -534,6 +604,34 @@ fn incoming_vmm_exits_when_its_agent_leaves_before_resume() {
 }
 
 #[test]
+fn a_vmm_that_fails_to_set_up_says_why() {
+    let test = "setup_failure";
+    if !can_run(test) {
+        return;
+    }
+    let dir = StateDir::new(test);
+    let missing = dir.0.join("no-such-image.img");
+    let spec = VmSpec {
+        name: "broken".into(),
+        memory_mib: 16,
+        vcpus: 1,
+        kind: GuestKind::Raw(ferry::vm::RawParams::new(missing)),
+        disks: vec![],
+        nics: vec![],
+        cpu: Default::default(),
+    };
+    let mut vmm = TestVmm::start(&dir, create(spec), false);
+    // The client sees the connection end instead of a Hello.
+    let r = VmmClient::connect_wait(&vmm.socket(), TIMEOUT);
+    assert!(r.is_err(), "a VMM whose guest cannot load answered Hello");
+    let rec = vmm.wait_exit(20);
+    assert!(!rec.clean);
+    assert_eq!(rec.code, Some(2), "{rec:?}");
+    assert!(rec.reason.contains("no-such-image.img"), "{}", rec.reason);
+    assert!(!vmm.socket().exists());
+}
+
+#[test]
 fn a_forbidden_syscall_kills_only_that_vmm() {
     let test = "forbidden_syscall";
     if !can_run(test) {
@@ -632,7 +730,15 @@ fn malformed_frames_get_errors_and_the_vmm_keeps_serving() {
     .unwrap();
     assert!(matches!(raw_exchange(&s, &hello), Some(Reply::Hello(_))));
     assert!(matches!(raw_exchange(&s, &status), Some(Reply::Status(_))));
-    // Descriptors nobody asked for are refused (and closed).
+    // Descriptors nobody asked for are refused (and closed); the connection stays usable.
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    protocol::write_frame(&s, &status, &[std::os::fd::AsFd::as_fd(&devnull)]).unwrap();
+    let f = protocol::read_frame(&s, || {}).unwrap();
+    assert!(matches!(
+        protocol::decode_reply(&f.body).unwrap(),
+        protocol::DecodedReply::Reply(Reply::Error(e)) if e.kind == ErrorKind::Protocol
+    ));
+    assert!(matches!(raw_exchange(&s, &status), Some(Reply::Status(_))));
     drop(s);
 
     // A wrong magic: an error reply, then the VMM closes that connection.

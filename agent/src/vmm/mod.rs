@@ -91,7 +91,11 @@ pub enum VmmError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Jail(#[from] jail::JailError),
-    #[error("the VMM {0}")]
+    #[error("{0}")]
+    Usage(&'static str),
+    #[error("ferry vmm must fork before any thread starts, but this process has {0} threads")]
+    Threads(u64),
+    #[error("the VMM ended: {0}")]
     Ended(String),
 }
 
@@ -260,8 +264,8 @@ fn read_launch(args: &VmmArgs) -> Result<Launch, VmmError> {
         (Some(p), None) => (p, false),
         (None, Some(p)) => (p, true),
         _ => {
-            return Err(VmmError::Ended(
-                "needs exactly one of --create and --incoming".into(),
+            return Err(VmmError::Usage(
+                "ferry vmm needs exactly one of --create and --incoming",
             ))
         }
     };
@@ -350,8 +354,12 @@ pub fn run(args: &VmmArgs) -> Result<(), VmmError> {
     }
     // SAFETY: fresh descriptors from pipe2, owned once each.
     let (words_r, words_w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
-    // SAFETY: fork in a process with a single thread (nothing above spawned one), so the child
-    // may run arbitrary code.
+    let threads = thread_count();
+    if threads != 1 {
+        return Err(VmmError::Threads(threads));
+    }
+    // SAFETY: fork in a process with a single thread (checked just above), so the child may run
+    // arbitrary code.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(VmmError::Sys {
@@ -375,6 +383,17 @@ pub fn run(args: &VmmArgs) -> Result<(), VmmError> {
         socket_ino,
         &exit_file,
     )
+}
+
+/// Threads of this process (/proc/self/stat field 20); 0 if it cannot be read.
+fn thread_count() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let after = s.get(s.rfind(')')? + 2..)?;
+            after.split_whitespace().nth(17)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 /// The monitor: wait for the VMM, then write its exit record and remove its socket.
