@@ -62,12 +62,19 @@ pub fn require(test: &str, needs: &[Need]) -> bool {
     true
 }
 
-/// Open KVM for a test, or None (skipped) where the test cannot run.
+/// Open KVM for a test, or None (skipped) where the test cannot run. With
+/// `FERRY_TEST_MEMORY=memfd` guest memory is memfd-backed, as in a `ferry vmm` (run the runtime
+/// tests both ways).
 pub fn hypervisor(test: &str) -> Option<Arc<Hypervisor>> {
     if !require(test, &[Need::Kvm]) {
         return None;
     }
-    Some(Hypervisor::open().expect("open /dev/kvm"))
+    let hv = Hypervisor::open().expect("open /dev/kvm");
+    if std::env::var("FERRY_TEST_MEMORY").is_ok_and(|v| v == "memfd") {
+        hv.memfd_backing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Some(hv)
 }
 
 /// Poll `f` every 10 ms until it returns Some, or panic after `secs` seconds saying `what`.

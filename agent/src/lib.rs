@@ -8,6 +8,7 @@
 //! - [`migrate`]: live migration (engine, codec, wire protocol, convergence).
 //! - [`transport`]: the data streams (TCP sockets, io_uring sends and receives).
 //! - [`checks`]: what a migration needs from a destination (host facts, the evaluation).
+//! - [`vmm`]: `ferry vmm`, one guest in a jailed process of its own, and the agent's client of it.
 //! - [`auth`] and [`util`]: the cluster key and its proofs; error chains and random numbers.
 //!
 //! Dependencies run one way: the CLI (`ferry-cli` package) → `control` → `migrate` → (`checks`, `transport`) →
@@ -26,3 +27,4 @@ pub mod ratelimit;
 pub mod transport;
 pub mod util;
 pub mod vm;
+pub mod vmm;

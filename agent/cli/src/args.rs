@@ -70,6 +70,9 @@ pub enum Command {
     /// Disk locks on the datastores
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Run one guest in a VMM process of its own (internal: the agent starts it)
+    #[command(hide = true)]
+    Vmm(VmmCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -332,4 +335,60 @@ pub struct CreateArgs {
     /// Start it right away
     #[arg(long)]
     pub start: bool,
+}
+
+/// `ferry vmm` (internal: the agent starts it).
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmmCmd {
+    /// The guest's name (also the socket's: DIR/vmm/NAME.sock)
+    #[arg(long)]
+    pub name: String,
+    /// The agent's state directory
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: std::path::PathBuf,
+    /// Start a new guest from this launch file (JSON: spec, devices, host)
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "incoming",
+        required_unless_present = "incoming"
+    )]
+    pub create: Option<std::path::PathBuf>,
+    /// Wait for an incoming migration: an empty guest of this launch file's layout (JSON: spec,
+    /// regions, devices, host)
+    #[arg(long, value_name = "FILE")]
+    pub incoming: Option<std::path::PathBuf>,
+    /// The user the VMM becomes once set up (not 0)
+    #[arg(long, default_value_t = ferry::vmm::DEFAULT_UID)]
+    pub uid: u32,
+    /// The group the VMM becomes once set up (not 0)
+    #[arg(long, default_value_t = ferry::vmm::DEFAULT_GID)]
+    pub gid: u32,
+    /// Accept test-only requests (a forbidden system call); never used by the agent
+    #[arg(long, hide = true)]
+    pub test_requests: bool,
+    /// What the seccomp filter does with a forbidden call (log: find what a new kernel or libc
+    /// needs; never in production)
+    #[arg(long, value_parser = ["kill", "log"], default_value = "kill", hide = true)]
+    pub seccomp: String,
+}
+
+impl VmmCmd {
+    /// What the library's `ferry vmm` takes.
+    pub fn to_args(&self) -> ferry::vmm::VmmArgs {
+        ferry::vmm::VmmArgs {
+            name: self.name.clone(),
+            state_dir: self.state_dir.clone(),
+            create: self.create.clone(),
+            incoming: self.incoming.clone(),
+            uid: self.uid,
+            gid: self.gid,
+            test_requests: self.test_requests,
+            seccomp: if self.seccomp == "log" {
+                ferry::vmm::jail::SeccompMode::Log
+            } else {
+                ferry::vmm::jail::SeccompMode::Kill
+            },
+        }
+    }
 }

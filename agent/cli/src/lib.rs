@@ -118,6 +118,12 @@ pub(crate) fn socket_path(cli: &Cli) -> PathBuf {
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::Agent(a) => agent::run_agent(a),
+        Command::Vmm(a) => {
+            // Plain text to stderr: the monitor and the agent keep it with the guest's records.
+            logging::init_logging(args::LogFormat::Text);
+            ferry::vmm::run(&a.to_args())
+        }
+        .map_err(|e| fail(e.to_string())),
         Command::Host => host::run_host(&cli),
         Command::Vm(v) => vm::run_vm(&cli, v),
         Command::Migrate(m) => migrate::run_migrate(&cli, m),

@@ -1,4 +1,17 @@
-//! Guest memory: anonymous mappings owned by the agent, registered with KVM as memory slots.
+//! Guest memory: mappings owned by the agent (or a VMM process), registered with KVM as memory
+//! slots.
+//!
+//! ## Backing
+//!
+//! A region is either a private anonymous mapping ([`Backing::Anonymous`], the default) or a
+//! memfd mapped `MAP_SHARED` ([`Backing::Memfd`], one memfd per region, sealed against shrinking
+//! and growing). A memfd-backed guest's memory can be mapped by a second process with
+//! [`GuestMemory::map_shared`]: the agent reads and writes the pages of a guest that runs in a
+//! `ferry vmm` process (see docs/vmm.md). Such a mapping has no KVM VM: dirty logging is a
+//! request to the VMM, and [`GuestMemory::set_dirty_logging`] / [`GuestMemory::take_dirty`] fail
+//! with [`MemoryError::NoVm`]. For memfd regions, [`GuestMemory::discard`] punches a hole in
+//! the memfd (both processes then read zeros) and [`GuestMemory::populated`] asks the memfd
+//! where it holds data (`SEEK_DATA`/`SEEK_HOLE`), which sees the pages any process touched.
 //!
 //! Every region can have KVM dirty logging switched on or off on its own. [`GuestMemory::take_dirty`]
 //! is the one way to learn which pages changed: it fetches (and clears) KVM's dirty log *and* the
@@ -11,6 +24,7 @@
 //! reads of a running guest are racy by nature (like a DMA engine's), and exact only while the vCPUs
 //! are paused.
 
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -56,6 +70,27 @@ pub enum MemoryError {
     OutOfRange { gpa: u64, len: u64 },
     #[error("region index {0} does not exist")]
     NoRegion(usize),
+    #[error("could not create a memfd of {size} bytes for guest memory: {source}")]
+    Memfd {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("this guest memory is a shared mapping without a KVM VM; ask the guest's VMM for {0}")]
+    NoVm(&'static str),
+    #[error("shared guest memory: {0}")]
+    Shared(String),
+}
+
+/// What guest memory is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backing {
+    /// Private anonymous memory, visible only to this process.
+    #[default]
+    Anonymous,
+    /// One sealed memfd per region, mapped shared: another process can map it too.
+    Memfd,
 }
 
 /// The shape of one memory region, without its contents.
@@ -101,21 +136,25 @@ struct Region {
     layout: RegionLayout,
     slot: u32,
     host: NonNull<u8>,
+    /// The memfd behind a shared mapping (None: private anonymous memory).
+    memfd: Option<OwnedFd>,
     dirty_logging: AtomicBool,
     /// Pages written by the agent since the last [`GuestMemory::take_dirty`].
     agent_dirty: Box<[AtomicU64]>,
 }
 
-// SAFETY: `host` points to a private anonymous mapping owned by this Region for its whole life;
-// all access to it goes through raw-pointer copies that tolerate concurrent writers (the guest).
+// SAFETY: `host` points to a mapping owned by this Region for its whole life (private anonymous,
+// or a sealed memfd that cannot shrink under it); all access to it goes through raw-pointer
+// copies that tolerate concurrent writers (the guest, or the other process sharing the memfd).
 unsafe impl Send for Region {}
 // SAFETY: as above; the Region's own mutable state is atomic.
 unsafe impl Sync for Region {}
 
 impl Drop for Region {
     fn drop(&mut self) {
-        // SAFETY: `host`/`size` are exactly the mapping created in `GuestMemory::new`, and the
-        // VM (holding the memory slot) is dropped before the memory (see `GuestMemory`'s fields).
+        // SAFETY: `host`/`size` are exactly the mapping created in `GuestMemory::with_backing`
+        // or `map_shared`, and the VM (holding the memory slot) is dropped before the memory
+        // (see `GuestMemory`'s fields). The memfd, if any, closes after the unmap.
         unsafe {
             libc::munmap(self.host.as_ptr().cast(), self.layout.size as usize);
         }
@@ -125,7 +164,8 @@ impl Drop for Region {
 /// All of a guest's memory.
 pub struct GuestMemory {
     regions: Vec<Region>,
-    vm: Arc<VmFd>,
+    /// The KVM VM whose slots these regions are; None for a [`GuestMemory::map_shared`] view.
+    vm: Option<Arc<VmFd>>,
 }
 
 impl std::fmt::Debug for GuestMemory {
@@ -215,69 +255,101 @@ impl DirtyBitmap {
 }
 
 impl GuestMemory {
-    /// Map the given regions and register them with KVM as slots 0, 1, ...; with `huge_pages`
-    /// the memory is advised for transparent huge pages.
+    /// Map the given regions (private anonymous memory) and register them with KVM as slots
+    /// 0, 1, ...; with `huge_pages` the memory is advised for transparent huge pages.
     pub fn new(
         vm: Arc<VmFd>,
         layout: &[RegionLayout],
         huge_pages: bool,
     ) -> Result<Self, MemoryError> {
+        Self::with_backing(vm, layout, huge_pages, Backing::Anonymous)
+    }
+
+    /// [`GuestMemory::new`] with a chosen [`Backing`].
+    pub fn with_backing(
+        vm: Arc<VmFd>,
+        layout: &[RegionLayout],
+        huge_pages: bool,
+        backing: Backing,
+    ) -> Result<Self, MemoryError> {
+        check_layout(layout)?;
         let mut regions = Vec::with_capacity(layout.len());
         for (slot, l) in layout.iter().enumerate() {
-            if l.size == 0
-                || !l.size.is_multiple_of(PAGE_SIZE)
-                || !l.gpa.is_multiple_of(PAGE_SIZE)
-                || l.gpa
-                    .checked_add(l.size)
-                    .is_none_or(|end| end > super::x86::MAX_MAPPED)
-            {
-                return Err(MemoryError::BadSize(l.size));
-            }
-            // SAFETY: a fresh private anonymous mapping; no existing memory is affected. The
-            // result is checked against MAP_FAILED below.
-            let ptr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    l.size as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
+            let (host, memfd) = match backing {
+                Backing::Anonymous => (map_anonymous(l.size)?, None),
+                Backing::Memfd => {
+                    let fd = create_memfd(slot, l.size)?;
+                    (map_memfd(&fd, l.size)?, Some(fd))
+                }
             };
-            if ptr == libc::MAP_FAILED {
-                return Err(MemoryError::Mmap {
-                    size: l.size,
-                    source: std::io::Error::last_os_error(),
-                });
-            }
             if huge_pages {
                 // Transparent huge pages: fewer, larger first-touch faults and TLB entries.
-                // KVM still tracks dirty pages at 4 KiB. Failure only costs speed.
+                // KVM still tracks dirty pages at 4 KiB. Failure only costs speed (a memfd gets
+                // huge pages only where /sys/kernel/mm/transparent_hugepage/shmem_enabled
+                // allows them).
                 // SAFETY: advice on the mapping just created, exactly its length.
-                unsafe { libc::madvise(ptr, l.size as usize, libc::MADV_HUGEPAGE) };
+                unsafe {
+                    libc::madvise(host.as_ptr().cast(), l.size as usize, libc::MADV_HUGEPAGE)
+                };
             }
-            let host = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Mmap {
-                size: l.size,
-                source: std::io::Error::other("mmap returned null"),
-            })?;
-            let words = l.pages().div_ceil(64) as usize;
-            regions.push(Region {
-                layout: *l,
-                slot: slot as u32,
-                host,
-                dirty_logging: AtomicBool::new(false),
-                agent_dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            });
+            regions.push(Region::new(*l, slot as u32, host, memfd));
         }
-        let mem = GuestMemory { regions, vm };
+        let mem = GuestMemory {
+            regions,
+            vm: Some(vm),
+        };
         for r in &mem.regions {
             mem.register(r, false)?;
         }
         Ok(mem)
     }
 
+    /// Map another process's memfd-backed guest memory (one memfd per region, as
+    /// [`GuestMemory::memfds`] gives them) into this process, without KVM. Each memfd must be
+    /// exactly its region's size and sealed against shrinking (otherwise the owner could cut
+    /// the mapping under this process, which would then fault on access).
+    pub fn map_shared(layout: &[RegionLayout], fds: Vec<OwnedFd>) -> Result<Self, MemoryError> {
+        check_layout(layout)?;
+        if fds.len() != layout.len() {
+            return Err(MemoryError::Shared(format!(
+                "{} memfds for {} regions",
+                fds.len(),
+                layout.len()
+            )));
+        }
+        let mut regions = Vec::with_capacity(layout.len());
+        for (slot, (l, fd)) in layout.iter().zip(fds).enumerate() {
+            check_memfd(&fd, l.size)?;
+            let host = map_memfd(&fd, l.size)?;
+            regions.push(Region::new(*l, slot as u32, host, Some(fd)));
+        }
+        Ok(GuestMemory { regions, vm: None })
+    }
+
+    /// The memfds behind the regions, in region order; None unless every region is a memfd.
+    pub fn memfds(&self) -> Option<Vec<BorrowedFd<'_>>> {
+        self.regions
+            .iter()
+            .map(|r| r.memfd.as_ref().map(|f| f.as_fd()))
+            .collect()
+    }
+
+    /// How the memory is backed.
+    pub fn backing(&self) -> Backing {
+        if self.regions.iter().all(|r| r.memfd.is_some()) && !self.regions.is_empty() {
+            Backing::Memfd
+        } else {
+            Backing::Anonymous
+        }
+    }
+
+    /// Whether this memory is a KVM VM's (false for a [`GuestMemory::map_shared`] view).
+    pub fn has_vm(&self) -> bool {
+        self.vm.is_some()
+    }
+
     fn register(&self, r: &Region, log_dirty: bool) -> Result<(), MemoryError> {
+        let vm = self.vm.as_ref().ok_or(MemoryError::NoVm("dirty logging"))?;
         let region = kvm_userspace_memory_region {
             slot: r.slot,
             flags: if log_dirty {
@@ -292,7 +364,7 @@ impl GuestMemory {
         // SAFETY: the host range is a live mapping owned by `self` of exactly `memory_size`
         // bytes, and it outlives the VM's use of it (the slot is dropped with the VM fd, which
         // `Vm` drops before this memory).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(|source| MemoryError::SetRegion {
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::SetRegion {
             slot: r.slot,
             gpa: r.layout.gpa,
             size: r.layout.size,
@@ -344,11 +416,11 @@ impl GuestMemory {
     /// Fetch and clear the dirty pages of every region: KVM's log OR the agent's own writes.
     /// Regions without dirty logging report all pages.
     pub fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
+        let vm = self.vm.as_ref().ok_or(MemoryError::NoVm("the dirty log"))?;
         let mut out = Vec::with_capacity(self.regions.len());
         for r in &self.regions {
             let mut bm = if r.dirty_logging.load(Ordering::SeqCst) {
-                let bits = self
-                    .vm
+                let bits = vm
                     .get_dirty_log(r.slot, r.layout.size as usize)
                     .map_err(|source| MemoryError::DirtyLog {
                         slot: r.slot,
@@ -381,13 +453,24 @@ impl GuestMemory {
         }
     }
 
-    /// Pages that have ever been touched (present or swapped out), from /proc/self/pagemap.
-    /// Pages never touched read as zero and need not be copied. Where pagemap cannot be read,
-    /// every page is reported.
+    /// Pages that have ever been touched (present or swapped out), from /proc/self/pagemap
+    /// (anonymous memory) or from the memfd's data ranges (`SEEK_DATA`; memfd memory, whoever
+    /// touched it). Pages never touched read as zero and need not be copied. Where this cannot
+    /// be read, every page is reported.
     pub fn populated(&self) -> DirtyBitmap {
-        let pagemap = std::fs::File::open("/proc/self/pagemap").ok();
+        let pagemap = if self.regions.iter().any(|r| r.memfd.is_none()) {
+            std::fs::File::open("/proc/self/pagemap").ok()
+        } else {
+            None
+        };
         let mut out = Vec::with_capacity(self.regions.len());
         for r in &self.regions {
+            if let Some(fd) = &r.memfd {
+                out.push(
+                    memfd_data_pages(fd, r.layout).unwrap_or_else(|_| RegionBitmap::full(r.layout)),
+                );
+                continue;
+            }
             let mut bm = RegionBitmap::empty(r.layout);
             let pages = r.layout.pages();
             let base = r.host.as_ptr() as u64 / PAGE_SIZE;
@@ -498,20 +581,34 @@ impl GuestMemory {
     }
 
     /// Make a page-aligned range zero by giving its memory back to the host
-    /// (`MADV_DONTNEED`): it reads as zero and is no longer populated. Marks it dirty.
+    /// (`MADV_DONTNEED` on anonymous memory; a hole punched in the memfd, which every process
+    /// mapping it sees): it reads as zero and is no longer populated. Marks it dirty.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::OutOfRange { gpa, len });
         }
         let (r, off) = self.find(gpa, len)?;
-        // SAFETY: the range was bounds-checked by `find` and is page-aligned; MADV_DONTNEED on a
-        // private anonymous mapping only replaces its pages with zero-fill-on-demand ones.
-        let rc = unsafe {
-            libc::madvise(
-                r.host.as_ptr().add(off as usize).cast(),
-                len as usize,
-                libc::MADV_DONTNEED,
-            )
+        let rc = match &r.memfd {
+            // SAFETY: fallocate on our own memfd, inside its size (bounds checked by `find`);
+            // PUNCH_HOLE|KEEP_SIZE frees the range, which then reads as zero everywhere.
+            Some(fd) => unsafe {
+                libc::fallocate(
+                    fd.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    len as libc::off_t,
+                )
+            },
+            // SAFETY: the range was bounds-checked by `find` and is page-aligned; MADV_DONTNEED
+            // on a private anonymous mapping only replaces its pages with zero-fill-on-demand
+            // ones.
+            None => unsafe {
+                libc::madvise(
+                    r.host.as_ptr().add(off as usize).cast(),
+                    len as usize,
+                    libc::MADV_DONTNEED,
+                )
+            },
         };
         if rc != 0 {
             // Fall back to writing zeros.
@@ -546,6 +643,175 @@ impl GuestMemory {
         // absence of writers is the caller's promise (see `# Safety`).
         Ok(unsafe { std::slice::from_raw_parts(r.host.as_ptr(), r.layout.size as usize) })
     }
+}
+
+impl Region {
+    fn new(layout: RegionLayout, slot: u32, host: NonNull<u8>, memfd: Option<OwnedFd>) -> Region {
+        let words = layout.pages().div_ceil(64) as usize;
+        Region {
+            layout,
+            slot,
+            host,
+            memfd,
+            dirty_logging: AtomicBool::new(false),
+            agent_dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+fn check_layout(layout: &[RegionLayout]) -> Result<(), MemoryError> {
+    for l in layout {
+        if l.size == 0
+            || !l.size.is_multiple_of(PAGE_SIZE)
+            || !l.gpa.is_multiple_of(PAGE_SIZE)
+            || l.gpa
+                .checked_add(l.size)
+                .is_none_or(|end| end > super::x86::MAX_MAPPED)
+        {
+            return Err(MemoryError::BadSize(l.size));
+        }
+    }
+    Ok(())
+}
+
+fn map_anonymous(size: u64) -> Result<NonNull<u8>, MemoryError> {
+    // SAFETY: a fresh private anonymous mapping; no existing memory is affected. The result is
+    // checked against MAP_FAILED below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    mapped(ptr, size)
+}
+
+fn map_memfd(fd: &OwnedFd, size: u64) -> Result<NonNull<u8>, MemoryError> {
+    // SAFETY: a fresh shared mapping of a memfd we hold, of exactly its size (checked or set by
+    // the caller); no existing memory is affected. Checked against MAP_FAILED below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    mapped(ptr, size)
+}
+
+fn mapped(ptr: *mut libc::c_void, size: u64) -> Result<NonNull<u8>, MemoryError> {
+    if ptr == libc::MAP_FAILED {
+        return Err(MemoryError::Mmap {
+            size,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Mmap {
+        size,
+        source: std::io::Error::other("mmap returned null"),
+    })
+}
+
+/// A memfd of `size` bytes, sealed so that nobody (this process or one it is passed to) can
+/// shrink or grow it, nor change the seals.
+fn create_memfd(slot: usize, size: u64) -> Result<OwnedFd, MemoryError> {
+    let err = |source| MemoryError::Memfd { size, source };
+    let name = std::ffi::CString::new(format!("ferry-guest-{slot}"))
+        .map_err(|_| err(std::io::Error::other("memfd name")))?;
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked and owned.
+    let raw =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if raw < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ftruncate on our own fresh memfd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on our own memfd, created with MFD_ALLOW_SEALING.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(fd)
+}
+
+/// A memfd handed to us must be a sealed memfd of exactly `size` bytes.
+fn check_memfd(fd: &OwnedFd, size: u64) -> Result<(), MemoryError> {
+    // SAFETY: fcntl(F_GET_SEALS) only reads the descriptor's seals.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(MemoryError::Shared(format!(
+            "the descriptor is not a sealable memfd: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if seals & libc::F_SEAL_SHRINK == 0 {
+        return Err(MemoryError::Shared(
+            "the memfd is not sealed against shrinking; refusing to map it".into(),
+        ));
+    }
+    // SAFETY: fstat into a zeroed stat buffer we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: `st` is a valid, writable stat.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(MemoryError::Shared(format!(
+            "fstat of a memfd: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if st.st_size as u64 != size {
+        return Err(MemoryError::Shared(format!(
+            "a memfd of {} bytes for a region of {size} bytes",
+            st.st_size
+        )));
+    }
+    Ok(())
+}
+
+/// Pages of a memfd that hold data (`SEEK_DATA` / `SEEK_HOLE`).
+fn memfd_data_pages(fd: &OwnedFd, layout: RegionLayout) -> std::io::Result<RegionBitmap> {
+    let mut bm = RegionBitmap::empty(layout);
+    let size = layout.size as i64;
+    let mut pos: i64 = 0;
+    // Each step finds one data extent; an extent is at least a page, so this ends.
+    while pos < size {
+        // SAFETY: lseek on our own memfd; the result is checked.
+        let data = unsafe { libc::lseek(fd.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `pos`
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (first, end) = (
+            data as u64 / PAGE_SIZE,
+            (hole.min(size) as u64).div_ceil(PAGE_SIZE),
+        );
+        for p in first..end {
+            bm.set(p);
+        }
+        if hole <= pos {
+            break;
+        }
+        pos = hole;
+    }
+    Ok(bm)
 }
 
 /// Whether a buffer is all zero bytes, scanning 64 bytes at a time with an OR-fold.
@@ -600,6 +866,94 @@ mod tests {
         assert!(d.contains(0x1000_0000 + 5 * PAGE_SIZE));
         assert!(!d.contains(0x1000_0000 + 6 * PAGE_SIZE));
         assert_eq!(RegionBitmap::full(l).count(), 200);
+    }
+
+    /// Two views of the same memfds, as the VMM and the agent have them.
+    fn shared_pair(layout: &[RegionLayout]) -> (GuestMemory, GuestMemory) {
+        let fds: Vec<OwnedFd> = layout
+            .iter()
+            .enumerate()
+            .map(|(i, l)| create_memfd(i, l.size).unwrap())
+            .collect();
+        let dups: Vec<OwnedFd> = fds.iter().map(|f| f.try_clone().unwrap()).collect();
+        (
+            GuestMemory::map_shared(layout, fds).unwrap(),
+            GuestMemory::map_shared(layout, dups).unwrap(),
+        )
+    }
+
+    #[test]
+    fn memfd_memory_is_shared_between_mappings() {
+        let layout = [
+            RegionLayout {
+                gpa: 0,
+                size: 64 * PAGE_SIZE,
+            },
+            RegionLayout {
+                gpa: 1 << 30,
+                size: 32 * PAGE_SIZE,
+            },
+        ];
+        let (a, b) = shared_pair(&layout);
+        assert_eq!(a.backing(), Backing::Memfd);
+        assert_eq!(a.memfds().unwrap().len(), 2);
+        assert!(!a.has_vm());
+        assert_eq!(a.populated().count(), 0, "nothing touched yet");
+        a.write_u64(5 * PAGE_SIZE + 8, 0xfeed).unwrap();
+        a.write_u64((1 << 30) + 3 * PAGE_SIZE, 7).unwrap();
+        assert_eq!(b.read_u64(5 * PAGE_SIZE + 8).unwrap(), 0xfeed);
+        assert_eq!(b.read_u64((1 << 30) + 3 * PAGE_SIZE).unwrap(), 7);
+        // Populated is what the memfd holds, whichever mapping wrote it.
+        let p = b.populated();
+        assert_eq!(p.count(), 2);
+        assert!(p.contains(5 * PAGE_SIZE) && p.contains((1 << 30) + 3 * PAGE_SIZE));
+        // Discard punches a hole: both views read zero and it is no longer populated.
+        b.discard(5 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert_eq!(a.populated().count(), 1);
+        assert_eq!(a.read_u64(5 * PAGE_SIZE + 8).unwrap(), 0);
+        // (Reading a hole through a shared mapping allocates it again: readers of a memfd
+        // guest skip what `populated` does not list.)
+        assert_eq!(a.populated().count(), 2);
+        // No KVM behind a shared view: dirty logging is the VMM's business.
+        assert!(matches!(a.take_dirty(), Err(MemoryError::NoVm(_))));
+        assert!(matches!(
+            a.set_dirty_logging(0, true),
+            Err(MemoryError::NoVm(_))
+        ));
+    }
+
+    #[test]
+    fn map_shared_refuses_what_could_hurt_the_mapper() {
+        let l = [RegionLayout {
+            gpa: 0,
+            size: 16 * PAGE_SIZE,
+        }];
+        // Wrong count.
+        assert!(GuestMemory::map_shared(&l, vec![]).is_err());
+        // Wrong size.
+        let small = create_memfd(0, 8 * PAGE_SIZE).unwrap();
+        assert!(matches!(
+            GuestMemory::map_shared(&l, vec![small]),
+            Err(MemoryError::Shared(_))
+        ));
+        // Not sealed: its owner could shrink it under us.
+        // SAFETY: memfd_create with a constant name; the result is checked and owned.
+        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own memfd.
+        let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), (16 * PAGE_SIZE) as i64) };
+        assert_eq!(rc, 0);
+        let e = GuestMemory::map_shared(&l, vec![fd]).unwrap_err();
+        assert!(e.to_string().contains("not sealed"), "{e}");
+        // Not a memfd at all.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert!(GuestMemory::map_shared(&l, vec![OwnedFd::from(f)]).is_err());
+        // The seals hold: the memfd cannot shrink.
+        let sealed = create_memfd(0, 16 * PAGE_SIZE).unwrap();
+        // SAFETY: ftruncate on our own memfd (refused by the seal).
+        assert_ne!(unsafe { libc::ftruncate(sealed.as_raw_fd(), 0) }, 0);
     }
 
     #[test]

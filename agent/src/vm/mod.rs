@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  Hypervisor (/dev/kvm, probed once: MSR list, CPUID, TSC)
-//!    └─ Vm ── GuestMemory (regions + dirty log)       memory.rs
+//!    └─ Vm ── GuestMemory (regions + dirty log;       memory.rs
+//!         │     anonymous, or memfds a second process maps)
 //!         ├── Vcpu threads (KVM_RUN, pause, state)     vcpu.rs
 //!         │     └ CPUID the guest sees (policy, masks) cpuid.rs
 //!         ├── Devices (serial console, yield port)     devices.rs
@@ -313,6 +314,9 @@ pub struct Hypervisor {
     pub tsc_khz: u32,
     /// Back guest memory with transparent huge pages (`[limits] huge_pages`, default on).
     pub huge_pages: std::sync::atomic::AtomicBool,
+    /// Back guest memory with sealed memfds that another process can map (a `ferry vmm`
+    /// process's guests, see docs/vmm.md); default off: private anonymous memory.
+    pub memfd_backing: std::sync::atomic::AtomicBool,
     /// CPU features this host does not offer to guests (`[cpu] mask`).
     host_mask: Mutex<BTreeSet<FeatureBit>>,
     /// Whether KVM honours a written IA32_TSC (false on backends where the guest reads the
@@ -380,6 +384,7 @@ impl Hypervisor {
             cpuid,
             tsc_khz,
             huge_pages: std::sync::atomic::AtomicBool::new(true),
+            memfd_backing: std::sync::atomic::AtomicBool::new(false),
             host_mask: Mutex::new(BTreeSet::new()),
             tsc_settable,
         }))
@@ -555,10 +560,16 @@ impl Vm {
         vm_fd
             .create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let memory = Arc::new(GuestMemory::new(
+        let backing = if hv.memfd_backing.load(Ordering::Relaxed) {
+            memory::Backing::Memfd
+        } else {
+            memory::Backing::Anonymous
+        };
+        let memory = Arc::new(GuestMemory::with_backing(
             vm_fd.clone(),
             regions,
             hv.huge_pages.load(Ordering::Relaxed),
+            backing,
         )?);
         // Every kind may yield on the port (a raw long-user image sleeps with `out 0xf0, eax`).
         let yield_port = Some(workload::YIELD_PORT);

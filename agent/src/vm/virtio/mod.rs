@@ -221,8 +221,10 @@ impl std::fmt::Debug for Waker {
     }
 }
 
-/// Where a VM's devices attach on this host (resolved by the agent from its configuration).
-#[derive(Debug, Clone, Default)]
+/// Where a VM's devices attach on this host (resolved by the agent from its configuration; a
+/// `ferry vmm` gets it in its launch file).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DeviceEnv {
     /// Per NIC of the spec, the bridge (or interface) of its port group; None: a NIC with no
     /// backend (frames it sends are dropped; nothing arrives).

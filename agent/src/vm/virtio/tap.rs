@@ -7,7 +7,7 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use super::VirtioError;
 
@@ -47,6 +47,12 @@ pub struct Tap {
     pub name: String,
     pub bridge: String,
     fd: OwnedFd,
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 fn ifreq(name: &str) -> io::Result<libc::ifreq> {
@@ -159,6 +165,12 @@ impl Tap {
 
     pub fn raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
+    }
+
+    /// A tap another process opened and handed over (a VMM's NIC, given to the agent's
+    /// forwarder after a migration): same frames, same bridge.
+    pub fn from_fd(name: String, bridge: String, fd: OwnedFd) -> Tap {
+        Tap { name, bridge, fd }
     }
 
     /// Read one frame (non-blocking: `WouldBlock` when none is waiting).
