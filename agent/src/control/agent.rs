@@ -1398,7 +1398,7 @@ impl Agent {
         e.set_migration(Some(format!("out {}", handle.id)));
         let job = SourceJob {
             handle: handle.clone(),
-            vm,
+            vm: vm.clone(),
             peer,
             local_migration: mig_cfg.address,
             identity: self.identity(),
@@ -1416,25 +1416,25 @@ impl Agent {
             .name(format!("mig-{}", handle.id))
             .spawn(move || {
                 let span =
-                    tracing::info_span!("migration", id = %job.handle.id, vm = %job.vm.spec.name);
+                    tracing::info_span!("migration", id = %job.handle.id, vm = %vm.spec.name);
                 let _s = span.enter();
                 let _guard = guard;
                 match source::run(&job) {
                     Ok(summary) => {
                         // The destination runs the guest: this copy goes.
                         entry.stop_announcing();
-                        job.vm.stop();
+                        vm.stop();
                         if let Ok(mut m) = agent.vms.lock() {
-                            m.remove(&job.vm.spec.name);
+                            m.remove(&vm.spec.name);
                         }
                         job.handle.complete(summary);
                     }
                     Err(f) if f.guest_on == mig::GuestOn::Destination => {
                         // Contact was lost after the commit, but the guest runs there.
                         entry.stop_announcing();
-                        job.vm.stop();
+                        vm.stop();
                         if let Ok(mut m) = agent.vms.lock() {
-                            m.remove(&job.vm.spec.name);
+                            m.remove(&vm.spec.name);
                         }
                         job.handle.complete(f.summary.unwrap_or_default());
                         job.handle.resolved(
@@ -1455,6 +1455,7 @@ impl Agent {
                     }
                 }
                 drop(job);
+                drop(vm);
                 crate::control::memory::give_back();
             });
         if let Err(err) = spawned {
@@ -1722,7 +1723,7 @@ impl Host for Agent {
         spec: &VmSpec,
         regions: &[RegionLayout],
         handle: &Arc<MigrationHandle>,
-    ) -> Result<Arc<Vm>, String> {
+    ) -> Result<Arc<dyn crate::migrate::guest::IncomingGuest>, String> {
         self.check_new_name(&spec.name).map_err(|e| e.to_string())?;
         let _r = self.reserve(spec.memory_mib).map_err(|e| e.to_string())?;
         if crate::faults::hit("dest:create").as_deref() == Some("fail") {

@@ -6,6 +6,10 @@
 //! restoring a snapshot) are never missed. A region whose dirty logging is off reports every page as
 //! dirty: a caller can never under-count.
 //!
+//! Memory can also be mapped without a KVM VM ([`GuestMemory::unregistered`]): then the agent's
+//! own write log is the whole dirty log. The migration engine's tests run on such memory (a
+//! fake guest writes it through [`GuestMemory::write`]).
+//!
 //! Host-side access goes through [`GuestMemory::read`] / [`GuestMemory::write`], which copy bytes
 //! and, for writes, mark the pages dirty. Guest memory may change under the agent while vCPUs run;
 //! reads of a running guest are racy by nature (like a DMA engine's), and exact only while the vCPUs
@@ -114,7 +118,7 @@ unsafe impl Sync for Region {}
 
 impl Drop for Region {
     fn drop(&mut self) {
-        // SAFETY: `host`/`size` are exactly the mapping created in `GuestMemory::new`, and the
+        // SAFETY: `host`/`size` are exactly the mapping created in `GuestMemory::map`, and the
         // VM (holding the memory slot) is dropped before the memory (see `GuestMemory`'s fields).
         unsafe {
             libc::munmap(self.host.as_ptr().cast(), self.layout.size as usize);
@@ -125,7 +129,8 @@ impl Drop for Region {
 /// All of a guest's memory.
 pub struct GuestMemory {
     regions: Vec<Region>,
-    vm: Arc<VmFd>,
+    /// The VM whose memory slots these are (None: not registered with KVM).
+    vm: Option<Arc<VmFd>>,
 }
 
 impl std::fmt::Debug for GuestMemory {
@@ -222,6 +227,21 @@ impl GuestMemory {
         layout: &[RegionLayout],
         huge_pages: bool,
     ) -> Result<Self, MemoryError> {
+        Self::map(Some(vm), layout, huge_pages)
+    }
+
+    /// Map the given regions without registering them with any KVM VM: dirty logging then
+    /// tracks only what is written through [`GuestMemory::write`] (and the other writers here).
+    /// The migration engine's tests build their fake guests on it.
+    pub fn unregistered(layout: &[RegionLayout]) -> Result<Self, MemoryError> {
+        Self::map(None, layout, false)
+    }
+
+    fn map(
+        vm: Option<Arc<VmFd>>,
+        layout: &[RegionLayout],
+        huge_pages: bool,
+    ) -> Result<Self, MemoryError> {
         let mut regions = Vec::with_capacity(layout.len());
         for (slot, l) in layout.iter().enumerate() {
             if l.size == 0
@@ -278,6 +298,7 @@ impl GuestMemory {
     }
 
     fn register(&self, r: &Region, log_dirty: bool) -> Result<(), MemoryError> {
+        let Some(vm) = &self.vm else { return Ok(()) };
         let region = kvm_userspace_memory_region {
             slot: r.slot,
             flags: if log_dirty {
@@ -292,7 +313,7 @@ impl GuestMemory {
         // SAFETY: the host range is a live mapping owned by `self` of exactly `memory_size`
         // bytes, and it outlives the VM's use of it (the slot is dropped with the VM fd, which
         // `Vm` drops before this memory).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(|source| MemoryError::SetRegion {
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::SetRegion {
             slot: r.slot,
             gpa: r.layout.gpa,
             size: r.layout.size,
@@ -346,20 +367,22 @@ impl GuestMemory {
     pub fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
         let mut out = Vec::with_capacity(self.regions.len());
         for r in &self.regions {
-            let mut bm = if r.dirty_logging.load(Ordering::SeqCst) {
-                let bits = self
-                    .vm
-                    .get_dirty_log(r.slot, r.layout.size as usize)
-                    .map_err(|source| MemoryError::DirtyLog {
-                        slot: r.slot,
-                        source,
-                    })?;
-                RegionBitmap {
-                    layout: r.layout,
-                    bits,
+            let mut bm = match (&self.vm, r.dirty_logging.load(Ordering::SeqCst)) {
+                (Some(vm), true) => {
+                    let bits =
+                        vm.get_dirty_log(r.slot, r.layout.size as usize)
+                            .map_err(|source| MemoryError::DirtyLog {
+                                slot: r.slot,
+                                source,
+                            })?;
+                    RegionBitmap {
+                        layout: r.layout,
+                        bits,
+                    }
                 }
-            } else {
-                RegionBitmap::full(r.layout)
+                // Not KVM's memory: the agent's write log below is all there is.
+                (None, true) => RegionBitmap::empty(r.layout),
+                (_, false) => RegionBitmap::full(r.layout),
             };
             for (w, a) in bm.bits.iter_mut().zip(r.agent_dirty.iter()) {
                 *w |= a.swap(0, Ordering::AcqRel);
