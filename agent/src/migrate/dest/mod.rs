@@ -161,12 +161,17 @@ fn handle(
     match &result {
         Ok(summary) => handle.complete(summary.clone()),
         Err(e) => {
-            // A refusal goes back in its own words; anything else with its cause chain.
+            // A refusal goes back in its own words; anything else with its cause chain. An
+            // `Abort` from the source is not answered: echoed, the source would take its own
+            // reason for the destination's.
             let reason = match e {
-                MigrateError::Refused(r) => r.clone(),
-                other => crate::control::error_chain(other),
+                MigrateError::Refused(r) => Some(r.clone()),
+                MigrateError::Protocol(protocol::ProtocolError::Aborted(_)) => None,
+                other => Some(crate::control::error_chain(other)),
             };
-            let _ = cw.send_msg(Command::Abort, &Abort { reason });
+            if let Some(reason) = reason {
+                let _ = cw.send_msg(Command::Abort, &Abort { reason });
+            }
             handle.fail(e);
         }
     }

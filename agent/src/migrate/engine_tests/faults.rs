@@ -99,7 +99,7 @@ fn destination_failing_in_a_later_round() {
         "fail",
         &g,
         many_rounds(),
-        Some(mb_s(32)),
+        Some(mb_s(8)),
     );
     assert!(e.contains("injected fault at dest:round:2"), "{e}");
     g.stop_dirtying();
@@ -259,7 +259,7 @@ fn destination_killed_in_round_0() {
 #[test]
 fn destination_killed_in_a_later_round() {
     let g = small_busy_guest("kill-r2");
-    killed_before_the_commit("kill-r2", "dest:round:2", &g, many_rounds(), Some(mb_s(32)));
+    killed_before_the_commit("kill-r2", "dest:round:2", &g, many_rounds(), Some(mb_s(8)));
     g.stop_dirtying();
 }
 

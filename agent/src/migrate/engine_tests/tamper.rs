@@ -63,11 +63,15 @@ fn a_page_frame_cut_short_fails_the_migration() {
         on(Lane::Data(0), Command::Pages, 2, Action::Truncate),
         options(),
     );
-    // The destination saw its stream end in the middle of a frame, and said so.
+    // The destination saw its stream end in the middle of a frame and said so; or the source
+    // saw its own connection reset first, and reports the destination lost. Not the source's
+    // own reason echoed back as the destination's.
     assert!(
-        e.contains("data stream 0: connection: the peer closed the connection"),
+        e.contains("data stream 0: connection: the peer closed the connection")
+            || e.starts_with("lost the destination b"),
         "{e}"
     );
+    assert!(!e.contains("the peer aborted"), "{e}");
 }
 
 #[test]

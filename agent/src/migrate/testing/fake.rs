@@ -153,15 +153,20 @@ impl FakeGuest {
     }
 
     /// Start writing pages as `d` says, from a thread, while the guest runs (it stops writing
-    /// while paused, and slows down by the throttle).
+    /// while paused, and slows down by the throttle). Returns once it has begun.
     pub fn start_dirtying(self: &Arc<Self>, d: Dirtying) {
         let g = Arc::downgrade(self);
         let stop = self.stop.clone();
+        let before = self.written();
         let join = std::thread::Builder::new()
             .name("fake-dirtier".into())
             .spawn(move || dirty_loop(g, stop, d))
             .expect("spawn dirtier");
         *self.dirtier.lock().unwrap() = Some(join);
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.written() == before && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Stop the dirtier (and wait for it).
@@ -218,11 +223,18 @@ impl Drop for FakeGuest {
 }
 
 fn dirty_loop(g: std::sync::Weak<FakeGuest>, stop: Arc<AtomicBool>, d: Dirtying) {
+    // Cheap rewrites: one image per kind of page, stamped with the page and a version.
+    let images: Vec<Vec<u8>> = (0..8)
+        .map(|k| {
+            let mut p = vec![0u8; PAGE];
+            page_content(k, 1, &mut p);
+            p
+        })
+        .collect();
     let mut page = vec![0u8; PAGE];
     let mut next = 0u64;
     let mut version = 1u64;
-    let started = Instant::now();
-    let mut done = 0u64;
+    let mut due = Instant::now();
     const BATCH: u64 = 16;
     while !stop.load(Ordering::SeqCst) {
         let Some(g) = g.upgrade() else { return };
@@ -233,6 +245,7 @@ fn dirty_loop(g: std::sync::Weak<FakeGuest>, stop: Arc<AtomicBool>, d: Dirtying)
                 drop(_gate);
                 drop(g);
                 std::thread::sleep(Duration::from_millis(1));
+                due = Instant::now();
                 continue;
             }
             for _ in 0..BATCH {
@@ -241,26 +254,30 @@ fn dirty_loop(g: std::sync::Weak<FakeGuest>, stop: Arc<AtomicBool>, d: Dirtying)
                 if next % d.pages.max(1) == 0 {
                     version += 1;
                 }
-                page_content(p, version, &mut page);
+                page.copy_from_slice(&images[(p % 8) as usize]);
+                page[8..16].copy_from_slice(&(p << 32 | version).to_le_bytes());
                 if g.mem.write(p * PAGE_SIZE, &page).is_err() {
                     return;
                 }
             }
             g.written.fetch_add(BATCH, Ordering::Relaxed);
         }
-        done += BATCH;
-        // Throttled: held back that share of the time, as the vCPUs would be.
-        let pct = u32::from(g.throttle.load(Ordering::Relaxed).min(99));
+        // Throttled, it is held back that share of the time, as the vCPUs would be.
+        let pct = u64::from(g.throttle.load(Ordering::Relaxed).min(99));
         drop(g);
-        if pct > 0 {
-            let busy = t.elapsed().max(Duration::from_micros(20));
-            std::thread::sleep(busy * pct / (100 - pct));
-        }
         if d.pages_per_s > 0 {
-            let due = Duration::from_secs_f64(done as f64 / d.pages_per_s as f64);
-            if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(ahead);
+            let rate = (d.pages_per_s * (100 - pct) / 100).max(1);
+            due += Duration::from_secs_f64(BATCH as f64 / rate as f64);
+            let now = Instant::now();
+            match due.checked_duration_since(now) {
+                Some(ahead) => std::thread::sleep(ahead),
+                // Far behind (starved): no burst to catch up.
+                None if now - due > Duration::from_millis(20) => due = now,
+                None => {}
             }
+        } else if pct > 0 {
+            let busy = t.elapsed().max(Duration::from_micros(20));
+            std::thread::sleep(busy * pct as u32 / (100 - pct as u32));
         }
     }
 }
