@@ -10,7 +10,7 @@
 //!
 //! | phase | where |
 //! |---|---|
-//! | `Setup`/`Ready`, data streams and their workers | `engine.rs` ([`engine::prepare`]) |
+//! | `Setup`/`Ready`, data streams and their workers | `engine.rs` (`prepare`) |
 //! | pre-copy rounds until the policy says stop | `engine.rs` (`precopy`) |
 //! | switchover: pause, last pages, state, `Complete` → `Prepared` | `switchover.rs` |
 //! | commit: `Commit` → `Resumed`, forwarding, `Observed` | `commit.rs` |

@@ -240,9 +240,9 @@ fn dirty_loop(g: std::sync::Weak<FakeGuest>, stop: Arc<AtomicBool>, d: Dirtying)
         let Some(g) = g.upgrade() else { return };
         let t = Instant::now();
         {
-            let _gate = g.gate.lock().unwrap();
+            let gate = g.gate.lock().unwrap();
             if g.status() != VmStatus::Running {
-                drop(_gate);
+                drop(gate);
                 drop(g);
                 std::thread::sleep(Duration::from_millis(1));
                 due = Instant::now();
@@ -251,7 +251,7 @@ fn dirty_loop(g: std::sync::Weak<FakeGuest>, stop: Arc<AtomicBool>, d: Dirtying)
             for _ in 0..BATCH {
                 let p = d.first + next % d.pages.max(1);
                 next += 1;
-                if next % d.pages.max(1) == 0 {
+                if next.is_multiple_of(d.pages.max(1)) {
                     version += 1;
                 }
                 page.copy_from_slice(&images[(p % 8) as usize]);

@@ -184,11 +184,12 @@ fn accept_loop(l: TcpListener, s: Arc<Shared>, data_upstream: Option<SocketAddr>
     }
 }
 
-/// Read one frame: its header bytes, parsed header and payload. None at the end or on bytes
-/// that are not a frame (the rest is then copied as it is).
-fn read_frame(
-    from: &mut TcpStream,
-) -> Option<Result<([u8; HEADER_LEN], FrameHeader, Command, Vec<u8>), [u8; HEADER_LEN]>> {
+/// A frame as read: its header bytes, the parsed header, its command and payload.
+type RawFrame = ([u8; HEADER_LEN], FrameHeader, Command, Vec<u8>);
+
+/// Read one frame. None at the end; Err(the bytes) when they are not a frame header (the rest
+/// is then copied as it is).
+fn read_frame(from: &mut TcpStream) -> Option<Result<RawFrame, [u8; HEADER_LEN]>> {
     let mut hb = [0u8; HEADER_LEN];
     from.read_exact(&mut hb).ok()?;
     let Ok((h, cmd)) = FrameHeader::parse_any_version(&hb) else {
@@ -259,7 +260,7 @@ fn pump_up(
     stalled: &AtomicBool,
 ) {
     loop {
-        let (hb, _h, cmd, payload) = match read_frame(&mut from) {
+        let (hb, h, cmd, payload) = match read_frame(&mut from) {
             Some(Ok(f)) => f,
             Some(Err(hb)) => {
                 let _ = to.write_all(&hb);
@@ -296,7 +297,6 @@ fn pump_up(
                 if let Some(b) = payload.get_mut(100) {
                     *b ^= 0x5a;
                 }
-                let h = _h;
                 let v = protocol::encode_frame_version(
                     cmd,
                     h.count.get(),
