@@ -18,7 +18,7 @@ use xtask::lab::{Lab, LabOptions};
 /// After the destination dies (its connection resets) the source resumes within this bound.
 const RESUME_AFTER_RESET: Duration = Duration::from_secs(5);
 /// After the commit, the source waits this long for `Resumed` before it resolves the outcome
-/// (`RESUMED_TIMEOUT` in agent/src/migrate/source.rs), plus one resolve step.
+/// (`RESUMED_TIMEOUT` in agent/src/migrate/source/commit.rs), plus one resolve step.
 const RESUME_AFTER_COMMIT: Duration = Duration::from_secs(8);
 
 fn lab(test: &str) -> Option<Lab> {

@@ -16,6 +16,10 @@
 //!
 //! Actions: `kill` (the agent SIGKILLs itself), `fail` (the operation fails), `sleep:MS`,
 //! `corrupt` (for `source:corrupt` and `dest:memory`).
+//!
+//! A fault armed through the API applies to whichever migration reaches its point first. The
+//! engine tests run many migrations in one process at once, so they arm faults for one
+//! migration id ([`arm_for`]); the migration code names its id at every point ([`hit_in`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -30,7 +34,13 @@ pub struct Fault {
     pub action: String,
 }
 
-static ARMED: Mutex<Vec<Fault>> = Mutex::new(Vec::new());
+/// An armed fault and the migration it is for (None: any).
+struct Armed {
+    fault: Fault,
+    scope: Option<String>,
+}
+
+static ARMED: Mutex<Vec<Armed>> = Mutex::new(Vec::new());
 /// Anything armed at all (a cheap check for hot paths).
 static ANY: AtomicBool = AtomicBool::new(false);
 
@@ -75,9 +85,19 @@ impl Fault {
 
 /// Arm a fault (it fires once).
 pub fn arm(f: Fault) -> Result<(), FaultError> {
-    f.validate()?;
+    arm_scoped(f, None)
+}
+
+/// Arm a fault for the migration `migration` only (it fires once, at that migration's point;
+/// other migrations pass it by). For tests that run several migrations in one process.
+pub fn arm_for(f: Fault, migration: &str) -> Result<(), FaultError> {
+    arm_scoped(f, Some(migration.to_string()))
+}
+
+fn arm_scoped(fault: Fault, scope: Option<String>) -> Result<(), FaultError> {
+    fault.validate()?;
     if let Ok(mut a) = ARMED.lock() {
-        a.push(f);
+        a.push(Armed { fault, scope });
         ANY.store(true, Ordering::SeqCst);
     }
     Ok(())
@@ -85,7 +105,10 @@ pub fn arm(f: Fault) -> Result<(), FaultError> {
 
 /// The faults armed now.
 pub fn list() -> Vec<Fault> {
-    ARMED.lock().map(|a| a.clone()).unwrap_or_default()
+    ARMED
+        .lock()
+        .map(|a| a.iter().map(|x| x.fault.clone()).collect())
+        .unwrap_or_default()
 }
 
 /// Disarm everything.
@@ -101,17 +124,32 @@ pub fn armed() -> bool {
     ANY.load(Ordering::Relaxed)
 }
 
-/// Take the fault armed at `point`, if any, and carry out `kill` and `sleep:MS` here. Returns
-/// the action for the caller to interpret (`fail`, `corrupt`).
+/// Take the fault armed at `point` for any migration, if any, and carry out `kill` and
+/// `sleep:MS` here. Returns the action for the caller to interpret (`fail`, `corrupt`).
 pub fn hit(point: &str) -> Option<String> {
+    take(point, None)
+}
+
+/// [`hit`] at a point that migration `migration` reached: takes a fault armed for any
+/// migration or for this one.
+pub fn hit_in(point: &str, migration: &str) -> Option<String> {
+    take(point, Some(migration))
+}
+
+fn take(point: &str, migration: Option<&str>) -> Option<String> {
     let f = {
         let mut a = ARMED.lock().ok()?;
-        let i = a.iter().position(|f| f.point == point)?;
-        let f = a.remove(i);
+        let i = a.iter().position(|x| {
+            x.fault.point == point
+                && x.scope
+                    .as_deref()
+                    .is_none_or(|s| migration.is_some_and(|m| m == s))
+        })?;
+        let f = a.remove(i).fault;
         ANY.store(!a.is_empty(), Ordering::SeqCst);
         f
     };
-    tracing::warn!(point, action = %f.action, "injected fault");
+    tracing::warn!(point, action = %f.action, migration, "injected fault");
     if f.action == "kill" {
         // SAFETY: kill(2) of our own process; simulates a crash (no cleanup runs).
         unsafe {

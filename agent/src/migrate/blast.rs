@@ -398,7 +398,7 @@ pub fn serve(
         },
     )?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    // As a migration's data port: strays and wrong tokens are closed and ignored (dest.rs).
+    // As a migration's data port: strays and wrong tokens are closed and ignored (dest/accept.rs).
     let socks =
         super::dest::accept_streams(&listener, None, "blast", &token, req.streams, deadline)?;
     for s in &socks {

@@ -34,12 +34,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::guest::{IncomingGuest, SourceGuest};
 use super::protocol::{self, Command, ForwardEnd, FrameReader, FrameWriter, ProtocolError};
 use super::MigrateError;
 use crate::transport::seal::{Sealer, TAG_LEN};
 use crate::transport::uring::UringReader;
 use crate::vm::virtio::net::{addressed_to, Forwarding, MAX_FRAME};
-use crate::vm::Vm;
 
 /// How long after `Resumed` the source forwards at most.
 pub const WINDOW: Duration = Duration::from_secs(2);
@@ -160,12 +160,12 @@ impl Forwarder {
 
 /// After `Resumed`: take the source VM's taps and post-capture frames and forward them on
 /// `lane` in a thread. None (and nothing taken) when the VM has no tap.
-pub fn start(vm: &Vm, lane: Lane) -> Option<Forwarder> {
-    let nics = vm.devices().virtio.take_for_forwarding();
+pub fn start(vm: &dyn SourceGuest, lane: Lane) -> Option<Forwarder> {
+    let nics = vm.take_for_forwarding();
     if nics.is_empty() {
         return None;
     }
-    let name = vm.spec.name.clone();
+    let name = vm.spec().name.clone();
     let join = std::thread::Builder::new()
         .name("net-forward".into())
         .spawn(move || forward(&name, lane, nics))
@@ -331,7 +331,7 @@ fn forward(vm: &str, lane: Lane, nics: Vec<(usize, Forwarding)>) -> ForwardStats
 /// source closing, or [`DEST_GRACE`] after the resume. A frame before the resume, or one that
 /// is not for the NIC it names, is an error (nothing of it is delivered).
 pub fn receive(
-    vm: &Vm,
+    vm: &dyn IncomingGuest,
     r: &FrameReader<BufReader<UringReader>>,
     seal: Option<Sealer>,
     resumed: &OnceLock<Instant>,
@@ -356,13 +356,13 @@ pub fn receive(
     let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
     let mut fr = FrameReader::with_seq(BufReader::new(sock), r.last_seq().wrapping_add(1));
     fr.set_timeout(Some(DEST_GRACE), "the rest of a forwarded frame");
-    let nets = &vm.devices().virtio.net;
+    let macs = vm.nic_macs();
     let mut stats = ForwardStats::default();
     let begun = Instant::now();
     let mut payload = Vec::new();
     loop {
         if begun.elapsed() > DEST_MAX || resumed.get().is_some_and(|t| t.elapsed() > DEST_GRACE) {
-            tracing::debug!(vm = %vm.spec.name, frames = stats.frames, "stopped waiting for forwarded frames");
+            tracing::debug!(vm = %vm.spec().name, frames = stats.frames, "stopped waiting for forwarded frames");
             return Ok(stats);
         }
         if fr.get_ref().buffer().is_empty() && !readable(fd, Duration::from_millis(250)) {
@@ -387,11 +387,10 @@ pub fn receive(
                 if let Some(s) = &seal {
                     s.open(fr.last_seq(), &mut payload)?;
                 }
-                let macs: Vec<[u8; 6]> = nets.iter().map(|n| n.mac()).collect();
                 let per_nic = by_nic(&parse_records(&payload, count)?, &macs)?;
-                for (dev, frames) in nets.iter().zip(per_nic) {
+                for (nic, frames) in per_nic.into_iter().enumerate() {
                     if !frames.is_empty() {
-                        dev.receive_forwarded(frames);
+                        vm.deliver_forwarded(nic, frames);
                     }
                 }
                 stats.frames += u64::from(count);
@@ -400,7 +399,7 @@ pub fn receive(
                 let end: ForwardEnd = protocol::json(&payload, "ForwardEnd")?;
                 stats.dropped = end.dropped;
                 if end.frames != stats.frames {
-                    tracing::warn!(vm = %vm.spec.name, sent = end.frames, got = stats.frames, "forwarded frame counts differ");
+                    tracing::warn!(vm = %vm.spec().name, sent = end.frames, got = stats.frames, "forwarded frame counts differ");
                 }
                 return Ok(stats);
             }

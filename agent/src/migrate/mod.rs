@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! source agent                                     destination agent
-//!   source.rs: rounds over the dirty log    ══▶    dest.rs: creates an empty VM, applies
+//!   source/: rounds over the dirty log      ══▶    dest/: creates an empty VM, applies
 //!     per-stream workers: codec.rs (encode)          pages per stream (codec.rs decode),
 //!     converge.rs decides after each round           state, verify, resume on Commit
 //!   protocol.rs frames on control + N data connections (crate::transport: TCP, io_uring)
@@ -20,13 +20,20 @@ pub mod codec;
 pub mod converge;
 pub mod dest;
 pub mod forward;
+pub mod guest;
 pub mod ownership;
 pub mod protocol;
 pub mod query;
+pub mod resolve;
 pub mod session;
 pub mod source;
 pub mod tune;
 pub mod untrusted;
+
+#[cfg(test)]
+mod engine_tests;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};

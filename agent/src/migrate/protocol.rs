@@ -43,7 +43,8 @@
 //!
 //! `Handshake → SetUp → Receiving (rounds) → Final (StreamEnd on every stream) → Prepared →
 //! Committed → Running`; any error or Abort before `Committed` leads to `Aborted`, which destroys
-//! the incoming VM.
+//! the incoming VM (the state machine is `dest/receiver.rs`; an `Abort` from the source is not
+//! answered with one).
 //!
 //! ## Framing
 //!

@@ -69,6 +69,23 @@ pub fn keepalive(s: &TcpStream) -> io::Result<()> {
     patience(&socket2::SockRef::from(s))
 }
 
+/// Put the migration mark on a socket ([`crate::netpin::mark_socket`]). `SO_MARK` needs
+/// `CAP_NET_ADMIN`: without it (an agent run by an unprivileged user, as the engine's tests
+/// are) the connection goes on unmarked, so the eBPF programs neither pin nor count it, and
+/// this is said once. Any other error is returned.
+pub fn mark_migration(fd: std::os::fd::RawFd) -> io::Result<()> {
+    static UNMARKED: std::sync::Once = std::sync::Once::new();
+    match crate::netpin::mark_socket(fd) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            UNMARKED.call_once(|| {
+                tracing::warn!(error = %e, "cannot mark migration connections (SO_MARK needs CAP_NET_ADMIN); they go unpinned and uncounted");
+            });
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// Connect from `local` (port chosen by the kernel) to `remote`, within `timeout`; with
 /// `mark`, the socket carries the migration mark (SO_MARK) for eBPF pinning and accounting.
 pub fn connect_from(
@@ -84,7 +101,8 @@ pub fn connect_from(
     )?;
     tune(&s);
     if mark {
-        s.set_mark(crate::netpin::MIGRATION_MARK)?;
+        use std::os::fd::AsRawFd;
+        mark_migration(s.as_raw_fd())?;
     }
     if let Some(ip) = local {
         s.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
@@ -118,7 +136,7 @@ pub fn accept_until(l: &TcpListener, deadline: Instant) -> io::Result<TcpStream>
                 let _ = s.set_nodelay(true);
                 let _ = keepalive(&s);
                 use std::os::fd::AsRawFd;
-                crate::netpin::mark_socket(s.as_raw_fd())?;
+                mark_migration(s.as_raw_fd())?;
                 return Ok(s);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -458,12 +458,22 @@ impl FrameSink {
             }
             if res < 0 {
                 let err = io::Error::from_raw_os_error(-res);
-                // A kernel without SEND_ZC: fall back and resend this frame.
-                if c.zc && (res == -libc::EINVAL || res == -libc::EOPNOTSUPP) {
+                // A kernel without SEND_ZC, or one that cannot pin the buffer (an agent
+                // without CAP_IPC_LOCK over its locked-memory limit): fall back and resend
+                // the rest of this frame. A notification the failed send still owes keeps
+                // the buffer until it comes.
+                let unavailable = res == -libc::EINVAL || res == -libc::EOPNOTSUPP;
+                let unpinnable = res == -libc::ENOMEM || res == -libc::ENOBUFS;
+                if c.zc && (unavailable || unpinnable) {
                     self.zc = false;
                     self.stats.fell_back = true;
                     c.zc = false;
-                    tracing::info!(error = %err, "SEND_ZC unavailable; using plain io_uring send");
+                    self.ledger.partial(b, more);
+                    if unavailable {
+                        tracing::info!(error = %err, "SEND_ZC unavailable; using plain io_uring send");
+                    } else {
+                        tracing::warn!(error = %err, "SEND_ZC cannot pin the send buffers (the locked-memory limit of an agent without CAP_IPC_LOCK); using plain io_uring send");
+                    }
                     self.submit_current()?;
                     continue;
                 }

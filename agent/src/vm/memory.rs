@@ -19,6 +19,10 @@
 //! restoring a snapshot) are never missed. A region whose dirty logging is off reports every page as
 //! dirty: a caller can never under-count.
 //!
+//! Memory can also be mapped without a KVM VM ([`GuestMemory::unregistered`]): then the agent's
+//! own write log is the whole dirty log. The migration engine's tests run on such memory (a
+//! fake guest writes it through [`GuestMemory::write`]).
+//!
 //! Host-side access goes through [`GuestMemory::read`] / [`GuestMemory::write`], which copy bytes
 //! and, for writes, mark the pages dirty. Guest memory may change under the agent while vCPUs run;
 //! reads of a running guest are racy by nature (like a DMA engine's), and exact only while the vCPUs
@@ -164,8 +168,12 @@ impl Drop for Region {
 /// All of a guest's memory.
 pub struct GuestMemory {
     regions: Vec<Region>,
-    /// The KVM VM whose slots these regions are; None for a [`GuestMemory::map_shared`] view.
+    /// The KVM VM whose slots these regions are; None for a [`GuestMemory::map_shared`] view
+    /// and for [`GuestMemory::unregistered`] memory.
     vm: Option<Arc<VmFd>>,
+    /// No KVM VM, and the agent's own write log is the whole dirty log
+    /// ([`GuestMemory::unregistered`]).
+    own_log: bool,
 }
 
 impl std::fmt::Debug for GuestMemory {
@@ -297,11 +305,28 @@ impl GuestMemory {
         let mem = GuestMemory {
             regions,
             vm: Some(vm),
+            own_log: false,
         };
         for r in &mem.regions {
             mem.register(r, false)?;
         }
         Ok(mem)
+    }
+
+    /// Map the given regions (private anonymous memory) without registering them with any KVM
+    /// VM: dirty logging then tracks only what is written through [`GuestMemory::write`] (and
+    /// the other writers here). The migration engine's tests build their fake guests on it.
+    pub fn unregistered(layout: &[RegionLayout]) -> Result<Self, MemoryError> {
+        check_layout(layout)?;
+        let mut regions = Vec::with_capacity(layout.len());
+        for (slot, l) in layout.iter().enumerate() {
+            regions.push(Region::new(*l, slot as u32, map_anonymous(l.size)?, None));
+        }
+        Ok(GuestMemory {
+            regions,
+            vm: None,
+            own_log: true,
+        })
     }
 
     /// Map another process's memfd-backed guest memory (one memfd per region, as
@@ -323,7 +348,11 @@ impl GuestMemory {
             let host = map_memfd(&fd, l.size)?;
             regions.push(Region::new(*l, slot as u32, host, Some(fd)));
         }
-        Ok(GuestMemory { regions, vm: None })
+        Ok(GuestMemory {
+            regions,
+            vm: None,
+            own_log: false,
+        })
     }
 
     /// The memfds behind the regions, in region order; None unless every region is a memfd.
@@ -349,6 +378,9 @@ impl GuestMemory {
     }
 
     fn register(&self, r: &Region, log_dirty: bool) -> Result<(), MemoryError> {
+        if self.own_log {
+            return Ok(());
+        }
         let vm = self.vm.as_ref().ok_or(MemoryError::NoVm("dirty logging"))?;
         let region = kvm_userspace_memory_region {
             slot: r.slot,
@@ -416,22 +448,29 @@ impl GuestMemory {
     /// Fetch and clear the dirty pages of every region: KVM's log OR the agent's own writes.
     /// Regions without dirty logging report all pages.
     pub fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
-        let vm = self.vm.as_ref().ok_or(MemoryError::NoVm("the dirty log"))?;
+        let vm = match (&self.vm, self.own_log) {
+            (Some(vm), _) => Some(vm),
+            (None, true) => None,
+            (None, false) => return Err(MemoryError::NoVm("the dirty log")),
+        };
         let mut out = Vec::with_capacity(self.regions.len());
         for r in &self.regions {
-            let mut bm = if r.dirty_logging.load(Ordering::SeqCst) {
-                let bits = vm
-                    .get_dirty_log(r.slot, r.layout.size as usize)
-                    .map_err(|source| MemoryError::DirtyLog {
-                        slot: r.slot,
-                        source,
-                    })?;
-                RegionBitmap {
-                    layout: r.layout,
-                    bits,
+            let mut bm = match (vm, r.dirty_logging.load(Ordering::SeqCst)) {
+                (Some(vm), true) => {
+                    let bits =
+                        vm.get_dirty_log(r.slot, r.layout.size as usize)
+                            .map_err(|source| MemoryError::DirtyLog {
+                                slot: r.slot,
+                                source,
+                            })?;
+                    RegionBitmap {
+                        layout: r.layout,
+                        bits,
+                    }
                 }
-            } else {
-                RegionBitmap::full(r.layout)
+                // Not KVM's memory: the agent's write log below is all there is.
+                (None, true) => RegionBitmap::empty(r.layout),
+                (_, false) => RegionBitmap::full(r.layout),
             };
             for (w, a) in bm.bits.iter_mut().zip(r.agent_dirty.iter()) {
                 *w |= a.swap(0, Ordering::AcqRel);

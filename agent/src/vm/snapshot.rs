@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::memory::{is_zero, GuestMemory, RegionLayout, PAGE_SIZE};
+use super::memory::{is_zero, GuestMemory, MemoryError, RegionLayout, PAGE_SIZE};
 use super::state::{StateError, VmState};
 use super::{Hypervisor, Vm, VmError, VmSpec, VmStatus};
 
@@ -336,11 +336,20 @@ pub fn memory_digest(vm: &Vm) -> Result<String, VmError> {
     if st == VmStatus::Running {
         return Err(VmError::State(st, "pause it to take a memory digest"));
     }
-    let mem = vm.memory();
+    // SAFETY: the VM is not running (checked above) and the agent does not write it while
+    // digesting (operations on a VM are serialized by the API).
+    Ok(unsafe { digest_paused(vm.memory()) }?)
+}
+
+/// [`memory_digest`] of guest memory, whatever guest it belongs to.
+///
+/// # Safety
+/// As for [`GuestMemory::region_slice`]: nothing may write the memory meanwhile (its guest is
+/// paused or never ran, and the agent does not write it).
+pub unsafe fn digest_paused(mem: &GuestMemory) -> Result<String, MemoryError> {
     let mut crc = 0u32;
     for i in 0..mem.layout().len() {
-        // SAFETY: the VM is not running (checked above) and the agent does not write it
-        // while digesting (operations on a VM are serialized by the API).
+        // SAFETY: nothing writes the memory while the slice lives (this function's contract).
         let bytes = unsafe { mem.region_slice(i) }?;
         for chunk in bytes.chunks(1 << 20) {
             crc = crc32c::crc32c_append(crc, chunk);

@@ -48,7 +48,7 @@ impl Host for Agent {
         spec: &VmSpec,
         regions: &[RegionLayout],
         handle: &Arc<MigrationHandle>,
-    ) -> Result<Arc<Vm>, String> {
+    ) -> Result<Arc<dyn crate::migrate::guest::IncomingGuest>, String> {
         self.check_new_name(&spec.name).map_err(|e| e.to_string())?;
         let _r = self.reserve(spec.memory_mib).map_err(|e| e.to_string())?;
         if crate::faults::hit("dest:create").as_deref() == Some("fail") {

@@ -184,7 +184,7 @@ impl Agent {
         e.set_migration(Some(format!("out {}", handle.id)));
         let job = SourceJob {
             handle: handle.clone(),
-            vm,
+            vm: vm.clone(),
             peer,
             local_migration: mig_cfg.address,
             identity: self.identity(),
@@ -202,25 +202,25 @@ impl Agent {
             .name(format!("mig-{}", handle.id))
             .spawn(move || {
                 let span =
-                    tracing::info_span!("migration", id = %job.handle.id, vm = %job.vm.spec.name);
+                    tracing::info_span!("migration", id = %job.handle.id, vm = %vm.spec.name);
                 let _s = span.enter();
                 let _guard = guard;
                 match source::run(&job) {
                     Ok(summary) => {
                         // The destination runs the guest: this copy goes.
                         entry.stop_announcing();
-                        job.vm.stop();
+                        vm.stop();
                         if let Ok(mut m) = agent.vms.lock() {
-                            m.remove(&job.vm.spec.name);
+                            m.remove(&vm.spec.name);
                         }
                         job.handle.complete(summary);
                     }
                     Err(f) if f.guest_on == mig::GuestOn::Destination => {
                         // Contact was lost after the commit, but the guest runs there.
                         entry.stop_announcing();
-                        job.vm.stop();
+                        vm.stop();
                         if let Ok(mut m) = agent.vms.lock() {
-                            m.remove(&job.vm.spec.name);
+                            m.remove(&vm.spec.name);
                         }
                         job.handle.complete(f.summary.unwrap_or_default());
                         job.handle.resolved(
@@ -241,6 +241,7 @@ impl Agent {
                     }
                 }
                 drop(job);
+                drop(vm);
                 crate::control::memory::give_back();
             });
         if let Err(err) = spawned {
