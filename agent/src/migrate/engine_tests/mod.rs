@@ -1,6 +1,6 @@
 //! The migration engine end to end, without root, KVM or namespaces: a source engine and a
 //! destination over loopback TCP, with fake guests (`super::testing`). These are what a
-//! developer runs after every change (`cargo test -p ferry --lib migrate::`); the lab suites
+//! developer runs after every change (`cargo test -p ferry-agent --lib migrate::`); the lab suites
 //! (`tests/migration.rs`, `tests/faults.rs`) run the real thing.
 //!
 //! - this file: rounds, convergence and the policy, switchover, commit, cancel, encryption,
