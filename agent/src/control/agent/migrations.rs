@@ -184,7 +184,7 @@ impl Agent {
         e.set_migration(Some(format!("out {}", handle.id)));
         let job = SourceJob {
             handle: handle.clone(),
-            vm: vm.clone(),
+            vm: vm.source(),
             peer,
             local_migration: mig_cfg.address,
             identity: self.identity(),
@@ -202,7 +202,7 @@ impl Agent {
             .name(format!("mig-{}", handle.id))
             .spawn(move || {
                 let span =
-                    tracing::info_span!("migration", id = %job.handle.id, vm = %vm.spec.name);
+                    tracing::info_span!("migration", id = %job.handle.id, vm = %vm.spec().name);
                 let _s = span.enter();
                 let _guard = guard;
                 match source::run(&job) {
@@ -211,7 +211,7 @@ impl Agent {
                         entry.stop_announcing();
                         vm.stop();
                         if let Ok(mut m) = agent.vms.lock() {
-                            m.remove(&vm.spec.name);
+                            m.remove(&vm.spec().name);
                         }
                         job.handle.complete(summary);
                     }
@@ -220,7 +220,7 @@ impl Agent {
                         entry.stop_announcing();
                         vm.stop();
                         if let Ok(mut m) = agent.vms.lock() {
-                            m.remove(&vm.spec.name);
+                            m.remove(&vm.spec().name);
                         }
                         job.handle.complete(f.summary.unwrap_or_default());
                         job.handle.resolved(

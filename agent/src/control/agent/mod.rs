@@ -30,12 +30,15 @@ use crate::checks::disklock::DiskLocks;
 use crate::migrate::ownership::Ownership;
 use crate::migrate::{self as mig, MigrationHandle};
 use crate::netpin::{NetPin, StatsReport};
-use crate::vm::{Hypervisor, Vm};
+use crate::vm::{Hypervisor, VmSpec};
+use crate::vmm::remote::RemoteGuest;
 
-use super::config::{valid_name, Config};
+use super::config::{valid_name, Config, VmmMode};
+use guest::Guest;
 
 mod entry;
 mod error;
+mod guest;
 mod host;
 mod info;
 mod lifecycle;
@@ -145,8 +148,8 @@ impl Agent {
         Ok(())
     }
 
-    fn insert(&self, vm: Vm) -> Result<Arc<VmEntry>, AgentError> {
-        let name = vm.spec.name.clone();
+    fn insert(&self, vm: Guest) -> Result<Arc<VmEntry>, AgentError> {
+        let name = vm.spec().name.clone();
         let entry = Arc::new(VmEntry::new(vm));
         let mut m = self
             .vms
@@ -170,8 +173,57 @@ impl Agent {
         }
     }
 
-    /// Stop every VM (agent shutdown).
+    /// Whether guests run in VMM processes of their own (`[vmm] mode = "process"`).
+    pub fn process_mode(&self) -> bool {
+        self.config.vmm.mode == VmmMode::Process
+    }
+
+    /// Build a new guest of `spec` (not running yet): in this process, or in a VMM of its own.
+    fn new_guest(&self, spec: VmSpec, env: &crate::vm::DeviceEnv) -> Result<Guest, AgentError> {
+        if !self.process_mode() {
+            return Ok(Guest::Inline(Arc::new(crate::vm::Vm::create_in(
+                &self.hv, spec, env,
+            )?)));
+        }
+        let launch = crate::vmm::CreateLaunch {
+            spec,
+            devices: env.clone(),
+            host: self.host_settings(),
+        };
+        Ok(Guest::Process(RemoteGuest::create(
+            &self.config.agent.state_dir,
+            &launch,
+        )?))
+    }
+
+    /// The host settings a VMM's hypervisor must share with this agent's.
+    fn host_settings(&self) -> crate::vmm::HostSettings {
+        crate::vmm::HostSettings {
+            huge_pages: self.config.limits.huge_pages,
+            cpu_mask: self
+                .config
+                .cpu
+                .mask
+                .iter()
+                .filter_map(|f| crate::vm::cpuid::parse_feature(f).ok())
+                .collect(),
+        }
+    }
+
+    /// Agent shutdown: stop every inline VM; VMM processes keep running (a restarted agent
+    /// adopts them), the agent only lets go of them.
     pub fn shutdown(&self) {
+        if self.process_mode() {
+            let entries = self.entries();
+            tracing::info!(
+                vms = entries.len(),
+                "agent stopping: guests in VMM processes keep running"
+            );
+            if let Ok(mut m) = self.vms.lock() {
+                m.clear();
+            }
+            return;
+        }
         let entries = self.entries();
         if !entries.is_empty() {
             tracing::warn!(
