@@ -50,11 +50,15 @@ pub struct VmEntry {
 impl VmEntry {
     /// A VM as it enters the table: no migration, no samples yet.
     pub(super) fn new(vm: Guest) -> VmEntry {
+        // An adopted VMM's guest was created when its VMM started, not now.
+        let created = vm.remote().map_or_else(SystemTime::now, |r| {
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(r.hello().started_unix_ms)
+        });
         VmEntry {
             name: vm.spec().name.clone(),
             vm: Mutex::new(vm),
             op: Arc::new(tokio::sync::Mutex::new(())),
-            created: SystemTime::now(),
+            created,
             samples: Mutex::new((None, None)),
             migration: Mutex::new(None),
             announce_cancel: Mutex::new(Arc::new(std::sync::atomic::AtomicBool::new(false))),

@@ -90,6 +90,9 @@ pub struct HostInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_error: Option<String>,
     pub vms: usize,
+    /// VMMs found at start that this agent could not adopt (they keep running), and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vmm_errors: Vec<String>,
 }
 
 impl Agent {
@@ -110,6 +113,11 @@ impl Agent {
             memory_committed_mib: self.committed_mib(),
             memory_error,
             vms: self.entries().len(),
+            vmm_errors: self
+                .vmm_errors
+                .lock()
+                .map(|v| v.clone())
+                .unwrap_or_default(),
         }
     }
 

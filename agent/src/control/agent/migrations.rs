@@ -198,6 +198,16 @@ impl Agent {
         tracing::info!(vm = %req.vm, id = %handle.id, to = %req.to, peer = %peer, "migration starting");
         let agent = self.clone();
         let entry = e.clone();
+        // A VMM outlives this agent: if the agent dies mid-switchover, the next one finds the
+        // guest paused with this mark and resolves it (adoption.rs).
+        let mark = vm
+            .remote()
+            .map(|_| super::adoption::migrating_mark(&self.config.agent.state_dir, &req.vm));
+        if let Some(m) = &mark {
+            if let Err(err) = std::fs::write(m, handle.id.as_bytes()) {
+                tracing::warn!(vm = %req.vm, error = %err, "cannot write the migration mark");
+            }
+        }
         let spawned = std::thread::Builder::new()
             .name(format!("mig-{}", handle.id))
             .spawn(move || {
@@ -239,6 +249,9 @@ impl Agent {
                         }
                         entry.set_migration(None);
                     }
+                }
+                if let Some(m) = &mark {
+                    let _ = std::fs::remove_file(m);
                 }
                 drop(job);
                 drop(vm);

@@ -36,6 +36,7 @@ use crate::vmm::remote::RemoteGuest;
 use super::config::{valid_name, Config, VmmMode};
 use guest::Guest;
 
+mod adoption;
 mod entry;
 mod error;
 mod guest;
@@ -76,6 +77,9 @@ pub struct Agent {
     ownership: Option<Ownership>,
     /// Disk locks on the datastores: one running guest per disk in the cluster.
     locks: DiskLocks,
+    /// VMMs found at start that could not be adopted (incompatible protocol, ...): they keep
+    /// running; `ferry host` lists them.
+    vmm_errors: Mutex<Vec<String>>,
 }
 
 impl Agent {
@@ -92,20 +96,13 @@ impl Agent {
             .as_ref()
             .and_then(|d| config.datastores.get(d))
             .map(|dir| Ownership::new(dir.clone()));
-        if let Some(o) = &ownership {
-            // Guests this host owns that do not run here were lost when the agent stopped.
-            for r in o.all() {
-                if r.owned_by(&config.agent.name) {
-                    tracing::warn!(vm = %r.vm, generation = r.generation, "this host owns a guest that is not running here (lost when the agent stopped); `ferry destroy` releases it");
-                }
-            }
-        }
         let locks = DiskLocks::new(
             &config.agent.name,
             std::time::Duration::from_secs(config.cluster.lock_lease_s),
         );
         locks.heartbeat(&config.datastores);
-        Arc::new(Agent {
+        let agent = Arc::new(Agent {
+            vmm_errors: Mutex::new(Vec::new()),
             locks,
             ownership,
             config,
@@ -117,7 +114,19 @@ impl Agent {
             reserving: Mutex::new(0),
             migrations: Mutex::new(std::collections::VecDeque::new()),
             incoming_ops: Mutex::new(BTreeMap::new()),
-        })
+        });
+        if agent.process_mode() {
+            agent.adopt_vmms();
+        }
+        if let Some(o) = &agent.ownership {
+            // Guests this host owns that do not run here were lost when the agent stopped.
+            for r in o.all() {
+                if r.owned_by(&agent.config.agent.name) && agent.entry(&r.vm).is_err() {
+                    tracing::warn!(vm = %r.vm, generation = r.generation, "this host owns a guest that is not running here (lost when the agent stopped); `ferry destroy` releases it");
+                }
+            }
+        }
+        agent
     }
 
     fn entry(&self, name: &str) -> Result<Arc<VmEntry>, AgentError> {
