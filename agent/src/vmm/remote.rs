@@ -432,8 +432,8 @@ impl RemoteGuest {
                 // VMM of the same name (a start right after) finds the socket free.
                 let deadline = std::time::Instant::now() + STOP_WAIT;
                 while std::time::Instant::now() < deadline
-                    && !super::read_exit_record(&self.state_dir, &self.spec.name)
-                        .is_some_and(|r| r.instance_id == self.hello.instance_id)
+                    && super::read_exit_record(&self.state_dir, &self.spec.name)
+                        .is_none_or(|r| r.instance_id != self.hello.instance_id)
                 {
                     std::thread::sleep(Duration::from_millis(5));
                 }
