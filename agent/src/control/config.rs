@@ -25,6 +25,11 @@
 //! encrypt = "preferred"                   # "required" | "preferred" (default) | "off": AES-256-GCM
 //!                                         # page streams and state, keyed from [cluster] key_file
 //!
+//! [vmm]
+//! mode = "inline"                         # "inline" (default): guests run in the agent process;
+//!                                         # "process": one `ferry vmm` process per guest, which
+//!                                         # outlives agent restarts (docs/vmm.md)
+//!
 //! [datastores]                            # name -> directory
 //! shared = "/srv/ferry/shared"
 //! local = "/srv/ferry/local"
@@ -256,6 +261,28 @@ pub struct Config {
     pub debug: DebugSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub vmm: VmmSection,
+}
+
+/// `[vmm]`: where guests run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmmSection {
+    /// "inline" (default): every guest runs inside the agent process, and stops with it.
+    /// "process": every guest runs in a `ferry vmm` process of its own (docs/vmm.md), which
+    /// outlives the agent: a restarted agent adopts it.
+    #[serde(default)]
+    pub mode: VmmMode,
+}
+
+/// `[vmm] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmMode {
+    #[default]
+    Inline,
+    Process,
 }
 
 /// `[cluster]`: how agents trust each other.

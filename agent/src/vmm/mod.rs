@@ -24,6 +24,7 @@
 pub mod client;
 pub mod jail;
 pub mod protocol;
+pub mod remote;
 pub mod server;
 
 use std::collections::BTreeSet;

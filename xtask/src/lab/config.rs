@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use ferry::control::config::{
     AgentSection, ClusterSection, Config, CpuSection, DebugSection, EncryptPolicy, LimitsSection,
-    ManagementSection, MetricsSection, MigrationSection, DEFAULT_MANAGEMENT_PORT,
+    ManagementSection, MetricsSection, MigrationSection, VmmMode, VmmSection,
+    DEFAULT_MANAGEMENT_PORT,
 };
 
 use super::lifecycle::{local_datastore, shared_datastore};
@@ -130,6 +131,19 @@ fn agent_config(host: &LabHost, root: &Path, hosts: &[LabHost], key: &Path) -> C
         metrics: MetricsSection {
             address: Some(SocketAddr::from((host.mgmt_addr, METRICS_PORT))),
         },
+        vmm: VmmSection {
+            mode: lab_vmm_mode(),
+        },
+    }
+}
+
+/// `[vmm] mode` of the lab's agents: `FERRY_LAB_VMM=process` runs every guest in a `ferry vmm`
+/// process of its own (to run any lab test that way); otherwise the agent's default.
+pub fn lab_vmm_mode() -> VmmMode {
+    match std::env::var("FERRY_LAB_VMM").as_deref() {
+        Ok("process") => VmmMode::Process,
+        Ok("inline") => VmmMode::Inline,
+        _ => VmmMode::default(),
     }
 }
 

@@ -6,8 +6,8 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::guest::Guest;
 use crate::vm::workload::Heartbeat;
-use crate::vm::Vm;
 
 use super::AgentError;
 
@@ -37,7 +37,7 @@ struct Sample {
 /// One VM under the agent.
 pub struct VmEntry {
     pub(super) name: String,
-    vm: Mutex<Arc<Vm>>,
+    vm: Mutex<Guest>,
     pub(super) op: Arc<tokio::sync::Mutex<()>>,
     pub(super) created: SystemTime,
     samples: Mutex<(Option<Sample>, Option<Sample>)>,
@@ -49,12 +49,16 @@ pub struct VmEntry {
 
 impl VmEntry {
     /// A VM as it enters the table: no migration, no samples yet.
-    pub(super) fn new(vm: Vm) -> VmEntry {
+    pub(super) fn new(vm: Guest) -> VmEntry {
+        // An adopted VMM's guest was created when its VMM started, not now.
+        let created = vm.remote().map_or_else(SystemTime::now, |r| {
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(r.hello().started_unix_ms)
+        });
         VmEntry {
-            name: vm.spec.name.clone(),
-            vm: Mutex::new(Arc::new(vm)),
+            name: vm.spec().name.clone(),
+            vm: Mutex::new(vm),
             op: Arc::new(tokio::sync::Mutex::new(())),
-            created: SystemTime::now(),
+            created,
             samples: Mutex::new((None, None)),
             migration: Mutex::new(None),
             announce_cancel: Mutex::new(Arc::new(std::sync::atomic::AtomicBool::new(false))),
@@ -110,17 +114,17 @@ impl VmEntry {
         Ok(g)
     }
 
-    pub(super) fn vm(&self) -> Arc<Vm> {
+    pub(super) fn vm(&self) -> Guest {
         match self.vm.lock() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
     }
 
-    pub(super) fn replace(&self, vm: Vm) {
+    pub(super) fn replace(&self, vm: Guest) {
         match self.vm.lock() {
-            Ok(mut g) => *g = Arc::new(vm),
-            Err(p) => *p.into_inner() = Arc::new(vm),
+            Ok(mut g) => *g = vm,
+            Err(p) => *p.into_inner() = vm,
         }
     }
 
@@ -134,6 +138,10 @@ impl VmEntry {
             return;
         }
         let vm = self.vm();
+        if let Some(r) = vm.remote() {
+            // A VMM that died is noticed here, within a sampling interval.
+            r.poll();
+        }
         let Some(beats) = vm.heartbeats() else { return };
         if let Ok(mut s) = self.samples.lock() {
             let prev = s.1.take();

@@ -26,6 +26,9 @@ pub enum AgentError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A guest's VMM process could not be started or reached (`[vmm] mode = "process"`).
+    #[error(transparent)]
+    Vmm(#[from] crate::vmm::remote::RemoteError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -50,7 +53,7 @@ impl AgentError {
             {
                 400
             }
-            AgentError::Snapshot(_) | AgentError::Internal(_) => 500,
+            AgentError::Snapshot(_) | AgentError::Vmm(_) | AgentError::Internal(_) => 500,
         }
     }
 
@@ -65,6 +68,7 @@ impl AgentError {
             AgentError::Vm(VmError::State(..)) => "wrong_state",
             AgentError::Vm(_) => "vm",
             AgentError::Snapshot(_) => "snapshot",
+            AgentError::Vmm(_) => "vmm",
             AgentError::Internal(_) => "internal",
         }
     }

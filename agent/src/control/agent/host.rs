@@ -11,7 +11,9 @@ use crate::migrate::{self as mig, MigrationHandle};
 use crate::vm::memory::RegionLayout;
 use crate::vm::{Vm, VmSpec};
 
+use super::guest::Guest;
 use super::Agent;
+use crate::vmm::remote::RemoteGuest;
 
 impl Host for Agent {
     fn name(&self) -> String {
@@ -63,14 +65,35 @@ impl Host for Agent {
         let source = source.split_once(" (").map_or(source.as_str(), |(n, _)| n);
         self.lock_disks(spec, source).map_err(|e| e.to_string())?;
         let env = self.device_env(spec).map_err(|e| e.to_string())?;
-        let vm = Vm::create_empty_in(&self.hv, spec.clone(), regions, &env)
-            .map_err(|e| e.to_string())?;
-        let e = self.insert(vm).map_err(|e| e.to_string())?;
+        let vm = if self.process_mode() {
+            let launch = crate::vmm::IncomingLaunch {
+                spec: spec.clone(),
+                regions: regions.to_vec(),
+                devices: env,
+                host: self.host_settings(),
+            };
+            Guest::Process(
+                RemoteGuest::incoming(&self.config.agent.state_dir, &launch)
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            Guest::Inline(Arc::new(
+                Vm::create_empty_in(&self.hv, spec.clone(), regions, &env)
+                    .map_err(|e| e.to_string())?,
+            ))
+        };
+        let e = match self.insert(vm.clone()) {
+            Ok(e) => e,
+            Err(err) => {
+                vm.stop();
+                return Err(err.to_string());
+            }
+        };
         e.set_migration(Some(format!("in {}", handle.id)));
         if let (Ok(g), Ok(mut m)) = (e.op.clone().try_lock_owned(), self.incoming_ops.lock()) {
             m.insert(spec.name.clone(), g);
         }
-        Ok(e.vm())
+        Ok(e.vm().incoming())
     }
 
     fn incoming_done(&self, name: &str, ok: bool) {

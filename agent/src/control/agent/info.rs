@@ -90,6 +90,9 @@ pub struct HostInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_error: Option<String>,
     pub vms: usize,
+    /// VMMs found at start that this agent could not adopt (they keep running), and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vmm_errors: Vec<String>,
 }
 
 impl Agent {
@@ -110,6 +113,11 @@ impl Agent {
             memory_committed_mib: self.committed_mib(),
             memory_error,
             vms: self.entries().len(),
+            vmm_errors: self
+                .vmm_errors
+                .lock()
+                .map(|v| v.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -122,9 +130,9 @@ impl Agent {
                     name: e.name.clone(),
                     state: vm.status(),
                     migration: e.migration(),
-                    kind: vm.spec.kind.name().into(),
-                    memory_mib: vm.spec.memory_mib,
-                    vcpus: vm.spec.vcpus,
+                    kind: vm.spec().kind.name().into(),
+                    memory_mib: vm.spec().memory_mib,
+                    vcpus: vm.spec().vcpus,
                 }
             })
             .collect()
@@ -132,16 +140,17 @@ impl Agent {
 
     pub(super) fn info(&self, e: &VmEntry) -> VmInfo {
         let vm = e.vm();
-        let (heartbeats, dirty_rate) = match &vm.spec.kind {
+        let d = vm.details();
+        let (heartbeats, dirty_rate) = match &vm.spec().kind {
             GuestKind::Workload(p) => {
                 let data = workload::DataLayout::new(
                     &vm.memory().layout(),
-                    vm.spec.vcpus,
+                    vm.spec().vcpus,
                     p.working_set_mib.map(|m| m << 20),
                 );
                 let ws: Vec<u64> = data.slices.iter().map(|s| s.2).collect();
                 let rates = e.rates(&vm.heartbeats().unwrap_or_default(), &ws);
-                let measured = if vm.status() == VmStatus::Running {
+                let measured = if d.state == VmStatus::Running {
                     rates.iter().map(|r| r.dirty_mib_per_sec).sum()
                 } else {
                     Some(0.0)
@@ -156,26 +165,25 @@ impl Agent {
             }
             GuestKind::Raw(_) | GuestKind::Service(_) => (vec![], None),
         };
-        let virtio = &vm.devices().virtio;
         VmInfo {
             name: e.name.clone(),
-            state: vm.status(),
+            state: d.state,
             migration: e.migration(),
-            spec: vm.spec.clone(),
+            spec: vm.spec().clone(),
             created_unix: e
                 .created
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            fault: vm.fault().map(|f| format!("vCPU {}: {}", f.vcpu, f.reason)),
-            last_pause_us: vm.last_pause().as_micros() as u64,
-            last_resume_us: vm.last_resume().as_micros() as u64,
-            tsc_khz: vm.tsc_khz(),
-            exits: vm.devices().counters.stats(),
+            fault: d.fault,
+            last_pause_us: d.last_pause_us,
+            last_resume_us: d.last_resume_us,
+            tsc_khz: d.tsc_khz,
+            exits: d.exits,
             heartbeats,
             dirty_rate,
-            disk_locks: self.disk_locks(&vm.spec),
-            nics: virtio.net.iter().map(|n| n.stats()).collect(),
-            disks: virtio.blk.iter().map(|b| b.stats()).collect(),
+            disk_locks: self.disk_locks(vm.spec()),
+            nics: d.nics,
+            disks: d.disks,
         }
     }
 
@@ -186,13 +194,7 @@ impl Agent {
 
     pub fn console(&self, name: &str, offset: u64, max: usize) -> Result<ConsoleChunk, AgentError> {
         let e = self.entry(name)?;
-        let vm = e.vm();
-        let c = vm
-            .devices()
-            .console
-            .lock()
-            .map_err(|_| AgentError::Internal("console lock poisoned".into()))?;
-        let (from, bytes) = c.read_from(offset, max.clamp(1, 1 << 20));
+        let (from, bytes) = e.vm().console(offset, max.clamp(1, 1 << 20))?;
         Ok(ConsoleChunk {
             offset: from,
             next_offset: from + bytes.len() as u64,

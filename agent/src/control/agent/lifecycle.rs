@@ -12,7 +12,17 @@ use crate::vm::snapshot::{self, SaveReport};
 use crate::vm::workload;
 use crate::vm::{GuestKind, Vm, VmError, VmSpec, VmStatus};
 
+use super::guest::Guest;
 use super::{blocking, require_absolute, Agent, AgentError, VmInfo};
+
+/// The in-process VM of a guest, for what only it supports yet (save, digest).
+fn inline_only(vm: &Guest, what: &str) -> Result<Arc<Vm>, AgentError> {
+    vm.inline().cloned().ok_or_else(|| {
+        AgentError::Invalid(format!(
+            "a guest in a VMM process cannot be {what} yet ([vmm] mode = \"process\")"
+        ))
+    })
+}
 
 impl Agent {
     /// Create a VM; with `start` it runs at once.
@@ -36,18 +46,31 @@ impl Agent {
         }
         let _r = self.reserve(spec.memory_mib)?;
         let env = self.device_env(&spec)?;
-        let vm = Vm::create_in(&self.hv, spec, &env)?;
-        self.adopt(&vm.spec.name)?;
+        let vm = self.new_guest(spec, &env)?;
+        if let Err(e) = self.adopt(&vm.spec().name) {
+            vm.stop();
+            return Err(e);
+        }
         if start {
-            self.lock_disks(&vm.spec, &self.config.agent.name)?;
+            if let Err(e) = self.lock_disks(vm.spec(), &self.config.agent.name) {
+                vm.stop();
+                return Err(e);
+            }
             if let Err(e) = vm.start() {
-                self.unlock_disks(&vm.spec);
+                self.unlock_disks(vm.spec());
+                vm.stop();
                 return Err(e.into());
             }
         }
-        let e = self.insert(vm)?;
+        let e = match self.insert(vm.clone()) {
+            Ok(e) => e,
+            Err(err) => {
+                vm.stop();
+                return Err(err);
+            }
+        };
         if start {
-            self.announce(&e.vm().spec);
+            self.announce(e.vm().spec());
         }
         Ok(self.info(&e))
     }
@@ -59,23 +82,23 @@ impl Agent {
         let vm = e.vm();
         match vm.status() {
             VmStatus::Stopped | VmStatus::Crashed => {
-                let spec = vm.spec.clone();
+                let spec = vm.spec().clone();
                 self.lock_disks(&spec, self.me())?;
                 vm.stop();
                 drop(vm);
-                let hv = self.hv.clone();
                 let env = self.device_env(&spec)?;
-                let fresh =
-                    blocking(move || Vm::create_in(&hv, spec, &env).map_err(AgentError::from))
-                        .await?;
-                fresh.start()?;
-                self.announce(&fresh.spec);
+                let fresh = self.new_guest_blocking(spec, env).await?;
+                if let Err(err) = fresh.start() {
+                    fresh.stop();
+                    return Err(err.into());
+                }
+                self.announce(fresh.spec());
                 e.replace(fresh);
             }
             VmStatus::Created => {
-                self.lock_disks(&vm.spec, self.me())?;
+                self.lock_disks(vm.spec(), self.me())?;
                 vm.start()?;
-                self.announce(&vm.spec);
+                self.announce(vm.spec());
             }
             _ => {
                 self.may_run(name).await?;
@@ -106,7 +129,7 @@ impl Agent {
         let _op = e.begin().await?;
         e.stop_announcing();
         let vm = e.vm();
-        let spec = vm.spec.clone();
+        let spec = vm.spec().clone();
         blocking(move || {
             vm.stop();
             Ok(())
@@ -144,7 +167,7 @@ impl Agent {
         }
         e.stop_announcing();
         let vm = e.vm();
-        let spec = vm.spec.clone();
+        let spec = vm.spec().clone();
         blocking(move || {
             vm.stop();
             Ok(())
@@ -166,6 +189,7 @@ impl Agent {
         let e = self.entry(name)?;
         let _op = e.begin().await?;
         let vm = e.vm();
+        let vm = inline_only(&vm, "saved")?;
         blocking(move || {
             let was_running = vm.status() == VmStatus::Running;
             let t = Instant::now();
@@ -195,6 +219,11 @@ impl Agent {
         paused: bool,
     ) -> Result<VmInfo, AgentError> {
         require_absolute(&dir)?;
+        if self.process_mode() {
+            return Err(AgentError::Invalid(
+                "restoring a saved guest is not supported with [vmm] mode = \"process\" yet".into(),
+            ));
+        }
         let (manifest, _) = snapshot::read(&dir)?;
         let name = name.unwrap_or(manifest.name);
         self.check_new_name(&name)?;
@@ -213,9 +242,9 @@ impl Agent {
                 return Err(e.into());
             }
         }
-        let e = self.insert(vm)?;
+        let e = self.insert(Guest::Inline(Arc::new(vm)))?;
         if !paused {
-            self.announce(&e.vm().spec);
+            self.announce(e.vm().spec());
         }
         Ok(self.info(&e))
     }
@@ -225,6 +254,7 @@ impl Agent {
         let e = self.entry(name)?;
         let _op = e.begin().await?;
         let vm = e.vm();
+        let vm = inline_only(&vm, "digested")?;
         blocking(move || snapshot::memory_digest(&vm).map_err(AgentError::from)).await
     }
 
@@ -233,7 +263,7 @@ impl Agent {
         let e = self.entry(name)?;
         let _op = e.begin().await?;
         let vm = e.vm();
-        let GuestKind::Workload(p) = vm.spec.kind.clone() else {
+        let GuestKind::Workload(p) = vm.spec().kind.clone() else {
             return Err(AgentError::Invalid(format!(
                 "{name} is not a workload guest; only workload memory can be verified"
             )));
@@ -242,7 +272,7 @@ impl Agent {
             return Err(VmError::State(VmStatus::Running, "pause it to verify its memory").into());
         }
         blocking(move || {
-            let r = workload::verify(vm.memory(), vm.spec.vcpus, &p)
+            let r = workload::verify(&vm.memory(), vm.spec().vcpus, &p)
                 .map_err(|e| AgentError::Vm(e.into()))?;
             Ok(VerifyOutcome {
                 ok: r.ok(),
@@ -251,6 +281,36 @@ impl Agent {
                 bad_count: r.bad_count,
                 bad_pages: r.bad_pages,
             })
+        })
+        .await
+    }
+
+    /// [`Agent::new_guest`] off the async runtime (building memory, or a VMM coming up, takes
+    /// a moment).
+    async fn new_guest_blocking(
+        &self,
+        spec: VmSpec,
+        env: crate::vm::DeviceEnv,
+    ) -> Result<Guest, AgentError> {
+        if !self.process_mode() {
+            let hv = self.hv.clone();
+            return blocking(move || {
+                Ok(Guest::Inline(Arc::new(
+                    Vm::create_in(&hv, spec, &env).map_err(AgentError::from)?,
+                )))
+            })
+            .await;
+        }
+        let launch = crate::vmm::CreateLaunch {
+            spec,
+            devices: env,
+            host: self.host_settings(),
+        };
+        let dir = self.config.agent.state_dir.clone();
+        blocking(move || {
+            Ok(Guest::Process(crate::vmm::remote::RemoteGuest::create(
+                &dir, &launch,
+            )?))
         })
         .await
     }

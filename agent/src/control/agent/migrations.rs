@@ -184,7 +184,7 @@ impl Agent {
         e.set_migration(Some(format!("out {}", handle.id)));
         let job = SourceJob {
             handle: handle.clone(),
-            vm: vm.clone(),
+            vm: vm.source(),
             peer,
             local_migration: mig_cfg.address,
             identity: self.identity(),
@@ -198,11 +198,21 @@ impl Agent {
         tracing::info!(vm = %req.vm, id = %handle.id, to = %req.to, peer = %peer, "migration starting");
         let agent = self.clone();
         let entry = e.clone();
+        // A VMM outlives this agent: if the agent dies mid-switchover, the next one finds the
+        // guest paused with this mark and resolves it (adoption.rs).
+        let mark = vm
+            .remote()
+            .map(|_| super::adoption::migrating_mark(&self.config.agent.state_dir, &req.vm));
+        if let Some(m) = &mark {
+            if let Err(err) = std::fs::write(m, handle.id.as_bytes()) {
+                tracing::warn!(vm = %req.vm, error = %err, "cannot write the migration mark");
+            }
+        }
         let spawned = std::thread::Builder::new()
             .name(format!("mig-{}", handle.id))
             .spawn(move || {
                 let span =
-                    tracing::info_span!("migration", id = %job.handle.id, vm = %vm.spec.name);
+                    tracing::info_span!("migration", id = %job.handle.id, vm = %vm.spec().name);
                 let _s = span.enter();
                 let _guard = guard;
                 match source::run(&job) {
@@ -211,7 +221,7 @@ impl Agent {
                         entry.stop_announcing();
                         vm.stop();
                         if let Ok(mut m) = agent.vms.lock() {
-                            m.remove(&vm.spec.name);
+                            m.remove(&vm.spec().name);
                         }
                         job.handle.complete(summary);
                     }
@@ -220,7 +230,7 @@ impl Agent {
                         entry.stop_announcing();
                         vm.stop();
                         if let Ok(mut m) = agent.vms.lock() {
-                            m.remove(&vm.spec.name);
+                            m.remove(&vm.spec().name);
                         }
                         job.handle.complete(f.summary.unwrap_or_default());
                         job.handle.resolved(
@@ -239,6 +249,9 @@ impl Agent {
                         }
                         entry.set_migration(None);
                     }
+                }
+                if let Some(m) = &mark {
+                    let _ = std::fs::remove_file(m);
                 }
                 drop(job);
                 drop(vm);

@@ -30,12 +30,16 @@ use crate::checks::disklock::DiskLocks;
 use crate::migrate::ownership::Ownership;
 use crate::migrate::{self as mig, MigrationHandle};
 use crate::netpin::{NetPin, StatsReport};
-use crate::vm::{Hypervisor, Vm};
+use crate::vm::{Hypervisor, VmSpec};
+use crate::vmm::remote::RemoteGuest;
 
-use super::config::{valid_name, Config};
+use super::config::{valid_name, Config, VmmMode};
+use guest::Guest;
 
+mod adoption;
 mod entry;
 mod error;
+mod guest;
 mod host;
 mod info;
 mod lifecycle;
@@ -73,6 +77,9 @@ pub struct Agent {
     ownership: Option<Ownership>,
     /// Disk locks on the datastores: one running guest per disk in the cluster.
     locks: DiskLocks,
+    /// VMMs found at start that could not be adopted (incompatible protocol, ...): they keep
+    /// running; `ferry host` lists them.
+    vmm_errors: Mutex<Vec<String>>,
 }
 
 impl Agent {
@@ -89,20 +96,13 @@ impl Agent {
             .as_ref()
             .and_then(|d| config.datastores.get(d))
             .map(|dir| Ownership::new(dir.clone()));
-        if let Some(o) = &ownership {
-            // Guests this host owns that do not run here were lost when the agent stopped.
-            for r in o.all() {
-                if r.owned_by(&config.agent.name) {
-                    tracing::warn!(vm = %r.vm, generation = r.generation, "this host owns a guest that is not running here (lost when the agent stopped); `ferry destroy` releases it");
-                }
-            }
-        }
         let locks = DiskLocks::new(
             &config.agent.name,
             std::time::Duration::from_secs(config.cluster.lock_lease_s),
         );
         locks.heartbeat(&config.datastores);
-        Arc::new(Agent {
+        let agent = Arc::new(Agent {
+            vmm_errors: Mutex::new(Vec::new()),
             locks,
             ownership,
             config,
@@ -114,7 +114,19 @@ impl Agent {
             reserving: Mutex::new(0),
             migrations: Mutex::new(std::collections::VecDeque::new()),
             incoming_ops: Mutex::new(BTreeMap::new()),
-        })
+        });
+        if agent.process_mode() {
+            agent.adopt_vmms();
+        }
+        if let Some(o) = &agent.ownership {
+            // Guests this host owns that do not run here were lost when the agent stopped.
+            for r in o.all() {
+                if r.owned_by(&agent.config.agent.name) && agent.entry(&r.vm).is_err() {
+                    tracing::warn!(vm = %r.vm, generation = r.generation, "this host owns a guest that is not running here (lost when the agent stopped); `ferry destroy` releases it");
+                }
+            }
+        }
+        agent
     }
 
     fn entry(&self, name: &str) -> Result<Arc<VmEntry>, AgentError> {
@@ -145,8 +157,8 @@ impl Agent {
         Ok(())
     }
 
-    fn insert(&self, vm: Vm) -> Result<Arc<VmEntry>, AgentError> {
-        let name = vm.spec.name.clone();
+    fn insert(&self, vm: Guest) -> Result<Arc<VmEntry>, AgentError> {
+        let name = vm.spec().name.clone();
         let entry = Arc::new(VmEntry::new(vm));
         let mut m = self
             .vms
@@ -170,8 +182,57 @@ impl Agent {
         }
     }
 
-    /// Stop every VM (agent shutdown).
+    /// Whether guests run in VMM processes of their own (`[vmm] mode = "process"`).
+    pub fn process_mode(&self) -> bool {
+        self.config.vmm.mode == VmmMode::Process
+    }
+
+    /// Build a new guest of `spec` (not running yet): in this process, or in a VMM of its own.
+    fn new_guest(&self, spec: VmSpec, env: &crate::vm::DeviceEnv) -> Result<Guest, AgentError> {
+        if !self.process_mode() {
+            return Ok(Guest::Inline(Arc::new(crate::vm::Vm::create_in(
+                &self.hv, spec, env,
+            )?)));
+        }
+        let launch = crate::vmm::CreateLaunch {
+            spec,
+            devices: env.clone(),
+            host: self.host_settings(),
+        };
+        Ok(Guest::Process(RemoteGuest::create(
+            &self.config.agent.state_dir,
+            &launch,
+        )?))
+    }
+
+    /// The host settings a VMM's hypervisor must share with this agent's.
+    fn host_settings(&self) -> crate::vmm::HostSettings {
+        crate::vmm::HostSettings {
+            huge_pages: self.config.limits.huge_pages,
+            cpu_mask: self
+                .config
+                .cpu
+                .mask
+                .iter()
+                .filter_map(|f| crate::vm::cpuid::parse_feature(f).ok())
+                .collect(),
+        }
+    }
+
+    /// Agent shutdown: stop every inline VM; VMM processes keep running (a restarted agent
+    /// adopts them), the agent only lets go of them.
     pub fn shutdown(&self) {
+        if self.process_mode() {
+            let entries = self.entries();
+            tracing::info!(
+                vms = entries.len(),
+                "agent stopping: guests in VMM processes keep running"
+            );
+            if let Ok(mut m) = self.vms.lock() {
+                m.clear();
+            }
+            return;
+        }
         let entries = self.entries();
         if !entries.is_empty() {
             tracing::warn!(

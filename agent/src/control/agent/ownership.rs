@@ -151,7 +151,7 @@ impl Agent {
     /// After the commit of an incoming migration: the guest's disk locks name this host.
     pub(super) fn hand_over_disks(&self, vm: &str) {
         let Ok(e) = self.entry(vm) else { return };
-        for d in &e.vm().spec.disks {
+        for d in &e.vm().spec().disks {
             if let Err(err) = self.locks.hand_over(&self.datastores, &d.path, vm) {
                 tracing::warn!(vm, disk = %d.path, error = %err, "could not record this host in a disk lock (the ownership record decides)");
             }

@@ -68,7 +68,7 @@ impl Agent {
     pub async fn check(&self, vm: &str, to: &str) -> Result<CheckReport, AgentError> {
         let e = self.entry(vm)?;
         let v = e.vm();
-        let spec = v.spec.clone();
+        let spec = v.spec().clone();
         let disks: std::collections::BTreeMap<String, u64> = spec
             .disks
             .iter()

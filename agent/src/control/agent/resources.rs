@@ -35,7 +35,7 @@ impl Agent {
             .iter()
             .map(|e| e.vm())
             .filter(|v| !matches!(v.status(), VmStatus::Stopped))
-            .map(|v| v.spec.memory_mib)
+            .map(|v| v.spec().memory_mib)
             .sum();
         vms + self.reserving.lock().map(|r| *r).unwrap_or(0)
     }
