@@ -36,8 +36,9 @@
 //! carries on past its `StreamEnd` with `NetFrames` frames (sealed like page frames when the
 //! migration is encrypted) and ends with `ForwardEnd`. See `forward.rs`.
 //!
-//! Either side may send **Abort {reason}** on the control connection at any time before the
-//! commit; the source then resumes its guest and the destination destroys its empty copy.
+//! Either side may send **Abort {code, reason}** (a typed [`AbortCode`], see docs/migration.md)
+//! on the control connection at any time before the commit; the source then resumes its guest
+//! and the destination destroys its empty copy.
 //!
 //! ## Destination (receiver) states
 //!
@@ -110,8 +111,14 @@ pub enum ProtocolError {
     Malformed { what: &'static str, why: String },
     #[error("expected a {expected:?} frame, got {got:?}")]
     Unexpected { expected: Command, got: Command },
-    #[error("the peer aborted: {0}")]
-    Aborted(String),
+    /// The peer sent `Abort`: its typed code and its reason (escaped and bounded).
+    #[error("the peer aborted: {reason}")]
+    Aborted {
+        code: AbortCode,
+        reason: String,
+        /// With [`AbortCode::DigestMismatch`]: the destination's digest.
+        digest: Option<String>,
+    },
     #[error("frames out of order: expected sequence {expected}, got {got}")]
     Sequence { expected: u32, got: u32 },
     /// A read timeout ran out (what the kernel reports as `EAGAIN`, "os error 11").
@@ -527,13 +534,7 @@ impl Frame {
             return Ok(());
         }
         if self.command == Command::Abort {
-            let a: Abort = serde_json::from_slice(&self.payload).unwrap_or(Abort {
-                reason: "(unreadable reason)".into(),
-            });
-            return Err(ProtocolError::Aborted(super::untrusted::peer_text(
-                &a.reason,
-                super::untrusted::PEER_REASON_MAX,
-            )));
+            return Err(Abort::decode(&self.payload).into_error());
         }
         Err(ProtocolError::Unexpected {
             expected,
@@ -792,9 +793,122 @@ pub struct Observed {
     pub announcements: Vec<crate::announce::Announcement>,
 }
 
+/// Why a migration stops, as a number on the wire (the `code` of [`Abort`]).
+///
+/// The numbers are the protocol: never renumber one, only add. A code this build does not
+/// know (from a newer peer) reads as [`AbortCode::Unspecified`]; the reason text still says
+/// what happened. See docs/migration.md, "Abort codes".
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(from = "u16", into = "u16")]
+pub enum AbortCode {
+    /// No code: an agent from before the codes (its `Abort` has only a reason), or a code
+    /// this build does not know.
+    #[default]
+    Unspecified = 0,
+    /// The user cancelled the migration.
+    Cancelled = 1,
+    /// The destination will not take this guest: a taken name, no room, migration disabled
+    /// or unconfigured there, encryption required, the ownership record names someone else,
+    /// an injected fault.
+    Refused = 2,
+    /// The peers share no protocol version.
+    Version = 3,
+    /// Authentication with the cluster key failed.
+    Auth = 4,
+    /// `--verify`: the destination's memory digest differs from the source's (the digest
+    /// travels in [`Abort::digest`]).
+    DigestMismatch = 5,
+    /// A peer or a data stream went silent past its deadline.
+    Timeout = 6,
+    /// A frame was damaged, out of order, of the wrong kind or malformed.
+    Protocol = 7,
+    /// A data connection failed (reset, closed, an I/O error).
+    Transport = 8,
+    /// Anything else that failed on the sender's side (guest memory, state, a local error).
+    Internal = 9,
+    /// A source-side policy stopped it (did not converge, over its deadline).
+    Policy = 10,
+}
+
+impl From<u16> for AbortCode {
+    fn from(v: u16) -> Self {
+        use AbortCode::*;
+        match v {
+            1 => Cancelled,
+            2 => Refused,
+            3 => Version,
+            4 => Auth,
+            5 => DigestMismatch,
+            6 => Timeout,
+            7 => Protocol,
+            8 => Transport,
+            9 => Internal,
+            10 => Policy,
+            _ => Unspecified,
+        }
+    }
+}
+
+impl From<AbortCode> for u16 {
+    fn from(c: AbortCode) -> u16 {
+        c as u16
+    }
+}
+
+/// Either side stops the migration (before the commit). JSON: `{"code": 5, "reason": "...",
+/// "digest": "..."}`; agents from before the codes send only `reason`, and ignore `code` and
+/// `digest` (no version change: see docs/migration.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Abort {
+    /// What kind of failure (for programs: metrics, retries, tests).
+    #[serde(default)]
+    pub code: AbortCode,
+    /// What happened, for people.
     pub reason: String,
+    /// With [`AbortCode::DigestMismatch`]: the destination's memory digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// What destinations before the codes put before their digest in a mismatch's reason (and
+/// what this build still writes there, so that those sources recognise it).
+pub const LEGACY_DIGEST_MISMATCH: &str = "digest mismatch: ";
+
+impl Abort {
+    pub fn new(code: AbortCode, reason: impl Into<String>) -> Abort {
+        Abort {
+            code,
+            reason: reason.into(),
+            digest: None,
+        }
+    }
+
+    /// Decode a received `Abort` payload; never fails (an unreadable one is `Unspecified`).
+    /// The reason and digest are escaped and bounded (they come from the peer).
+    pub fn decode(payload: &[u8]) -> Abort {
+        let mut a: Abort = serde_json::from_slice(payload)
+            .unwrap_or_else(|_| Abort::new(AbortCode::Unspecified, "(unreadable reason)"));
+        // A destination from before the codes says a digest mismatch only in words.
+        if a.code == AbortCode::Unspecified {
+            if let Some(d) = a.reason.strip_prefix(LEGACY_DIGEST_MISMATCH) {
+                a.digest = Some(d.to_string());
+                a.code = AbortCode::DigestMismatch;
+            }
+        }
+        a.reason = super::untrusted::peer_text(&a.reason, super::untrusted::PEER_REASON_MAX);
+        a.digest = a.digest.map(|d| super::untrusted::peer_text(&d, 128));
+        a
+    }
+
+    /// The error a received `Abort` is.
+    pub fn into_error(self) -> ProtocolError {
+        ProtocolError::Aborted {
+            code: self.code,
+            reason: self.reason,
+            digest: self.digest,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -852,6 +966,38 @@ mod tests {
                 got: 5
             })
         ));
+    }
+
+    #[test]
+    fn abort_codes_round_trip_and_old_peers_are_understood() {
+        let mut a = Abort::new(AbortCode::Timeout, "slow");
+        let j = serde_json::to_vec(&a).unwrap();
+        assert_eq!(j, br#"{"code":6,"reason":"slow"}"#);
+        assert_eq!(Abort::decode(&j), a);
+        // An agent from before the codes: only a reason.
+        let old = Abort::decode(br#"{"reason":"no room"}"#);
+        assert_eq!(old.code, AbortCode::Unspecified);
+        assert_eq!(old.reason, "no room");
+        let old = Abort::decode(br#"{"reason":"digest mismatch: 0badc0de"}"#);
+        assert_eq!(old.code, AbortCode::DigestMismatch);
+        assert_eq!(old.digest.as_deref(), Some("0badc0de"));
+        // A code from a newer agent, and an unreadable payload.
+        assert_eq!(
+            Abort::decode(br#"{"code":999,"reason":"x"}"#).code,
+            AbortCode::Unspecified
+        );
+        assert_eq!(Abort::decode(b"\xff").code, AbortCode::Unspecified);
+        // What an old agent reads from this one: the reason is all it needs.
+        a.digest = Some("d".into());
+        #[derive(Deserialize)]
+        struct OldAbort {
+            reason: String,
+        }
+        let o: OldAbort = serde_json::from_slice(&serde_json::to_vec(&a).unwrap()).unwrap();
+        assert_eq!(o.reason, "slow");
+        for v in 0..=10u16 {
+            assert_eq!(u16::from(AbortCode::from(v)), v);
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ enum StreamEvent {
     },
     Failed {
         stream: u32,
-        error: String,
+        error: Box<MigrateError>,
     },
 }
 
@@ -128,7 +128,7 @@ impl Receivers {
                 {
                     let _ = tx.send(StreamEvent::Failed {
                         stream: i,
-                        error: error.to_string(),
+                        error: Box::new(error),
                     });
                     // Wake the control thread (its read ends); it can still write, to tell
                     // the source why.
@@ -308,16 +308,7 @@ fn receive_stream(
                 return Ok(());
             }
             Command::Abort => {
-                let a: Abort = serde_json::from_slice(&payload).unwrap_or(Abort {
-                    reason: "(unreadable)".into(),
-                });
-                return Err(protocol::ProtocolError::Aborted(
-                    crate::migrate::untrusted::peer_text(
-                        &a.reason,
-                        crate::migrate::untrusted::PEER_REASON_MAX,
-                    ),
-                )
-                .into());
+                return Err(Abort::decode(&payload).into_error().into());
             }
             other => {
                 return Err(protocol::ProtocolError::Unexpected {
