@@ -26,7 +26,7 @@ use super::protocol::{
 };
 use super::MigrateError;
 use crate::transport::tcp as transport;
-use crate::transport::uring::{thread_cpu_time, FrameSink, SendMode, SendStats, UringReader};
+use crate::transport::uring::{thread_cpu_time, FrameSink, SendMode, SendStats};
 
 const REGION: usize = 64 << 20;
 const PAGE: usize = 4096;
@@ -334,8 +334,7 @@ fn recv_stream(sock: TcpStream, mode: BlastMode) -> Result<(u64, Duration), Migr
         }
     } else {
         let mut dst = vec![0u8; REGION];
-        let mut r =
-            FrameReader::with_seq(BufReader::with_capacity(1 << 20, UringReader::new(sock)), 1);
+        let mut r = FrameReader::with_seq(BufReader::with_capacity(1 << 20, sock), 1);
         let mut payload = Vec::new();
         loop {
             let (cmd, count) = r.next_into(&mut payload)?;

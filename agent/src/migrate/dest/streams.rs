@@ -19,7 +19,6 @@ use crate::migrate::forward::{self, ForwardStats};
 use crate::migrate::guest::IncomingGuest;
 use crate::migrate::protocol::{self, Abort, Command, FrameReader, FrameWriter, RoundEnd};
 use crate::migrate::{EncodingStats, MigrateError, MigrationHandle};
-use crate::transport::uring::UringReader;
 use crate::vm::memory::GuestMemory;
 
 /// What a receiver tells the control thread.
@@ -98,14 +97,12 @@ impl Receivers {
             .tx
             .clone()
             .ok_or_else(|| MigrateError::Other("the receivers are closed".into()))?;
-        let mut r =
-            FrameReader::with_seq(BufReader::with_capacity(1 << 20, UringReader::new(sock)), 1);
+        let mut r = FrameReader::with_seq(BufReader::with_capacity(1 << 20, sock), 1);
         let (hold_tx, hold_rx) = mpsc::channel::<()>();
         self.holds.push(hold_tx);
         let sock = r
             .get_ref()
             .get_ref()
-            .socket()
             .try_clone()
             .map_err(protocol::ProtocolError::from)?;
         self.cuts.push(sock.try_clone().ok());
@@ -238,7 +235,7 @@ struct Lane {
 
 fn receive_stream(
     Lane { i, n, seal }: Lane,
-    r: &mut FrameReader<BufReader<UringReader>>,
+    r: &mut FrameReader<BufReader<TcpStream>>,
     mut acks: FrameWriter<TcpStream>,
     mem: &GuestMemory,
     tx: &mpsc::Sender<StreamEvent>,
