@@ -75,7 +75,7 @@ static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
 pub fn reason(e: &MigrateError) -> &'static str {
     match e {
         MigrateError::Cancelled => "cancelled",
-        MigrateError::Refused(_) => "refused",
+        MigrateError::Refused { .. } => "refused",
         MigrateError::Timeout { .. } => "timeout",
         MigrateError::Policy(_) => "policy",
         MigrateError::Connect { .. } => "connect",

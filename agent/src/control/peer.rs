@@ -28,7 +28,8 @@ use tokio::sync::oneshot;
 
 use crate::migrate::dest::Host;
 use crate::migrate::protocol::{
-    self, Abort, Command, Frame, FrameHeader, FrameReader, FrameWriter, Hello, HEADER_LEN,
+    self, Abort, AbortCode, Command, Frame, FrameHeader, FrameReader, FrameWriter, Hello,
+    HEADER_LEN,
 };
 use crate::migrate::session::{self, Auth, Identity};
 use crate::migrate::untrusted::peer_text;
@@ -77,7 +78,7 @@ impl PeerError {
             PeerError::Protocol(_) => "not a valid handshake",
             PeerError::TooLarge { .. } => "oversized handshake frame",
             PeerError::Migrate(crate::migrate::MigrateError::Auth(_)) => "authentication failed",
-            PeerError::Migrate(crate::migrate::MigrateError::Refused(_)) => {
+            PeerError::Migrate(crate::migrate::MigrateError::Refused { .. }) => {
                 "no common protocol version"
             }
             PeerError::Migrate(_) => "handshake failed",
@@ -250,11 +251,12 @@ impl Listener {
             self.sessions.fetch_sub(1, Ordering::SeqCst);
             let _ = w.send_msg(
                 Command::Abort,
-                &Abort {
-                    reason: format!(
+                &Abort::new(
+                    AbortCode::Refused,
+                    format!(
                         "this agent serves {MAX_SESSIONS} peer sessions already; try again shortly"
                     ),
-                },
+                ),
             );
             warn_limited!(self.warn_busy, peer = %addr, cap = MAX_SESSIONS, "refused a peer session: too many at once");
             return;
@@ -340,17 +342,10 @@ async fn handshake(mut conn: TcpStream, me: &Identity) -> Result<Authenticated, 
     let hello: Hello = read_frame(&mut conn, 0, true).await?.msg(Command::Hello)?;
     let server = match session::answer_hello(&hello, me) {
         Ok(s) => s,
-        Err(crate::migrate::MigrateError::Refused(reason)) => {
-            let b = frame_bytes(
-                0,
-                protocol::MIN_VERSION,
-                Command::Abort,
-                &Abort {
-                    reason: reason.clone(),
-                },
-            )?;
+        Err(e @ crate::migrate::MigrateError::Refused { .. }) => {
+            let b = frame_bytes(0, protocol::MIN_VERSION, Command::Abort, &e.to_abort())?;
             let _ = conn.write_all(&b).await;
-            return Err(crate::migrate::MigrateError::Refused(reason).into());
+            return Err(e.into());
         }
         Err(e) => return Err(e.into()),
     };
@@ -366,9 +361,7 @@ async fn handshake(mut conn: TcpStream, me: &Identity) -> Result<Authenticated, 
                 written,
                 server.version,
                 Command::Abort,
-                &Abort {
-                    reason: "authentication failed".into(),
-                },
+                &Abort::new(AbortCode::Auth, "authentication failed"),
             )?;
             let _ = conn.write_all(&b).await;
             return Err(e.into());

@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::protocol::{self, Abort, Command, FrameReader, FrameWriter, Ready, StreamHello};
+use super::protocol::{
+    self, Abort, AbortCode, Command, FrameReader, FrameWriter, Ready, StreamHello,
+};
 use super::MigrateError;
 use crate::transport::tcp as transport;
-use crate::transport::uring::{thread_cpu_time, FrameSink, SendMode, SendStats, UringReader};
+use crate::transport::uring::{thread_cpu_time, FrameSink, SendMode, SendStats};
 
 const REGION: usize = 64 << 20;
 const PAGE: usize = 4096;
@@ -248,7 +250,9 @@ pub fn run(
     } = super::session::connect(peer, me, Duration::from_secs(30 + req.secs as u64))?;
     cw.send_msg(Command::Blast, req)?;
     let ready: Ready = match cr.read_frame()?.msg(Command::Ready) {
-        Err(protocol::ProtocolError::Aborted(r)) => return Err(MigrateError::Refused(r)),
+        Err(e @ protocol::ProtocolError::Aborted { .. }) => {
+            return Err(MigrateError::from_abort(e, None))
+        }
         r => r?,
     };
     let data: SocketAddr = ready
@@ -330,8 +334,7 @@ fn recv_stream(sock: TcpStream, mode: BlastMode) -> Result<(u64, Duration), Migr
         }
     } else {
         let mut dst = vec![0u8; REGION];
-        let mut r =
-            FrameReader::with_seq(BufReader::with_capacity(1 << 20, UringReader::new(sock)), 1);
+        let mut r = FrameReader::with_seq(BufReader::with_capacity(1 << 20, sock), 1);
         let mut payload = Vec::new();
         loop {
             let (cmd, count) = r.next_into(&mut payload)?;
@@ -363,23 +366,21 @@ fn recv_stream(sock: TcpStream, mode: BlastMode) -> Result<(u64, Duration), Migr
 pub fn serve(
     cw: &mut FrameWriter<TcpStream>,
     req: BlastRequest,
-    local: Result<IpAddr, String>,
+    local: Result<IpAddr, super::dest::HostError>,
 ) -> Result<(), MigrateError> {
     let refuse = |cw: &mut FrameWriter<TcpStream>, reason: String| {
         let _ = cw.send_msg(
             Command::Abort,
-            &Abort {
-                reason: reason.clone(),
-            },
+            &Abort::new(AbortCode::Refused, reason.clone()),
         );
-        MigrateError::Refused(reason)
+        MigrateError::refused(reason)
     };
     if let Err(e) = req.validate() {
         return Err(refuse(cw, e));
     }
     let local = match local {
         Ok(a) => a,
-        Err(e) => return Err(refuse(cw, e)),
+        Err(e) => return Err(refuse(cw, e.to_string())),
     };
     let listener: TcpListener = transport::listen(local).map_err(|e| refuse(cw, e.to_string()))?;
     let token = match crate::util::random_u64() {

@@ -38,7 +38,6 @@ use super::guest::{IncomingGuest, SourceGuest};
 use super::protocol::{self, Command, ForwardEnd, FrameReader, FrameWriter, ProtocolError};
 use super::MigrateError;
 use crate::transport::seal::{Sealer, TAG_LEN};
-use crate::transport::uring::UringReader;
 use crate::vm::virtio::net::{addressed_to, Forwarding, MAX_FRAME};
 
 /// How long after `Resumed` the source forwards at most.
@@ -332,7 +331,7 @@ fn forward(vm: &str, lane: Lane, nics: Vec<(usize, Forwarding)>) -> ForwardStats
 /// is not for the NIC it names, is an error (nothing of it is delivered).
 pub fn receive(
     vm: &dyn IncomingGuest,
-    r: &FrameReader<BufReader<UringReader>>,
+    r: &FrameReader<BufReader<TcpStream>>,
     seal: Option<Sealer>,
     resumed: &OnceLock<Instant>,
 ) -> Result<ForwardStats, MigrateError> {
@@ -343,11 +342,10 @@ pub fn receive(
         }
         .into());
     }
-    // A plain reader on the same socket (the io_uring one cannot time out).
+    // A reader of its own on the same socket, with a read timeout.
     let sock = r
         .get_ref()
         .get_ref()
-        .socket()
         .try_clone()
         .map_err(ProtocolError::from)?;
     // Waiting between frames polls in short steps (so the bounds below are checked); a frame

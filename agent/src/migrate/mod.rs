@@ -42,7 +42,7 @@ use std::time::{Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 pub use converge::{Policy, RoundStats};
-use protocol::{Encoding, ProtocolError};
+use protocol::{Abort, AbortCode, Encoding, ProtocolError};
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -67,15 +67,23 @@ pub enum MigrateError {
     #[error(transparent)]
     Codec(#[from] codec::CodecError),
     #[error("data stream {stream}: {error}")]
-    Stream { stream: u32, error: String },
+    Stream {
+        stream: u32,
+        error: Box<MigrateError>,
+    },
+    /// The io_uring data path failed (sending frames, or receiving them).
+    #[error(transparent)]
+    Uring(#[from] crate::transport::uring::UringError),
     #[error("cancelled by the user")]
     Cancelled,
     #[error("lost the destination {peer} (it stopped, or the network to it failed): {cause}")]
     Lost { peer: String, cause: String },
     #[error("{0}")]
     Policy(String),
-    #[error("the destination refused: {0}")]
-    Refused(String),
+    /// The destination refused (or, on the destination, refuses: the reason goes to the
+    /// source with `code`), or the peer aborted with `code`.
+    #[error("the destination refused: {reason}")]
+    Refused { code: AbortCode, reason: String },
     #[error(
         "memory differs after the transfer: source {source_digest}, destination {dest_digest}"
     )]
@@ -95,6 +103,70 @@ pub enum MigrateError {
     Random(#[from] crate::util::UtilError),
     #[error("{0}")]
     Other(String),
+}
+
+impl MigrateError {
+    /// A refusal with the code [`AbortCode::Refused`].
+    pub fn refused(reason: impl Into<String>) -> MigrateError {
+        MigrateError::Refused {
+            code: AbortCode::Refused,
+            reason: reason.into(),
+        }
+    }
+
+    /// What a peer's `Abort` means here: a digest mismatch stays one (with the source's
+    /// digest, `ours`, where this side has it); anything else is a refusal with its code.
+    pub fn from_abort(e: ProtocolError, ours: Option<&str>) -> MigrateError {
+        match e {
+            ProtocolError::Aborted {
+                code: AbortCode::DigestMismatch,
+                digest: Some(theirs),
+                ..
+            } => MigrateError::DigestMismatch {
+                source_digest: ours.unwrap_or_default().to_string(),
+                dest_digest: theirs,
+            },
+            ProtocolError::Aborted { code, reason, .. } => MigrateError::Refused { code, reason },
+            e => e.into(),
+        }
+    }
+
+    /// The code an `Abort` for this error carries on the wire.
+    pub fn abort_code(&self) -> AbortCode {
+        match self {
+            MigrateError::Cancelled => AbortCode::Cancelled,
+            MigrateError::Refused { code, .. } => *code,
+            MigrateError::DigestMismatch { .. } => AbortCode::DigestMismatch,
+            MigrateError::Timeout { .. } => AbortCode::Timeout,
+            MigrateError::Auth(_) => AbortCode::Auth,
+            MigrateError::Policy(_) => AbortCode::Policy,
+            MigrateError::Protocol(ProtocolError::TimedOut { .. })
+            | MigrateError::Protocol(ProtocolError::TimedOutUnknown(_)) => AbortCode::Timeout,
+            MigrateError::Protocol(ProtocolError::Io(_)) => AbortCode::Transport,
+            MigrateError::Protocol(ProtocolError::Aborted { code, .. }) => *code,
+            MigrateError::Protocol(_) => AbortCode::Protocol,
+            MigrateError::Stream { error, .. } => error.abort_code(),
+            MigrateError::Uring(_) | MigrateError::Connect { .. } | MigrateError::Lost { .. } => {
+                AbortCode::Transport
+            }
+            _ => AbortCode::Internal,
+        }
+    }
+
+    /// The `Abort` that tells the peer why this side stops: the code, and the reason in words
+    /// (the refusal's own words; otherwise the cause chain).
+    pub fn to_abort(&self) -> Abort {
+        match self {
+            MigrateError::Refused { code, reason } => Abort::new(*code, reason.clone()),
+            // The digest also in the reason's words, as sources from before the codes read it.
+            MigrateError::DigestMismatch { dest_digest, .. } => Abort {
+                code: AbortCode::DigestMismatch,
+                reason: format!("{}{dest_digest}", protocol::LEGACY_DIGEST_MISMATCH),
+                digest: Some(dest_digest.clone()),
+            },
+            e => Abort::new(e.abort_code(), crate::util::error_chain(e)),
+        }
+    }
 }
 
 /// The cipher of encrypted migrations, as the summary names it.

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::protocol::{self, Abort, Command, FrameReader, FrameWriter, Hello, HelloAck};
+use super::protocol::{self, Abort, AbortCode, Command, FrameReader, FrameWriter, Hello, HelloAck};
 use super::MigrateError;
 use crate::auth::{nonce, ClusterKey};
 use crate::transport::tcp as transport;
@@ -85,16 +85,21 @@ pub fn connect(
         },
     )?;
     let ack: HelloAck = match r.read_frame()?.msg(Command::HelloAck) {
-        Err(protocol::ProtocolError::Aborted(why)) => return Err(MigrateError::Refused(why)),
+        Err(e @ protocol::ProtocolError::Aborted { .. }) => {
+            return Err(MigrateError::from_abort(e, None))
+        }
         a => a?,
     };
     if !(protocol::MIN_VERSION..=protocol::VERSION).contains(&ack.version) {
-        return Err(MigrateError::Refused(format!(
-            "{peer} chose protocol version {}, outside what this agent speaks ({}..={})",
-            ack.version,
-            protocol::MIN_VERSION,
-            protocol::VERSION
-        )));
+        return Err(MigrateError::Refused {
+            code: AbortCode::Version,
+            reason: format!(
+                "{peer} chose protocol version {}, outside what this agent speaks ({}..={})",
+                ack.version,
+                protocol::MIN_VERSION,
+                protocol::VERSION
+            ),
+        });
     }
     w.set_version(ack.version);
     match (&me.key, &ack.proof) {
@@ -147,13 +152,16 @@ pub fn answer_hello(hello: &Hello, me: &Identity) -> Result<ServerHello, Migrate
         (hello.min_version, hello.max_version),
         (protocol::MIN_VERSION, protocol::VERSION),
     ) else {
-        return Err(MigrateError::Refused(format!(
-            "no common protocol version: the peer speaks {}..={}, this agent {}..={}",
-            hello.min_version,
-            hello.max_version,
-            protocol::MIN_VERSION,
-            protocol::VERSION
-        )));
+        return Err(MigrateError::Refused {
+            code: AbortCode::Version,
+            reason: format!(
+                "no common protocol version: the peer speaks {}..={}, this agent {}..={}",
+                hello.min_version,
+                hello.max_version,
+                protocol::MIN_VERSION,
+                protocol::VERSION
+            ),
+        });
     };
     let ns = nonce()?;
     let proof = me
@@ -213,15 +221,10 @@ pub fn accept(
     let hello: Hello = hello?.msg(Command::Hello)?;
     let server = match answer_hello(&hello, me) {
         Ok(s) => s,
-        Err(MigrateError::Refused(reason)) => {
+        Err(e @ MigrateError::Refused { .. }) => {
             w.set_version(protocol::MIN_VERSION);
-            let _ = w.send_msg(
-                Command::Abort,
-                &Abort {
-                    reason: reason.clone(),
-                },
-            );
-            return Err(MigrateError::Refused(reason));
+            let _ = w.send_msg(Command::Abort, &e.to_abort());
+            return Err(e);
         }
         Err(e) => return Err(e),
     };
@@ -232,9 +235,7 @@ pub fn accept(
         if let Err(e) = check_auth(me, &server, &hello, &auth) {
             let _ = w.send_msg(
                 Command::Abort,
-                &Abort {
-                    reason: "authentication failed".into(),
-                },
+                &Abort::new(AbortCode::Auth, "authentication failed"),
             );
             return Err(e);
         }

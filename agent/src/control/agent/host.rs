@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::announce::Announcement;
 use crate::checks::HostFacts;
-use crate::migrate::dest::Host;
+use crate::migrate::dest::{Host, HostError};
 use crate::migrate::ownership::Staged;
 use crate::migrate::{self as mig, MigrationHandle};
 use crate::vm::memory::RegionLayout;
@@ -31,17 +31,17 @@ impl Host for Agent {
             .is_some_and(|m| m.encrypt == crate::control::config::EncryptPolicy::Required)
     }
 
-    fn migration_addr(&self) -> Result<std::net::IpAddr, String> {
+    fn migration_addr(&self) -> Result<std::net::IpAddr, HostError> {
         match &self.config.migration {
             Some(m) if m.enabled => Ok(m.address),
-            Some(_) => Err(format!(
+            Some(_) => Err(HostError::Disabled(format!(
                 "migration is disabled on {} ([migration] enabled = false)",
                 self.config.agent.name
-            )),
-            None => Err(format!(
+            ))),
+            None => Err(HostError::Disabled(format!(
                 "migration is not configured on {} (no [migration] section)",
                 self.config.agent.name
-            )),
+            ))),
         }
     }
 
@@ -50,21 +50,27 @@ impl Host for Agent {
         spec: &VmSpec,
         regions: &[RegionLayout],
         handle: &Arc<MigrationHandle>,
-    ) -> Result<Arc<dyn crate::migrate::guest::IncomingGuest>, String> {
-        self.check_new_name(&spec.name).map_err(|e| e.to_string())?;
-        let _r = self.reserve(spec.memory_mib).map_err(|e| e.to_string())?;
+    ) -> Result<Arc<dyn crate::migrate::guest::IncomingGuest>, HostError> {
+        self.check_new_name(&spec.name)
+            .map_err(|e| HostError::NameTaken(e.to_string()))?;
+        let _r = self
+            .reserve(spec.memory_mib)
+            .map_err(|e| HostError::NoRoom(e.to_string()))?;
         if crate::faults::hit("dest:create").as_deref() == Some("fail") {
-            return Err(format!(
+            return Err(HostError::NoRoom(format!(
                 "cannot allocate {} MiB of guest memory: out of memory (injected fault)",
                 spec.memory_mib
-            ));
+            )));
         }
         // The guest's disks stay locked for it: it holds them on the source until the commit
         // moves its ownership record here (a lock the source never took is taken in its name).
         let source = handle.record().peer;
         let source = source.split_once(" (").map_or(source.as_str(), |(n, _)| n);
-        self.lock_disks(spec, source).map_err(|e| e.to_string())?;
-        let env = self.device_env(spec).map_err(|e| e.to_string())?;
+        self.lock_disks(spec, source)
+            .map_err(|e| HostError::Ownership(e.to_string()))?;
+        let env = self
+            .device_env(spec)
+            .map_err(|e| HostError::Failed(e.to_string()))?;
         let vm = if self.process_mode() {
             let launch = crate::vmm::IncomingLaunch {
                 spec: spec.clone(),
@@ -74,19 +80,19 @@ impl Host for Agent {
             };
             Guest::Process(
                 RemoteGuest::incoming(&self.config.agent.state_dir, &launch)
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| HostError::Failed(e.to_string()))?,
             )
         } else {
             Guest::Inline(Arc::new(
                 Vm::create_empty_in(&self.hv, spec.clone(), regions, &env)
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| HostError::Failed(e.to_string()))?,
             ))
         };
         let e = match self.insert(vm.clone()) {
             Ok(e) => e,
             Err(err) => {
                 vm.stop();
-                return Err(err.to_string());
+                return Err(HostError::NameTaken(err.to_string()));
             }
         };
         e.set_migration(Some(format!("in {}", handle.id)));
@@ -148,7 +154,7 @@ impl Host for Agent {
         generation: Option<u64>,
         migration: &str,
         prepared: Option<Staged>,
-    ) -> Result<Option<Staged>, String> {
+    ) -> Result<Option<Staged>, HostError> {
         let Some(o) = &self.ownership else {
             // Without ownership records the lock file is the only word: it moves now.
             self.hand_over_disks(vm);
@@ -157,14 +163,17 @@ impl Host for Agent {
         let g = match generation {
             Some(g) => g,
             // The source keeps no records (configurations differ): take it from the source.
-            None => match o.current(vm).map_err(|e| e.to_string())? {
+            None => match o
+                .current(vm)
+                .map_err(|e| HostError::Ownership(e.to_string()))?
+            {
                 Some(r) if r.owned_by(from) => r.generation,
                 Some(r) => {
-                    return Err(format!(
+                    return Err(HostError::Ownership(format!(
                         "the record names {} (generation {}), not {from}",
                         r.owner_name(),
                         r.generation
-                    ))
+                    )))
                 }
                 None => 0,
             },
@@ -178,9 +187,11 @@ impl Host for Agent {
             Some(s) if s.record().generation == g + 1 && s.expects() == expect => s,
             _ => o
                 .stage(vm, expect, g, Some(self.me()), Some(migration), "migrated")
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| HostError::Ownership(e.to_string()))?,
         };
-        let r = o.publish(&staged).map_err(|e| e.to_string())?;
+        let r = o
+            .publish(&staged)
+            .map_err(|e| HostError::Ownership(e.to_string()))?;
         tracing::info!(
             vm,
             generation = r.generation,

@@ -212,7 +212,9 @@ impl Agent {
             .clone()
             .ok_or_else(|| AgentError::Invalid("no throughput request".into()))?;
         throughput.validate().map_err(AgentError::Invalid)?;
-        let local = self.migration_addr().map_err(AgentError::Invalid)?;
+        let local = self
+            .migration_addr()
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
         let peer = self.peer_addr(&req.to)?;
         let me = self.identity();
         blocking(move || {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use super::guest::IncomingGuest;
 use super::ownership::Staged;
-use super::protocol::{self, Abort, Command, FrameReader, FrameWriter, Setup};
+use super::protocol::{self, Command, FrameReader, FrameWriter, Setup};
 use super::{MigrateError, MigrationHandle};
 use crate::vm::memory::RegionLayout;
 use crate::vm::VmSpec;
@@ -31,6 +31,46 @@ pub(super) use accept::accept_streams;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the data connections after `Ready`.
 const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the destination's agent will not (or cannot) do what the receiver asks of it. Each
+/// says why in words for the source's user; [`HostError::abort_code`] is what the wire says.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// Migration is not enabled, or not configured, on this host.
+    #[error("{0}")]
+    Disabled(String),
+    /// A guest of that name is here already (or its disks are held by another).
+    #[error("{0}")]
+    NameTaken(String),
+    /// Not enough room here (memory, a reservation, an allocation).
+    #[error("{0}")]
+    NoRoom(String),
+    /// The guest's ownership record does not allow this host to take it.
+    #[error("{0}")]
+    Ownership(String),
+    /// Anything else the host failed to do (a device, the VM itself, an I/O error).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl HostError {
+    /// The code of the `Abort` this error becomes: every host error is a refusal (the source
+    /// resumes its guest and may try elsewhere), except a failure of the host's own.
+    pub fn abort_code(&self) -> protocol::AbortCode {
+        match self {
+            HostError::Failed(_) => protocol::AbortCode::Internal,
+            _ => protocol::AbortCode::Refused,
+        }
+    }
+
+    /// This error as the destination's refusal, with `context` before its words.
+    pub fn refusal(self, context: &str) -> MigrateError {
+        MigrateError::Refused {
+            code: self.abort_code(),
+            reason: format!("{context}{self}"),
+        }
+    }
+}
 
 /// What the destination needs from its agent.
 pub trait Host: Send + Sync {
@@ -43,7 +83,7 @@ pub trait Host: Send + Sync {
         false
     }
     /// This host's migration address, if migration is enabled here.
-    fn migration_addr(&self) -> Result<IpAddr, String>;
+    fn migration_addr(&self) -> Result<IpAddr, HostError>;
     /// Create and register an empty VM for an incoming migration (refusing a taken name or a
     /// lack of room with a message for the source).
     fn create_incoming(
@@ -51,7 +91,7 @@ pub trait Host: Send + Sync {
         spec: &VmSpec,
         regions: &[RegionLayout],
         handle: &Arc<MigrationHandle>,
-    ) -> Result<Arc<dyn IncomingGuest>, String>;
+    ) -> Result<Arc<dyn IncomingGuest>, HostError>;
     /// The incoming VM is running here now (`ok`), or the migration failed and it must go
     /// (the host forgets it and stops it; [`IncomingGuest::destroy`] follows).
     fn incoming_done(&self, name: &str, ok: bool);
@@ -77,7 +117,7 @@ pub trait Host: Send + Sync {
         generation: Option<u64>,
         migration: &str,
         prepared: Option<Staged>,
-    ) -> Result<Option<Staged>, String>;
+    ) -> Result<Option<Staged>, HostError>;
     /// After the guest runs here and the source knows: tidy the ownership records (old
     /// generations).
     fn claimed(&self, vm: &str);
@@ -164,13 +204,11 @@ fn handle(
             // A refusal goes back in its own words; anything else with its cause chain. An
             // `Abort` from the source is not answered: echoed, the source would take its own
             // reason for the destination's.
-            let reason = match e {
-                MigrateError::Refused(r) => Some(r.clone()),
-                MigrateError::Protocol(protocol::ProtocolError::Aborted(_)) => None,
-                other => Some(crate::util::error_chain(other)),
-            };
-            if let Some(reason) = reason {
-                let _ = cw.send_msg(Command::Abort, &Abort { reason });
+            if !matches!(
+                e,
+                MigrateError::Protocol(protocol::ProtocolError::Aborted { .. })
+            ) {
+                let _ = cw.send_msg(Command::Abort, &e.to_abort());
             }
             handle.fail(e);
         }
@@ -179,5 +217,5 @@ fn handle(
 }
 
 fn refuse(reason: String) -> MigrateError {
-    MigrateError::Refused(reason)
+    MigrateError::refused(reason)
 }

@@ -199,10 +199,10 @@ fn set_up<'a>(cx: &mut Cx<'a>) -> Result<(Incoming<'a>, SetUp), MigrateError> {
         (true, Some(k)) => Some(k),
         (false, _) => None,
     };
-    let local = host.migration_addr().map_err(refuse)?;
+    let local = host.migration_addr().map_err(|e| e.refusal(""))?;
     let guest = host
         .create_incoming(&setup.spec, &setup.regions, cx.handle)
-        .map_err(refuse)?;
+        .map_err(|e| e.refusal(""))?;
     let guard = IncomingGuard {
         host,
         guest: guest.clone(),
@@ -377,7 +377,10 @@ impl Final {
             // it before the commit.
             let here = unsafe { crate::vm::snapshot::digest_paused(&mem) }?;
             if &here != src {
-                return Err(refuse(format!("digest mismatch: {here}")));
+                return Err(MigrateError::DigestMismatch {
+                    source_digest: src.clone(),
+                    dest_digest: here,
+                });
             }
             verified = true;
         }
@@ -423,7 +426,7 @@ impl PreparedState {
                 &setup.migration_id,
                 self.claim,
             )
-            .map_err(|why| refuse(format!("the destination cannot take ownership: {why}")))?;
+            .map_err(|e| e.refusal("the destination cannot take ownership: "))?;
         let claim_us = t_commit.elapsed().as_micros() as u64;
         cx.fault("dest:after-record");
         let vm = inc.guest.as_ref();

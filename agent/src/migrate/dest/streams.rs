@@ -19,7 +19,6 @@ use crate::migrate::forward::{self, ForwardStats};
 use crate::migrate::guest::IncomingGuest;
 use crate::migrate::protocol::{self, Abort, Command, FrameReader, FrameWriter, RoundEnd};
 use crate::migrate::{EncodingStats, MigrateError, MigrationHandle};
-use crate::transport::uring::UringReader;
 use crate::vm::memory::GuestMemory;
 
 /// What a receiver tells the control thread.
@@ -32,7 +31,7 @@ enum StreamEvent {
     },
     Failed {
         stream: u32,
-        error: String,
+        error: Box<MigrateError>,
     },
 }
 
@@ -98,14 +97,12 @@ impl Receivers {
             .tx
             .clone()
             .ok_or_else(|| MigrateError::Other("the receivers are closed".into()))?;
-        let mut r =
-            FrameReader::with_seq(BufReader::with_capacity(1 << 20, UringReader::new(sock)), 1);
+        let mut r = FrameReader::with_seq(BufReader::with_capacity(1 << 20, sock), 1);
         let (hold_tx, hold_rx) = mpsc::channel::<()>();
         self.holds.push(hold_tx);
         let sock = r
             .get_ref()
             .get_ref()
-            .socket()
             .try_clone()
             .map_err(protocol::ProtocolError::from)?;
         self.cuts.push(sock.try_clone().ok());
@@ -128,7 +125,7 @@ impl Receivers {
                 {
                     let _ = tx.send(StreamEvent::Failed {
                         stream: i,
-                        error: error.to_string(),
+                        error: Box::new(error),
                     });
                     // Wake the control thread (its read ends); it can still write, to tell
                     // the source why.
@@ -238,7 +235,7 @@ struct Lane {
 
 fn receive_stream(
     Lane { i, n, seal }: Lane,
-    r: &mut FrameReader<BufReader<UringReader>>,
+    r: &mut FrameReader<BufReader<TcpStream>>,
     mut acks: FrameWriter<TcpStream>,
     mem: &GuestMemory,
     tx: &mpsc::Sender<StreamEvent>,
@@ -308,16 +305,7 @@ fn receive_stream(
                 return Ok(());
             }
             Command::Abort => {
-                let a: Abort = serde_json::from_slice(&payload).unwrap_or(Abort {
-                    reason: "(unreadable)".into(),
-                });
-                return Err(protocol::ProtocolError::Aborted(
-                    crate::migrate::untrusted::peer_text(
-                        &a.reason,
-                        crate::migrate::untrusted::PEER_REASON_MAX,
-                    ),
-                )
-                .into());
+                return Err(Abort::decode(&payload).into_error().into());
             }
             other => {
                 return Err(protocol::ProtocolError::Unexpected {

@@ -5,21 +5,22 @@
 use super::*;
 use crate::migrate::guest::SourceGuest;
 use crate::migrate::ownership::Ownership;
-use crate::migrate::protocol::Command;
+use crate::migrate::protocol::{AbortCode, Command};
 use crate::migrate::testing::host::{ChildConfig, ChildDest, DestServer, FakeHost, TempDir};
 use crate::migrate::testing::proxy::{Action, Lane, Tamper};
 use crate::migrate::testing::{arm, job, SOURCE};
 use crate::migrate::GuestOn;
 
 /// Migrate with `point` armed for this migration; it must fail before the commit. Returns the
-/// error.
+/// error and its Abort code (for a destination's fault, the code the destination's `Abort`
+/// carried; for the source's, the code the source's `Abort` carries).
 fn fails_at(
     name: &str,
     point: &str,
     action: &str,
     g: &Arc<FakeGuest>,
     opts: MigrateOptions,
-) -> String {
+) -> (String, AbortCode) {
     fails_at_on(name, point, action, g, opts, None)
 }
 
@@ -31,7 +32,7 @@ fn fails_at_on(
     g: &Arc<FakeGuest>,
     opts: MigrateOptions,
     rate: Option<u64>,
-) -> String {
+) -> (String, AbortCode) {
     let pair = Pair::new(false);
     let link = rate.map(|r| Proxy::slow(pair.dest.addr, r));
     let job = pair.job(g, link.as_ref().map_or(pair.dest.addr, |l| l.addr), opts);
@@ -44,7 +45,7 @@ fn fails_at_on(
     // The record still names the source (or was never made).
     let r = pair.ownership().current(name).unwrap();
     assert!(r.as_ref().is_none_or(|r| r.owned_by(SOURCE)), "{r:?}");
-    error_of(&f)
+    (error_of(&f), f.error.abort_code())
 }
 
 fn many_rounds() -> MigrateOptions {
@@ -60,15 +61,18 @@ fn many_rounds() -> MigrateOptions {
 #[test]
 fn source_corrupt_byte_is_caught_by_the_destination() {
     let g = guest("src-corrupt");
-    let e = fails_at("src-corrupt", "source:corrupt", "corrupt", &g, options());
+    let (e, code) = fails_at("src-corrupt", "source:corrupt", "corrupt", &g, options());
     assert!(e.contains("checksum"), "{e}");
+    // The destination's stream found the damage and said so with its code.
+    assert_eq!(code, AbortCode::Protocol, "{e}");
 }
 
 #[test]
 fn source_failing_before_the_state_resumes_the_paused_guest() {
     let g = guest("src-state");
-    let e = fails_at("src-state", "source:before-state", "fail", &g, options());
+    let (e, code) = fails_at("src-state", "source:before-state", "fail", &g, options());
     assert!(e.contains("injected fault at source:before-state"), "{e}");
+    assert_eq!(code, AbortCode::Internal, "{e}");
     assert_eq!((g.pauses(), g.resumes()), (1, 1));
 }
 
@@ -86,14 +90,16 @@ fn source_sleeping_before_the_streams_still_completes() {
 #[test]
 fn destination_failing_in_round_0() {
     let g = guest("dst-r0");
-    let e = fails_at("dst-r0", "dest:round:0", "fail", &g, options());
+    let (e, code) = fails_at("dst-r0", "dest:round:0", "fail", &g, options());
     assert!(e.contains("injected fault at dest:round:0"), "{e}");
+    // A failure of the destination's own, not a refusal.
+    assert_eq!(code, AbortCode::Internal, "{e}");
 }
 
 #[test]
 fn destination_failing_in_a_later_round() {
     let g = small_busy_guest("dst-r2");
-    let e = fails_at_on(
+    let (e, code) = fails_at_on(
         "dst-r2",
         "dest:round:2",
         "fail",
@@ -102,22 +108,25 @@ fn destination_failing_in_a_later_round() {
         Some(mb_s(8)),
     );
     assert!(e.contains("injected fault at dest:round:2"), "{e}");
+    assert_eq!(code, AbortCode::Internal, "{e}");
     g.stop_dirtying();
 }
 
 #[test]
 fn destination_failing_before_prepared() {
     let g = guest("dst-prep");
-    let e = fails_at("dst-prep", "dest:before-prepared", "fail", &g, options());
+    let (e, code) = fails_at("dst-prep", "dest:before-prepared", "fail", &g, options());
     assert!(e.contains("injected fault at dest:before-prepared"), "{e}");
+    assert_eq!(code, AbortCode::Refused, "{e}");
     assert_eq!(g.resumes(), 1);
 }
 
 #[test]
 fn destination_that_cannot_allocate_refuses_before_any_page() {
     let g = guest("dst-create");
-    let e = fails_at("dst-create", "dest:create", "fail", &g, options());
+    let (e, code) = fails_at("dst-create", "dest:create", "fail", &g, options());
     assert!(e.contains("cannot allocate"), "{e}");
+    assert_eq!(code, AbortCode::Refused, "{e}");
     assert_eq!(g.pauses(), 0);
 }
 
@@ -132,6 +141,7 @@ fn verify_catches_a_bad_apply_and_the_next_attempt_goes_through() {
         matches!(f.error, MigrateError::DigestMismatch { .. }),
         "{f:?}"
     );
+    assert_eq!(f.error.abort_code(), AbortCode::DigestMismatch);
     assert!(error_of(&f).contains("memory differs"), "{f:?}");
     assert_on_source(&g);
     assert_discarded(pair.host(), "dst-memory");

@@ -221,6 +221,10 @@ fn cancel_during_precopy_resumes_the_guest_here() {
     let (job, r) = t.join().unwrap();
     let f = r.expect_err("cancelled");
     assert!(matches!(f.error, MigrateError::Cancelled), "{f:?}");
+    assert_eq!(
+        f.error.to_abort().code,
+        crate::migrate::protocol::AbortCode::Cancelled
+    );
     assert_on_source(&g);
     let d = pair
         .host()
@@ -284,7 +288,16 @@ fn a_destination_that_requires_encryption_refuses_a_plain_migration() {
     let pair = Pair::with_host(true, |h| h.requires_encryption = true);
     let job = pair.job(&g, pair.dest.addr, options());
     let f = run(&job).expect_err("refused");
-    assert!(matches!(f.error, MigrateError::Refused(_)), "{f:?}");
+    assert!(
+        matches!(
+            f.error,
+            MigrateError::Refused {
+                code: crate::migrate::protocol::AbortCode::Refused,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
     assert!(error_of(&f).contains("accepts only encrypted"), "{f:?}");
     assert_on_source(&g);
     assert!(pair.host().last_created().is_none(), "nothing was created");

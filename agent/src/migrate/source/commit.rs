@@ -44,7 +44,7 @@ pub(super) fn commit(
         Ok(r) => r,
         Err(e) => {
             let error = match e {
-                protocol::ProtocolError::Aborted(reason) => MigrateError::Refused(reason),
+                e @ protocol::ProtocolError::Aborted { .. } => MigrateError::from_abort(e, None),
                 protocol::ProtocolError::TimedOut { .. }
                 | protocol::ProtocolError::TimedOutUnknown(_) => MigrateError::Timeout {
                     what: "`Resumed` from the destination after the commit",

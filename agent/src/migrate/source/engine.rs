@@ -112,7 +112,7 @@ impl Engine<'_> {
             if let Err(error) = r.result {
                 return MigrateError::Stream {
                     stream: r.stream,
-                    error,
+                    error: Box::new(error),
                 };
             }
         }
@@ -211,7 +211,12 @@ impl Engine<'_> {
                 Ok(Report {
                     stream,
                     result: Err(error),
-                }) => return Err(MigrateError::Stream { stream, error }),
+                }) => {
+                    return Err(MigrateError::Stream {
+                        stream,
+                        error: Box::new(error),
+                    })
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if !last {
                         self.check_cancel()?;
@@ -325,7 +330,9 @@ fn open<'a>(job: &'a SourceJob, ctl: &mut Control) -> Result<(Engine<'a>, Ready)
         },
     )?;
     let ready: Ready = match ctl.r.read_frame()?.msg(Command::Ready) {
-        Err(protocol::ProtocolError::Aborted(reason)) => return Err(MigrateError::Refused(reason)),
+        Err(e @ protocol::ProtocolError::Aborted { .. }) => {
+            return Err(MigrateError::from_abort(e, None))
+        }
         r => r?,
     };
     let data_addr: SocketAddr = ready.data_addr.parse().map_err(|_| {

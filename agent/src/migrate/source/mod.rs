@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::guest::SourceGuest;
-use super::protocol::{self, Abort, Command, FrameReader, FrameWriter};
+use super::protocol::{self, Command, FrameReader, FrameWriter};
 use super::{GuestOn, MigrateError, MigrateOptions, MigrationHandle, Summary};
 use crate::vm::VmStatus;
 
@@ -108,12 +108,7 @@ impl Control {
 
     /// Tell the destination why the migration stops (best effort).
     fn abort(&mut self, e: &MigrateError) {
-        let _ = self.w.send_msg(
-            Command::Abort,
-            &Abort {
-                reason: crate::util::error_chain(e),
-            },
-        );
+        let _ = self.w.send_msg(Command::Abort, &e.to_abort());
     }
 }
 
@@ -159,7 +154,9 @@ fn abort_before_commit(
         MigrateError::Stream { .. } | MigrateError::Protocol(_) => {
             ctl.expect_within(Duration::from_secs(1), "the destination's reason");
             match ctl.r.read_frame().and_then(|f| f.expect(Command::Ready)) {
-                Err(protocol::ProtocolError::Aborted(reason)) => MigrateError::Refused(reason),
+                Err(a @ protocol::ProtocolError::Aborted { .. }) => {
+                    MigrateError::from_abort(a, None)
+                }
                 // No reason given: the destination went away (stopped, crashed, or the network
                 // between us failed).
                 _ => MigrateError::Lost {

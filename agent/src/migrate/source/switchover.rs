@@ -210,14 +210,8 @@ fn await_prepared(
         e => e.into(),
     })?;
     match frame.msg(Command::Prepared) {
-        Err(protocol::ProtocolError::Aborted(reason)) => {
-            if let Some(rest) = reason.strip_prefix("digest mismatch: ") {
-                return Err(MigrateError::DigestMismatch {
-                    source_digest: digest.unwrap_or_default().to_string(),
-                    dest_digest: rest.to_string(),
-                });
-            }
-            Err(MigrateError::Refused(reason))
+        Err(e @ protocol::ProtocolError::Aborted { .. }) => {
+            Err(MigrateError::from_abort(e, digest))
         }
         r => Ok(r?),
     }

@@ -48,7 +48,7 @@ pub(super) struct Totals {
 
 pub(super) struct Report {
     pub stream: u32,
-    pub result: Result<Totals, String>,
+    pub result: Result<Totals, MigrateError>,
 }
 
 pub(super) struct Worker {
@@ -94,17 +94,11 @@ impl DataConn {
             self.seq,
             self.version,
         );
-        self.sink.send_bytes(&frame).map_err(stream_io)?;
+        self.sink.send_bytes(&frame)?;
         self.seq = self.seq.wrapping_add(1);
         self.bytes += frame.len() as u64;
         Ok(())
     }
-}
-
-pub(super) fn stream_io(e: crate::transport::uring::UringError) -> MigrateError {
-    MigrateError::Protocol(protocol::ProtocolError::Io(std::io::Error::other(
-        e.to_string(),
-    )))
 }
 
 /// A `Pages` frame being built in a pool buffer: header space, then records.
@@ -118,7 +112,7 @@ fn finish_frame(c: &mut DataConn, f: &mut Option<PagesFrame>) -> Result<(), Migr
     if fr.count == 0 {
         return Ok(());
     }
-    let buf = c.sink.buffer().map_err(stream_io)?;
+    let buf = c.sink.buffer()?;
     let mut end = fr.pos;
     if let Some(s) = &c.seal {
         let hl = protocol::HEADER_LEN;
@@ -137,7 +131,7 @@ fn finish_frame(c: &mut DataConn, f: &mut Option<PagesFrame>) -> Result<(), Migr
         let last = end - 1;
         buf[last] ^= 0x5a;
     }
-    c.sink.send_buffer(end).map_err(stream_io)?;
+    c.sink.send_buffer(end)?;
     c.seq = c.seq.wrapping_add(1);
     c.bytes += end as u64;
     Ok(())
@@ -192,7 +186,7 @@ pub(super) fn worker_loop(
                             pos: protocol::HEADER_LEN,
                             count: 0,
                         });
-                        let buf = c.sink.buffer().map_err(stream_io)?;
+                        let buf = c.sink.buffer()?;
                         let slot = &mut buf[fr.pos + RECORD_LEN..fr.pos + RECORD_LEN + PAGE];
                         // One copy out of guest memory: the snapshot that is checked,
                         // compressed, checksummed and (if raw) sent as it is.
@@ -275,7 +269,7 @@ pub(super) fn worker_loop(
                         .into());
                     }
                     if last {
-                        c.sink.flush(Duration::from_secs(10)).map_err(stream_io)?;
+                        c.sink.flush(Duration::from_secs(10))?;
                     }
                     t.wire_bytes = c.bytes - wire_mark;
                     wire_mark = c.bytes;
@@ -305,7 +299,7 @@ pub(super) fn worker_loop(
     if let Err(e) = result {
         let _ = reports.send(Report {
             stream,
-            result: Err(e.to_string()),
+            result: Err(e),
         });
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::fake::FakeGuest;
 use crate::auth::ClusterKey;
 use crate::checks::HostFacts;
-use crate::migrate::dest::Host;
+use crate::migrate::dest::{Host, HostError};
 use crate::migrate::guest::{IncomingGuest, SourceGuest};
 use crate::migrate::ownership::{Ownership, Staged};
 use crate::migrate::session::Identity;
@@ -116,7 +116,7 @@ impl Host for FakeHost {
     fn requires_encryption(&self) -> bool {
         self.requires_encryption
     }
-    fn migration_addr(&self) -> Result<IpAddr, String> {
+    fn migration_addr(&self) -> Result<IpAddr, HostError> {
         Ok(LOCALHOST)
     }
     fn create_incoming(
@@ -124,18 +124,18 @@ impl Host for FakeHost {
         spec: &VmSpec,
         regions: &[RegionLayout],
         handle: &Arc<MigrationHandle>,
-    ) -> Result<Arc<dyn IncomingGuest>, String> {
+    ) -> Result<Arc<dyn IncomingGuest>, HostError> {
         if self.guests.lock().unwrap().contains_key(&spec.name) {
-            return Err(format!(
+            return Err(HostError::NameTaken(format!(
                 "{} already has a VM named {}",
                 self.name, spec.name
-            ));
+            )));
         }
         if crate::faults::hit_in("dest:create", &handle.id).as_deref() == Some("fail") {
-            return Err(format!(
+            return Err(HostError::NoRoom(format!(
                 "cannot allocate {} MiB of guest memory: out of memory (injected fault)",
                 spec.memory_mib
-            ));
+            )));
         }
         let g = FakeGuest::incoming(spec, regions);
         self.guests
@@ -191,15 +191,23 @@ impl Host for FakeHost {
         generation: Option<u64>,
         migration: &str,
         prepared: Option<Staged>,
-    ) -> Result<Option<Staged>, String> {
+    ) -> Result<Option<Staged>, HostError> {
         let Some(o) = &self.ownership else {
             return Ok(None);
         };
         let g = match generation {
             Some(g) => g,
-            None => match o.current(vm).map_err(|e| e.to_string())? {
+            None => match o
+                .current(vm)
+                .map_err(|e| HostError::Ownership(e.to_string()))?
+            {
                 Some(r) if r.owned_by(from) => r.generation,
-                Some(r) => return Err(format!("the record names {}", r.owner_name())),
+                Some(r) => {
+                    return Err(HostError::Ownership(format!(
+                        "the record names {}",
+                        r.owner_name()
+                    )))
+                }
                 None => 0,
             },
         };
@@ -212,9 +220,10 @@ impl Host for FakeHost {
             Some(s) if s.record().generation == g + 1 && s.expects() == expect => s,
             _ => o
                 .stage(vm, expect, g, Some(&self.name), Some(migration), "migrated")
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| HostError::Ownership(e.to_string()))?,
         };
-        o.publish(&staged).map_err(|e| e.to_string())?;
+        o.publish(&staged)
+            .map_err(|e| HostError::Ownership(e.to_string()))?;
         Ok(Some(staged))
     }
     fn claimed(&self, vm: &str) {

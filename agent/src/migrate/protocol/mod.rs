@@ -36,8 +36,9 @@
 //! carries on past its `StreamEnd` with `NetFrames` frames (sealed like page frames when the
 //! migration is encrypted) and ends with `ForwardEnd`. See `forward.rs`.
 //!
-//! Either side may send **Abort {reason}** on the control connection at any time before the
-//! commit; the source then resumes its guest and the destination destroys its empty copy.
+//! Either side may send **Abort {code, reason}** (a typed [`AbortCode`], see docs/migration.md)
+//! on the control connection at any time before the commit; the source then resumes its guest
+//! and the destination destroys its empty copy.
 //!
 //! ## Destination (receiver) states
 //!
@@ -73,8 +74,7 @@ use serde::{Deserialize, Serialize};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::vm::memory::{RegionLayout, PAGE_SIZE};
-use crate::vm::VmSpec;
+use crate::vm::memory::PAGE_SIZE;
 
 /// "FRRY" little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRRY");
@@ -110,8 +110,14 @@ pub enum ProtocolError {
     Malformed { what: &'static str, why: String },
     #[error("expected a {expected:?} frame, got {got:?}")]
     Unexpected { expected: Command, got: Command },
-    #[error("the peer aborted: {0}")]
-    Aborted(String),
+    /// The peer sent `Abort`: its typed code and its reason (escaped and bounded).
+    #[error("the peer aborted: {reason}")]
+    Aborted {
+        code: AbortCode,
+        reason: String,
+        /// With [`AbortCode::DigestMismatch`]: the destination's digest.
+        digest: Option<String>,
+    },
     #[error("frames out of order: expected sequence {expected}, got {got}")]
     Sequence { expected: u32, got: u32 },
     /// A read timeout ran out (what the kernel reports as `EAGAIN`, "os error 11").
@@ -527,13 +533,7 @@ impl Frame {
             return Ok(());
         }
         if self.command == Command::Abort {
-            let a: Abort = serde_json::from_slice(&self.payload).unwrap_or(Abort {
-                reason: "(unreadable reason)".into(),
-            });
-            return Err(ProtocolError::Aborted(super::untrusted::peer_text(
-                &a.reason,
-                super::untrusted::PEER_REASON_MAX,
-            )));
+            return Err(Abort::decode(&self.payload).into_error());
         }
         Err(ProtocolError::Unexpected {
             expected,
@@ -672,261 +672,8 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
-// ---- control messages ----
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Hello {
-    pub min_version: u16,
-    pub max_version: u16,
-    /// The sending agent's name.
-    pub agent: String,
-    /// 32 random bytes (hex) for the authentication (see `session.rs`).
-    pub nonce: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct HelloAck {
-    pub version: u16,
-    pub agent: String,
-    /// The server's nonce (hex).
-    pub nonce: String,
-    /// The server's proof that it holds the cluster key; None when it has none.
-    pub proof: Option<String>,
-}
-
-/// Pick the version both sides speak, if any.
-pub fn negotiate(a: (u16, u16), b: (u16, u16)) -> Option<u16> {
-    let lo = a.0.max(b.0);
-    let hi = a.1.min(b.1);
-    (lo <= hi).then_some(hi)
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Setup {
-    pub migration_id: String,
-    pub spec: VmSpec,
-    pub regions: Vec<RegionLayout>,
-    pub streams: u32,
-    /// Page frames on the data streams are sealed (AES-256-GCM, see `transport::seal`).
-    #[serde(default)]
-    pub encrypt: bool,
-    /// The address the source's data streams come from (its migration address): the
-    /// destination's data port ignores connections from anywhere else. None from older sources.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_addr: Option<std::net::IpAddr>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Ready {
-    /// Where the data streams connect (the destination's migration address).
-    pub data_addr: String,
-    /// Proves a data connection belongs to this migration.
-    pub token: String,
-    /// The destination takes frames forwarded after the switchover on data stream 0
-    /// (`NetFrames`, `ForwardEnd`). False from older destinations: nothing is forwarded.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub net_forward: bool,
-}
-
-/// The end of forwarding after a switchover.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ForwardEnd {
-    /// Frames sent in `NetFrames`.
-    pub frames: u64,
-    /// Frames for the guest the source could not forward (over the window's frame bound).
-    pub dropped: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct StreamHello {
-    pub migration_id: String,
-    pub index: u32,
-    pub token: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RoundEnd {
-    pub round: u32,
-    /// Page records sent on this stream in this round.
-    pub pages: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Complete {
-    /// Page records sent on each stream over the whole migration.
-    pub pages_per_stream: Vec<u64>,
-    /// CRC-32C of all guest memory at the source's pause (with --verify).
-    pub digest: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Prepared {
-    /// Destination time from `Complete` to `Prepared`, in microseconds.
-    pub apply_us: u64,
-    /// Of which computing the memory digest (with --verify).
-    pub verify_us: u64,
-    pub verified: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Commit {
-    /// The generation of the guest's ownership record that names the source now (None: no
-    /// ownership records in this cluster). The destination claims the next one.
-    #[serde(default)]
-    pub generation: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Resumed {
-    /// Destination time from Commit to running vCPUs, in microseconds.
-    pub resume_us: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Observed {
-    /// The largest gap between two heartbeats of the guest around the switchover, in
-    /// microseconds (None when the guest has no heartbeat).
-    pub guest_pause_us: Option<u64>,
-    /// The MAC announcements the destination made.
-    #[serde(default)]
-    pub announcements: Vec<crate::announce::Announcement>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Abort {
-    pub reason: String,
-}
+mod messages;
+pub use messages::*;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(cmd: Command, count: u32, payload: &[u8]) -> Vec<u8> {
-        let mut w = FrameWriter::new(Vec::new());
-        w.send(cmd, count, payload).unwrap();
-        w.inner
-    }
-
-    #[test]
-    fn header_round_trip() {
-        let b = frame(Command::Pages, 3, b"abc");
-        let (h, c) = FrameHeader::parse(&b[..HEADER_LEN]).unwrap();
-        assert_eq!(c, Command::Pages);
-        assert_eq!(h.count.get(), 3);
-        let mut r = FrameReader::new(&b[..]);
-        let f = r.read_frame().unwrap();
-        assert_eq!(f.payload, b"abc");
-    }
-
-    #[test]
-    fn zeroed_header_is_invalid() {
-        assert!(FrameHeader::parse(&[0u8; HEADER_LEN]).is_err());
-        let mut h = FrameHeader::new(Command::Hello, 0, b"", 0);
-        h.command = 0.into();
-        h.header_crc = crc32c::crc32c(&h.as_bytes()[..HEADER_LEN - 4]).into();
-        assert!(matches!(
-            FrameHeader::parse(h.as_bytes()),
-            Err(ProtocolError::Command(0))
-        ));
-    }
-
-    #[test]
-    fn damage_is_detected() {
-        let mut b = frame(Command::Pages, 0, b"payload");
-        b[HEADER_LEN + 2] ^= 1;
-        assert!(matches!(
-            FrameReader::new(&b[..]).read_frame(),
-            Err(ProtocolError::PayloadCrc(Command::Pages))
-        ));
-        let mut b = frame(Command::Pages, 0, b"payload");
-        b[5] ^= 1;
-        assert!(FrameReader::new(&b[..]).read_frame().is_err());
-        // Out-of-order frames.
-        let mut w = FrameWriter::new(Vec::new());
-        w.seq = 5;
-        w.send(Command::Commit, 0, b"{}").unwrap();
-        assert!(matches!(
-            FrameReader::new(&w.inner[..]).read_frame(),
-            Err(ProtocolError::Sequence {
-                expected: 0,
-                got: 5
-            })
-        ));
-    }
-
-    #[test]
-    fn versions() {
-        assert_eq!(negotiate((1, 2), (1, 1)), Some(1));
-        assert_eq!(negotiate((1, 3), (2, 4)), Some(3));
-        assert_eq!(negotiate((1, 1), (2, 2)), None);
-        let mut h = FrameHeader::new(Command::Hello, 0, b"", 0);
-        h.version = 99.into();
-        h.header_crc = crc32c::crc32c(&h.as_bytes()[..HEADER_LEN - 4]).into();
-        assert!(matches!(
-            FrameHeader::parse(h.as_bytes()),
-            Err(ProtocolError::Version { found: 99 })
-        ));
-    }
-
-    #[test]
-    fn records_round_trip_and_reject_lies() {
-        let mut p = Vec::new();
-        push_record(&mut p, 0x1000, Encoding::Zero, &[]);
-        push_record(&mut p, 0x2000, Encoding::Raw, &[7u8; 4096]);
-        push_record(&mut p, 0x3000, Encoding::Lz4, &[1, 2, 3]);
-        let r = parse_records(&p, 3).unwrap();
-        assert_eq!(r.len(), 3);
-        assert_eq!(r[1].payload.len(), 4096);
-        assert_eq!(r[2].encoding, Encoding::Lz4);
-        assert!(parse_records(&p, 4).is_err());
-        assert!(parse_records(&p, 2).is_err());
-        let mut q = Vec::new();
-        push_record(&mut q, 0x1001, Encoding::Zero, &[]);
-        assert!(parse_records(&q, 1).is_err());
-        let mut q = Vec::new();
-        push_record(&mut q, 0x1000, Encoding::Raw, &[0; 10]);
-        assert!(parse_records(&q, 1).is_err());
-        let mut q = Vec::new();
-        push_record(&mut q, 0x1000, Encoding::Zero, &[1]);
-        assert!(parse_records(&q, 1).is_err());
-    }
-
-    /// Property: arbitrary bytes, and every single-byte corruption or truncation of valid frames,
-    /// decode to errors or values, never a panic (a deterministic xorshift drives the inputs).
-    #[test]
-    fn decoder_never_panics_on_arbitrary_bytes() {
-        let mut s = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
-        for _ in 0..20_000 {
-            let len = (next() % 200) as usize;
-            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            let _ = FrameHeader::parse(&bytes);
-            let mut r = FrameReader::new(&bytes[..]);
-            let _ = r.read_frame();
-            let _ = parse_records(&bytes, (next() % 8) as u32);
-        }
-        let mut p = Vec::new();
-        push_record(&mut p, 0x2000, Encoding::Raw, &[7u8; 4096]);
-        push_record(&mut p, 0x3000, Encoding::Delta, &[1, 2, 3, 4]);
-        let valid = frame(Command::Pages, 2, &p);
-        for i in 0..valid.len() {
-            let mut b = valid.clone();
-            b[i] ^= (next() as u8) | 1;
-            if let Ok(f) = FrameReader::new(&b[..]).read_frame() {
-                let _ = parse_records(&f.payload, f.count);
-            }
-            let _ = FrameReader::new(&valid[..i]).read_frame();
-        }
-        for _ in 0..2_000 {
-            let mut b = p.clone();
-            let i = (next() as usize) % b.len();
-            b[i] = next() as u8;
-            let _ = parse_records(&b, 2);
-        }
-    }
-}
+mod tests;
