@@ -1,7 +1,8 @@
 //! The KVM guest runtime: a guest's memory, its vCPU threads, its devices, and its complete state.
 //!
 //! ```text
-//!  Hypervisor (/dev/kvm, probed once: MSR list, CPUID, TSC)
+//!  Hypervisor (/dev/kvm, probed once:                 hypervisor.rs
+//!    │         MSR list, CPUID, TSC)
 //!    └─ Vm ── GuestMemory (regions + dirty log;       memory.rs
 //!         │     anonymous, or memfds a second process maps)
 //!         ├── Vcpu threads (KVM_RUN, pause, state)     vcpu.rs
@@ -12,6 +13,7 @@
 //!  guest kinds: workload (generated CPL3 program)      workload.rs
 //!               raw (flat image in real mode)          raw.rs
 //!               service (Rust program with virtio)     service.rs
+//!  VmSpec (what a VM is, shape checks), VmStatus       spec.rs
 //! ```
 //!
 //! Only the `service` kind gets virtio devices for its NICs and disks (the other kinds have no
@@ -26,10 +28,12 @@
 
 pub mod cpuid;
 pub mod devices;
+mod hypervisor;
 pub mod memory;
 pub mod raw;
 pub mod service;
 pub mod snapshot;
+mod spec;
 pub mod state;
 pub mod vcpu;
 pub mod virtio;
@@ -40,12 +44,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use std::collections::BTreeSet;
+use kvm_bindings::kvm_irqchip;
 
-use kvm_bindings::{kvm_irqchip, CpuId, KVM_MAX_CPUID_ENTRIES};
-
-use cpuid::{CpuPolicy, CpuidEntry, FeatureBit};
-use kvm_ioctls::{Kvm, VmFd};
+use cpuid::CpuidEntry;
+use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
 use devices::Devices;
@@ -53,8 +55,10 @@ use memory::{GuestMemory, MemoryError, RegionLayout};
 use state::{VcpuState, VmState};
 use vcpu::{Fault, Vcpu, VcpuError, VmShared};
 
+pub use hypervisor::{to_entries, Hypervisor};
 pub use raw::{RawMode, RawParams};
 pub use service::ServiceParams;
+pub use spec::{parse_mac, DiskSpec, GuestKind, NicSpec, VmSpec, VmStatus};
 pub use virtio::DeviceEnv;
 pub use workload::{Profile, WorkloadParams};
 
@@ -107,355 +111,8 @@ pub enum VmError {
     Spec(String),
 }
 
-/// Which program the guest runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GuestKind {
-    /// The built-in CPL3 workload generator.
-    Workload(WorkloadParams),
-    /// A flat binary started in 16-bit real mode.
-    Raw(RawParams),
-    /// The Rust service guest with a virtio NIC and disk (added last: older states still decode).
-    Service(ServiceParams),
-}
-
-impl GuestKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            GuestKind::Workload(_) => "workload",
-            GuestKind::Raw(_) => "raw",
-            GuestKind::Service(_) => "service",
-        }
-    }
-
-    /// Whether the guest's NICs and disks are virtio devices.
-    pub fn has_virtio(&self) -> bool {
-        matches!(self, GuestKind::Service(_))
-    }
-}
-
-/// What a VM is: enough to build it from scratch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmSpec {
-    pub name: String,
-    pub memory_mib: u64,
-    pub vcpus: u32,
-    pub kind: GuestKind,
-    /// Files the guest owns, by datastore path (`[shared] vm1/disk0.img`).
-    #[serde(default)]
-    pub disks: Vec<DiskSpec>,
-    /// Network interfaces: a MAC on a port group.
-    #[serde(default)]
-    pub nics: Vec<NicSpec>,
-    /// What CPU the guest sees.
-    #[serde(default)]
-    pub cpu: CpuPolicy,
-}
-
-/// A disk: a file on a datastore, vSphere style (`[datastore] relative/path`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskSpec {
-    pub path: String,
-    pub size_mib: u64,
-}
-
-impl DiskSpec {
-    /// Why a disk path is not acceptable, or None when it is.
-    pub fn path_problem(path: &str) -> Option<&'static str> {
-        let Some(rest) = path.trim().strip_prefix('[') else {
-            return Some("must look like \"[datastore] dir/file.img\"");
-        };
-        let Some((store, rel)) = rest.split_once(']') else {
-            return Some("must look like \"[datastore] dir/file.img\" (no closing ']')");
-        };
-        let rel = rel.trim();
-        if store.trim().is_empty() {
-            return Some("names no datastore; write \"[datastore] dir/file.img\"");
-        }
-        if rel.is_empty() {
-            return Some("names no file after the datastore");
-        }
-        if rel.starts_with('/') {
-            return Some("is absolute after the datastore; give a path relative to the datastore");
-        }
-        if rel.split('/').any(|c| c == "..") {
-            return Some("uses '..', which would leave the datastore; give a path inside it");
-        }
-        if rel.split('/').any(str::is_empty) {
-            return Some("has an empty component ('//' or a trailing '/')");
-        }
-        None
-    }
-
-    /// Split `[store] rel/path` into the datastore name and the relative path.
-    pub fn parse_path(path: &str) -> Option<(&str, &str)> {
-        let rest = path.trim().strip_prefix('[')?;
-        let (store, rel) = rest.split_once(']')?;
-        let rel = rel.trim();
-        let ok = !store.is_empty()
-            && !rel.is_empty()
-            && !rel.starts_with('/')
-            && !rel.split('/').any(|c| c == ".." || c.is_empty());
-        ok.then_some((store.trim(), rel))
-    }
-}
-
-/// A NIC: its MAC address on a port group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NicSpec {
-    pub mac: String,
-    pub port_group: String,
-}
-
-/// Parse "52:54:00:12:34:56".
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut m = [0u8; 6];
-    for (o, p) in m.iter_mut().zip(parts) {
-        if p.len() != 2 {
-            return None;
-        }
-        *o = u8::from_str_radix(p, 16).ok()?;
-    }
-    // Unicast only.
-    (m[0] & 1 == 0).then_some(m)
-}
-
-impl VmSpec {
-    /// Shape checks that need no host: vCPU count and memory size.
-    pub fn validate(&self) -> Result<(), VmError> {
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(VmError::Vcpus(self.vcpus));
-        }
-        if self.memory_mib == 0 || !self.memory_mib.is_multiple_of(2) {
-            return Err(VmError::MemorySize(self.memory_mib));
-        }
-        if self.memory_mib > MAX_MEMORY_MIB {
-            return Err(VmError::MemoryTooLarge(self.memory_mib));
-        }
-        if let GuestKind::Workload(p) = &self.kind {
-            if p.dirty_rate_mib > MAX_DIRTY_RATE_MIB {
-                return Err(VmError::Spec(format!(
-                    "dirty rate of {} MiB/s is more than any host can write (at most {MAX_DIRTY_RATE_MIB} MiB/s; 0 = idle)",
-                    p.dirty_rate_mib
-                )));
-            }
-            if let Some(ws) = p.working_set_mib {
-                if ws == 0 || ws > self.memory_mib {
-                    return Err(VmError::Spec(format!(
-                        "working set of {ws} MiB must be between 1 MiB and the VM's memory ({} MiB); leave it out for all of memory",
-                        self.memory_mib
-                    )));
-                }
-            }
-        }
-        for d in &self.disks {
-            if let Some(why) = DiskSpec::path_problem(&d.path) {
-                return Err(VmError::Spec(format!("disk path {:?}: {why}", d.path)));
-            }
-        }
-        for n in &self.nics {
-            if parse_mac(&n.mac).is_none() {
-                return Err(VmError::Spec(format!(
-                    "NIC MAC {:?} is not a unicast MAC like 52:54:00:12:34:56",
-                    n.mac
-                )));
-            }
-        }
-        self.cpu
-            .hidden()
-            .map_err(|e| VmError::Spec(e.to_string()))?;
-        if let GuestKind::Service(p) = &self.kind {
-            p.validate(self)?;
-        }
-        Ok(())
-    }
-}
-
-/// Lifecycle state of a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmStatus {
-    /// Built, never run.
-    Created,
-    Running,
-    Paused,
-    /// Powered off by request.
-    Stopped,
-    /// Stopped on its own (triple fault, KVM error).
-    Crashed,
-}
-
-impl std::fmt::Display for VmStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            VmStatus::Created => "created",
-            VmStatus::Running => "running",
-            VmStatus::Paused => "paused",
-            VmStatus::Stopped => "stopped",
-            VmStatus::Crashed => "crashed",
-        })
-    }
-}
-
-/// The host's KVM, opened once per agent.
-pub struct Hypervisor {
-    kvm: Kvm,
-    /// MSRs that can be read and written on this host (from KVM_GET_MSR_INDEX_LIST, probed).
-    msr_list: Arc<Vec<u32>>,
-    cpuid: CpuId,
-    /// TSC frequency a fresh vCPU gets.
-    pub tsc_khz: u32,
-    /// Back guest memory with transparent huge pages (`[limits] huge_pages`, default on).
-    pub huge_pages: std::sync::atomic::AtomicBool,
-    /// Back guest memory with sealed memfds that another process can map (a `ferry vmm`
-    /// process's guests, see docs/vmm.md); default off: private anonymous memory.
-    pub memfd_backing: std::sync::atomic::AtomicBool,
-    /// CPU features this host does not offer to guests (`[cpu] mask`).
-    host_mask: Mutex<BTreeSet<FeatureBit>>,
-    /// Whether KVM honours a written IA32_TSC (false on backends where the guest reads the
-    /// host's TSC directly; then a restored guest's TSC continues at host time instead).
-    pub tsc_settable: bool,
-}
-
-impl std::fmt::Debug for Hypervisor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hypervisor")
-            .field("msrs", &self.msr_list.len())
-            .field("tsc_khz", &self.tsc_khz)
-            .finish()
-    }
-}
-
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
-}
-
-impl Hypervisor {
-    /// Open /dev/kvm and probe what this host offers.
-    pub fn open() -> Result<Arc<Hypervisor>, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let listed = kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
-            .as_slice()
-            .to_vec();
-        // Probe on a throwaway vCPU which listed MSRs can really be read and written back.
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let tsc_khz = vcpu.get_tsc_khz().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "KVM does not report a TSC frequency; assuming 2 GHz for guest pacing");
-            2_000_000
-        });
-        let mut usable = Vec::with_capacity(listed.len());
-        for index in listed {
-            let entry = kvm_bindings::kvm_msr_entry {
-                index,
-                ..Default::default()
-            };
-            let Ok(mut m) = kvm_bindings::Msrs::from_entries(&[entry]) else {
-                continue;
-            };
-            if vcpu.get_msrs(&mut m) != Ok(1) {
-                continue;
-            }
-            if vcpu.set_msrs(&m) != Ok(1) {
-                continue;
-            }
-            usable.push(index);
-        }
-        let tsc_settable = probe_tsc_write(&vcpu);
-        tracing::debug!(msrs = usable.len(), tsc_khz, tsc_settable, "KVM probed");
-        Ok(Arc::new(Hypervisor {
-            kvm,
-            msr_list: Arc::new(usable),
-            cpuid,
-            tsc_khz,
-            huge_pages: std::sync::atomic::AtomicBool::new(true),
-            memfd_backing: std::sync::atomic::AtomicBool::new(false),
-            host_mask: Mutex::new(BTreeSet::new()),
-            tsc_settable,
-        }))
-    }
-
-    /// The MSRs saved and restored for every vCPU.
-    pub fn msr_list(&self) -> &[u32] {
-        &self.msr_list
-    }
-
-    /// Hide `features` from every guest this host runs or receives (`[cpu] mask`).
-    pub fn set_host_mask(&self, features: BTreeSet<FeatureBit>) {
-        if let Ok(mut m) = self.host_mask.lock() {
-            *m = features;
-        }
-    }
-
-    fn host_mask(&self) -> BTreeSet<FeatureBit> {
-        self.host_mask.lock().map(|m| m.clone()).unwrap_or_default()
-    }
-
-    /// The CPUID this host offers guests (KVM's supported CPUID less the host mask).
-    pub fn offered_cpuid(&self) -> Vec<CpuidEntry> {
-        let mut v = to_entries(self.cpuid.as_slice());
-        cpuid::apply(&mut v, &self.host_mask());
-        v
-    }
-
-    fn vcpu_cpuid(&self, id: u32, policy: &CpuPolicy) -> Result<CpuId, VmError> {
-        let mut hidden = self.host_mask();
-        hidden.extend(
-            policy
-                .hidden()
-                .map_err(|e| VmError::Device(e.to_string()))?,
-        );
-        let mut c = self.cpuid.clone();
-        for e in c.as_mut_slice() {
-            match e.function {
-                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
-                0xb | 0x1f => e.edx = id,
-                _ => {}
-            }
-            for f in hidden
-                .iter()
-                .filter(|f| f.leaf == e.function && f.subleaf == e.index)
-            {
-                let r = match f.reg {
-                    cpuid::Reg::Eax => &mut e.eax,
-                    cpuid::Reg::Ebx => &mut e.ebx,
-                    cpuid::Reg::Ecx => &mut e.ecx,
-                    cpuid::Reg::Edx => &mut e.edx,
-                };
-                *r &= !(1u32 << f.bit);
-            }
-        }
-        Ok(c)
-    }
-}
-
-/// KVM CPUID entries as plain [`CpuidEntry`]s.
-pub fn to_entries(e: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<CpuidEntry> {
-    e.iter()
-        .map(|e| CpuidEntry {
-            function: e.function,
-            index: e.index,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        })
-        .collect()
 }
 
 impl Vm {
@@ -466,29 +123,6 @@ impl Vm {
             .map(|c| c.clone())
             .unwrap_or_default()
     }
-}
-
-/// Write a small IA32_TSC and see whether it reads back small.
-fn probe_tsc_write(vcpu: &kvm_ioctls::VcpuFd) -> bool {
-    const IA32_TSC: u32 = 0x10;
-    let e = kvm_bindings::kvm_msr_entry {
-        index: IA32_TSC,
-        data: 1000,
-        ..Default::default()
-    };
-    let Ok(m) = kvm_bindings::Msrs::from_entries(&[e]) else {
-        return false;
-    };
-    if vcpu.set_msrs(&m) != Ok(1) {
-        return false;
-    }
-    let Ok(mut r) = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index: IA32_TSC,
-        ..Default::default()
-    }]) else {
-        return false;
-    };
-    vcpu.get_msrs(&mut r) == Ok(1) && r.as_slice()[0].data < 1 << 40
 }
 
 /// How one vCPU begins.
