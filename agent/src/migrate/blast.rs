@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{
-    self, Abort, AbortCode, Command, FrameReader, FrameWriter, Ready, StreamHello,
+    self, Abort, AbortCode, Command, FrameReader, FrameWriter, Framer, Ready, StreamHello,
 };
+use super::source::DataSink;
 use super::MigrateError;
 use crate::transport::tcp as transport;
 use crate::transport::uring::{thread_cpu_time, FrameSink, SendMode, SendStats};
@@ -158,6 +159,7 @@ struct Sent {
 
 fn send_stream(
     sock: TcpStream,
+    framer: Framer,
     req: &BlastRequest,
     per_stream: u64,
     deadline: Instant,
@@ -187,13 +189,16 @@ fn send_stream(
         }
         Some(mode) => {
             let cut = sock.try_clone().ok();
-            let mut sink = FrameSink::new(sock, mode, 8, 512 << 10, false);
-            let mut seq = 1u32;
+            // The StreamHello's framer numbers the pages and the end like a migration's.
+            let mut sink = DataSink::new(
+                FrameSink::new(sock, mode, 8, 512 << 10, false),
+                framer,
+                None,
+            );
             let mut sent = 0u64;
             let mut page = 0usize;
-            let io = |e: crate::transport::uring::UringError| MigrateError::Other(e.to_string());
             while !done(sent) {
-                let buf = sink.buffer().map_err(io)?;
+                let buf = sink.buffer()?;
                 let mut pos = protocol::HEADER_LEN;
                 for _ in 0..PAGES_PER_FRAME {
                     let off = (page % (REGION / PAGE)) * PAGE;
@@ -208,21 +213,12 @@ fn send_stream(
                     pos += PAGE;
                     page += 1;
                 }
-                let h = protocol::FrameHeader::new(
-                    Command::Pages,
-                    PAGES_PER_FRAME as u32,
-                    &buf[protocol::HEADER_LEN..pos],
-                    seq,
-                );
-                buf[..protocol::HEADER_LEN].copy_from_slice(zerocopy::IntoBytes::as_bytes(&h));
-                sink.send_buffer(pos).map_err(io)?;
-                seq = seq.wrapping_add(1);
+                sink.send_buffer(Command::Pages, PAGES_PER_FRAME as u32, pos, |_| {})?;
                 sent += pos as u64;
             }
-            let end = protocol::encode_frame(Command::StreamEnd, 0, b"{}", seq);
-            sink.send_bytes(&end).map_err(io)?;
-            sink.flush(Duration::from_secs(10)).map_err(io)?;
-            stats = sink.stats;
+            sink.send_msg(Command::StreamEnd, &serde_json::json!({}))?;
+            sink.flush(Duration::from_secs(10))?;
+            stats = sink.stats();
             drop(sink);
             if let Some(c) = cut {
                 let _ = c.shutdown(std::net::Shutdown::Write);
@@ -280,11 +276,12 @@ pub fn run(
                 token: ready.token.clone(),
             },
         )?;
+        let framer = w.into_framer();
         let (r, src) = (req.clone(), src.clone());
         joins.push(
             std::thread::Builder::new()
                 .name(format!("blast-tx{i}"))
-                .spawn(move || send_stream(s, &r, per_stream, deadline, &src))
+                .spawn(move || send_stream(s, framer, &r, per_stream, deadline, &src))
                 .map_err(|e| MigrateError::Other(e.to_string()))?,
         );
     }

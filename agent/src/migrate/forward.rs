@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::guest::{IncomingGuest, SourceGuest};
-use super::protocol::{self, Command, ForwardEnd, FrameReader, FrameWriter, ProtocolError};
+use super::protocol::{self, Command, ForwardEnd, FrameReader, FrameWriter, Framer, ProtocolError};
 use super::MigrateError;
 use crate::transport::seal::{Sealer, TAG_LEN};
 use crate::vm::virtio::net::{addressed_to, Forwarding, MAX_FRAME};
@@ -77,8 +77,8 @@ pub struct ForwardStats {
 /// The source's end of the forwarding channel: data stream 0 after its `StreamEnd`.
 pub struct Lane {
     pub sock: TcpStream,
-    /// The sequence number of the stream's next frame.
-    pub seq: u32,
+    /// The stream's framer: forwarding carries on its numbering and its negotiated version.
+    pub framer: Framer,
     pub seal: Option<Sealer>,
 }
 
@@ -231,7 +231,7 @@ fn forward(vm: &str, lane: Lane, nics: Vec<(usize, Forwarding)>) -> ForwardStats
     let started = Instant::now();
     let _ = lane.sock.set_write_timeout(Some(WRITE_TIMEOUT));
     let mut out = Out {
-        w: FrameWriter::with_seq(lane.sock, lane.seq),
+        w: FrameWriter::with_framer(lane.sock, lane.framer),
         seal: lane.seal,
         payload: Vec::new(),
         count: 0,

@@ -61,7 +61,14 @@
 //! today the range is 1..=2). A source sends `Zstd` records only on a session that negotiated
 //! version 2 or later; a destination of either version decodes everything else alike. The `Hello` offers the range and is stamped with
 //! `MIN_VERSION`, so any peer that shares a version can read it; the `HelloAck` picks the highest
-//! version both speak, and control frames from then on carry it ([`FrameWriter::set_version`]).
+//! version both speak, and every frame from then on carries it, on the control connection and
+//! on the data connections alike ([`FrameWriter::set_version`]).
+//!
+//! Sequence numbers count a connection's frames from 0 whatever their kind; the receiver
+//! refuses a gap or a repeat ([`ProtocolError::Sequence`]). One [`Framer`] per connection
+//! writes the headers, numbers the frames and stamps the version; it is handed from writer to
+//! writer when the connection changes hands (a data connection's `StreamHello`, its pages and
+//! round ends, then forwarding on stream 0), so no writer keeps a count of its own.
 //! A peer with no common version gets an `Abort` that names both ranges (lab test
 //! `peers_negotiate_a_common_version_or_are_told_why`). Frames whose stamp is outside this
 //! build's range are refused with [`ProtocolError::Version`].
@@ -376,7 +383,8 @@ pub fn write_record_header(dst: &mut [u8], gpa: u64, encoding: Encoding, len: us
     dst.copy_from_slice(h.as_bytes());
 }
 
-/// A whole frame as bytes (header + payload).
+/// A whole frame as bytes (header + payload) with a sequence number of the caller's: for tests
+/// and tools that forge or re-frame frames. Senders number their frames with a [`Framer`].
 pub fn encode_frame(cmd: Command, count: u32, payload: &[u8], seq: u32) -> Vec<u8> {
     encode_frame_version(cmd, count, payload, seq, VERSION)
 }
@@ -445,24 +453,15 @@ pub fn parse_records(payload: &[u8], count: u32) -> Result<Vec<PageRecord<'_>>, 
     Ok(out)
 }
 
-/// Writes frames to one connection, numbering them.
+/// Writes frames to one connection; its [`Framer`] numbers and stamps them.
 pub struct FrameWriter<W: Write> {
     inner: W,
-    seq: u32,
-    /// The version frames are stamped with.
-    version: u16,
-    /// Bytes written (headers and payloads).
-    pub bytes: u64,
+    framer: Framer,
 }
 
 impl<W: Write> FrameWriter<W> {
-    /// The sequence number the next frame will carry.
-    pub fn next_seq(&self) -> u32 {
-        self.seq
-    }
-}
-
-impl<W: Write> FrameWriter<W> {
+    /// A connection's first writer: sequence 0, stamped with this build's [`VERSION`] until
+    /// [`FrameWriter::set_version`].
     pub fn new(inner: W) -> Self {
         Self::with_seq(inner, 0)
     }
@@ -470,31 +469,45 @@ impl<W: Write> FrameWriter<W> {
     /// A writer whose next frame carries sequence number `seq` (frames before it were written
     /// by another writer, e.g. the async handshake).
     pub fn with_seq(inner: W, seq: u32) -> Self {
-        FrameWriter {
-            inner,
-            seq,
-            version: VERSION,
-            bytes: 0,
-        }
+        Self::with_framer(inner, Framer::with_seq(seq, VERSION))
+    }
+
+    /// A writer that carries on the numbering and version of a connection's `framer` (handed
+    /// on by the writer before it).
+    pub fn with_framer(inner: W, framer: Framer) -> Self {
+        FrameWriter { inner, framer }
+    }
+
+    /// The connection's framer, to hand on to the next writer of this connection.
+    pub fn into_framer(self) -> Framer {
+        self.framer
+    }
+
+    /// The sequence number the next frame will carry.
+    pub fn next_seq(&self) -> u32 {
+        self.framer.next_seq()
     }
 
     /// Stamp the following frames with `version`: the oldest this build speaks for a `Hello`
     /// (so that any peer sharing a version can read it), the negotiated one afterwards.
     pub fn set_version(&mut self, version: u16) {
-        self.version = version;
+        self.framer.set_version(version);
     }
 
     /// The version frames are stamped with now.
     pub fn version(&self) -> u16 {
-        self.version
+        self.framer.version()
+    }
+
+    /// Bytes written (headers and payloads).
+    pub fn bytes(&self) -> u64 {
+        self.framer.bytes()
     }
 
     pub fn send(&mut self, cmd: Command, count: u32, payload: &[u8]) -> Result<(), ProtocolError> {
-        let h = FrameHeader::with_version(cmd, count, payload, self.seq, self.version);
+        let h = self.framer.header(cmd, count, payload);
         self.inner.write_all(h.as_bytes())?;
         self.inner.write_all(payload)?;
-        self.seq = self.seq.wrapping_add(1);
-        self.bytes += (HEADER_LEN + payload.len()) as u64;
         Ok(())
     }
 
@@ -672,7 +685,9 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
+mod framer;
 mod messages;
+pub use framer::Framer;
 pub use messages::*;
 
 #[cfg(test)]

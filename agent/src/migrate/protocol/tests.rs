@@ -44,8 +44,7 @@ fn damage_is_detected() {
     b[5] ^= 1;
     assert!(FrameReader::new(&b[..]).read_frame().is_err());
     // Out-of-order frames.
-    let mut w = FrameWriter::new(Vec::new());
-    w.seq = 5;
+    let mut w = FrameWriter::with_seq(Vec::new(), 5);
     w.send(Command::Commit, 0, b"{}").unwrap();
     assert!(matches!(
         FrameReader::new(&w.inner[..]).read_frame(),
@@ -162,4 +161,118 @@ fn decoder_never_panics_on_arbitrary_bytes() {
         b[i] = next() as u8;
         let _ = parse_records(&b, 2);
     }
+}
+
+/// A data connection's life as the source writes it: the `StreamHello` through a
+/// `FrameWriter`, `Pages` framed in place and a `RoundEnd` through the data sink's framer, then
+/// forwarding through a `FrameWriter` again. Returns the bytes and where each frame starts.
+fn data_connection(version: u16) -> (Vec<u8>, Vec<usize>) {
+    let mut starts = vec![0];
+    let mut out = Vec::new();
+    let mut w = FrameWriter::new(&mut out);
+    w.set_version(version);
+    w.send_msg(Command::StreamHello, &serde_json::json!({"index": 0}))
+        .unwrap();
+    let mut framer = w.into_framer();
+    assert_eq!(framer.next_seq(), 1);
+    for _ in 0..2 {
+        starts.push(out.len());
+        let mut buf = vec![0u8; HEADER_LEN + 64];
+        let mut records = Vec::new();
+        push_record(&mut records, 0x2000, Encoding::Zero, b"");
+        buf[HEADER_LEN..HEADER_LEN + records.len()].copy_from_slice(&records);
+        let len = framer.frame_in_place(Command::Pages, 1, &mut buf, HEADER_LEN + records.len());
+        out.extend_from_slice(&buf[..len]);
+    }
+    starts.push(out.len());
+    out.extend_from_slice(&framer.encode(Command::RoundEnd, 0, br#"{"round":0,"pages":2}"#));
+    starts.push(out.len());
+    let mut fw = FrameWriter::with_framer(out, framer);
+    fw.send(Command::NetFrames, 0, b"").unwrap();
+    fw.send(Command::ForwardEnd, 0, b"{}").unwrap();
+    assert_eq!(
+        fw.bytes(),
+        fw.inner.len() as u64,
+        "every byte is counted once"
+    );
+    (fw.inner, starts)
+}
+
+#[test]
+fn sequence_continues_across_frame_kinds_and_writers() {
+    let (bytes, _) = data_connection(VERSION);
+    let mut r = FrameReader::new(&bytes[..]);
+    let mut kinds = Vec::new();
+    for seq in 0..6u32 {
+        let f = r.read_frame().unwrap();
+        assert_eq!(r.last_seq(), seq);
+        kinds.push(f.command);
+    }
+    assert_eq!(
+        kinds,
+        [
+            Command::StreamHello,
+            Command::Pages,
+            Command::Pages,
+            Command::RoundEnd,
+            Command::NetFrames,
+            Command::ForwardEnd
+        ]
+    );
+    assert!(r.read_frame().is_err(), "nothing after the last frame");
+}
+
+#[test]
+fn every_frame_carries_the_negotiated_version() {
+    for version in MIN_VERSION..=VERSION {
+        let (bytes, starts) = data_connection(version);
+        assert_eq!(starts.len(), 5);
+        let mut r = FrameReader::new(&bytes[..]);
+        let mut at = 0;
+        for _ in 0..6 {
+            let (h, _) = FrameHeader::parse(&bytes[at..at + HEADER_LEN]).unwrap();
+            assert_eq!(h.version.get(), version, "frame {} at {at}", h.seq.get());
+            r.read_frame().unwrap();
+            at = r.bytes as usize;
+        }
+    }
+    // A framer handed on keeps the version set before.
+    let mut f = Framer::new(VERSION);
+    f.set_version(MIN_VERSION);
+    let w = FrameWriter::with_framer(Vec::new(), f.clone());
+    assert_eq!(w.version(), MIN_VERSION);
+    assert_eq!(w.into_framer(), f);
+}
+
+#[test]
+fn the_receiver_rejects_a_gap_or_a_repeat() {
+    let (bytes, starts) = data_connection(VERSION);
+    // Drop the second `Pages` frame (seq 2): the `RoundEnd` after it is refused.
+    let mut gap = bytes[..starts[2]].to_vec();
+    gap.extend_from_slice(&bytes[starts[3]..]);
+    let mut r = FrameReader::new(&gap[..]);
+    for _ in 0..2 {
+        r.read_frame().unwrap();
+    }
+    assert!(matches!(
+        r.read_frame(),
+        Err(ProtocolError::Sequence {
+            expected: 2,
+            got: 3
+        })
+    ));
+    // Send the first `Pages` frame twice.
+    let mut again = bytes[..starts[2]].to_vec();
+    again.extend_from_slice(&bytes[starts[1]..starts[2]]);
+    let mut r = FrameReader::new(&again[..]);
+    for _ in 0..2 {
+        r.read_frame().unwrap();
+    }
+    assert!(matches!(
+        r.read_frame(),
+        Err(ProtocolError::Sequence {
+            expected: 2,
+            got: 1
+        })
+    ));
 }

@@ -11,6 +11,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::sink::DataSink;
 use super::switchover::{self, SwitchoverMark};
 use super::worker::{self, DataConn, Report, Streams, Totals, Work, Worker};
 use super::{Control, SourceJob};
@@ -198,7 +199,7 @@ impl Engine<'_> {
                 }) => {
                     got += 1;
                     self.workers[stream as usize].total_pages += tt.pages;
-                    self.workers[stream as usize].next_seq = tt.next_seq;
+                    self.workers[stream as usize].framer = tt.framer;
                     totals.pages += tt.pages;
                     totals.skipped += tt.skipped;
                     totals.wire_bytes += tt.wire_bytes;
@@ -281,8 +282,8 @@ pub(super) fn prepare(
             let data_key = eng.data_key;
             mark.forward = eng.workers.first_mut().and_then(|w| {
                 Some(crate::migrate::forward::Lane {
+                    framer: w.framer.take()?,
                     sock: w.sock.take()?,
-                    seq: w.next_seq,
                     seal: data_key.map(|k| crate::transport::seal::Sealer::new(&k, 0)),
                 })
             });
@@ -385,19 +386,20 @@ fn open<'a>(job: &'a SourceJob, ctl: &mut Control) -> Result<(Engine<'a>, Ready)
             },
         )?;
         let conn = DataConn {
-            sink: FrameSink::new(
-                sock,
-                job.options.send_mode,
-                SEND_BUFFERS,
-                SEND_BUFFER_SIZE,
-                job.options.poison_buffers,
+            // The data path carries on the numbering and version the StreamHello began.
+            out: DataSink::new(
+                FrameSink::new(
+                    sock,
+                    job.options.send_mode,
+                    SEND_BUFFERS,
+                    SEND_BUFFER_SIZE,
+                    job.options.poison_buffers,
+                ),
+                w.into_framer(),
+                data_key.map(|k| crate::transport::seal::Sealer::new(&k, i)),
             ),
-            seq: 1,
-            bytes: w.bytes,
             acks,
-            seal: data_key.map(|k| crate::transport::seal::Sealer::new(&k, i)),
             plan: plan.clone(),
-            version,
             migration: job.handle.id.clone(),
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
@@ -413,7 +415,7 @@ fn open<'a>(job: &'a SourceJob, ctl: &mut Control) -> Result<(Engine<'a>, Ready)
             sent,
             join: Some(join),
             total_pages: 0,
-            next_seq: 0,
+            framer: None,
         });
     }
     drop(rep_tx);

@@ -24,6 +24,7 @@
 
 mod commit;
 mod engine;
+mod sink;
 mod switchover;
 mod tuner;
 mod worker;
@@ -39,6 +40,7 @@ use super::{GuestOn, MigrateError, MigrateOptions, MigrationHandle, Summary};
 use crate::vm::VmStatus;
 
 pub use super::resolve::RESOLVE_WINDOW;
+pub(crate) use sink::DataSink;
 
 /// How long the destination may take to answer a control message.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);

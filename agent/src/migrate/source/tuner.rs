@@ -61,8 +61,8 @@ impl Tuner {
         if self.active_since.is_none() && self.meter.pages == 0 {
             // A fresh window: rates from here.
             self.window_start = Instant::now();
-            self.wait_mark = c.sink.waited_ns;
-            self.wire_mark = c.bytes;
+            self.wait_mark = c.out.waited_ns();
+            self.wire_mark = c.out.bytes();
         }
         self.active_since = Some(Instant::now());
     }
@@ -109,8 +109,8 @@ impl Tuner {
             self.meter.busy_ns += nanos(now - t);
             self.active_since = Some(now);
         }
-        self.meter.wait_ns = c.sink.waited_ns - self.wait_mark;
-        self.meter.wire_bytes = c.bytes - self.wire_mark;
+        self.meter.wait_ns = c.out.waited_ns() - self.wait_mark;
+        self.meter.wire_bytes = c.out.bytes() - self.wire_mark;
         let busy = self.meter.busy_ns as f64 / 1e9;
         if busy > 0.0 {
             self.link_mb_s = tune::link_estimate(
@@ -182,7 +182,7 @@ impl Tuner {
             ..Meter::default()
         };
         self.window_start = now;
-        self.wait_mark = c.sink.waited_ns;
-        self.wire_mark = c.bytes;
+        self.wait_mark = c.out.waited_ns();
+        self.wire_mark = c.out.bytes();
     }
 }

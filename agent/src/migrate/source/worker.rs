@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::sink::DataSink;
 use super::tuner::{nanos, Tuner};
 use crate::migrate::codec::{Adaptive, Codec, DeltaCache, Encoder, PAGE};
-use crate::migrate::protocol::{self, Command, FrameReader, RoundEnd, RECORD_LEN};
+use crate::migrate::protocol::{self, Command, FrameReader, Framer, RoundEnd, RECORD_LEN};
 use crate::migrate::tune::{CodecPlan, StreamTuning};
 use crate::migrate::{EncodingStats, MigrateError};
-use crate::transport::uring::{FrameSink, SendStats};
+use crate::transport::uring::SendStats;
 use crate::vm::memory::{is_zero, GuestMemory};
 
 pub(super) enum Work {
@@ -40,8 +41,8 @@ pub(super) struct Totals {
     pub(super) wire_bytes: u64,
     pub(super) enc: EncodingStats,
     pub(super) send: SendStats,
-    /// The stream's next frame number (after a round's end).
-    pub(super) next_seq: u32,
+    /// The stream's framer after a round's end (forwarding continues from it).
+    pub(super) framer: Option<Framer>,
     /// The stream's codec so far (cumulative, not per round).
     pub(super) tuning: StreamTuning,
 }
@@ -59,46 +60,19 @@ pub(super) struct Worker {
     pub(super) join: Option<JoinHandle<()>>,
     /// Page records sent over the whole migration.
     pub(super) total_pages: u64,
-    /// The stream's next frame number after the last round (forwarding continues from it).
-    pub(super) next_seq: u32,
+    /// The stream's framer after the last round (forwarding continues from it).
+    pub(super) framer: Option<Framer>,
 }
 
 /// One data connection: frames out (through io_uring), acknowledgements back.
 pub(super) struct DataConn {
-    pub(super) sink: FrameSink,
-    /// Frame sequence number on this connection.
-    pub(super) seq: u32,
-    /// Bytes written (headers and payloads).
-    pub(super) bytes: u64,
+    /// Frames out: numbered, stamped and (when encrypted) sealed.
+    pub(super) out: DataSink,
     pub(super) acks: FrameReader<BufReader<TcpStream>>,
-    /// Seals page frames when the migration is encrypted.
-    pub(super) seal: Option<crate::transport::seal::Sealer>,
     /// How pages are encoded (fixed, or tuned from measured rates).
     pub(super) plan: CodecPlan,
-    /// The protocol version the session negotiated (frames are stamped with it).
-    pub(super) version: u16,
     /// The migration's id (fault points name it).
     pub(super) migration: String,
-}
-
-impl DataConn {
-    fn send_control<T: serde::Serialize>(
-        &mut self,
-        cmd: Command,
-        msg: &T,
-    ) -> Result<(), MigrateError> {
-        let frame = protocol::encode_frame_version(
-            cmd,
-            0,
-            &serde_json::to_vec(msg).unwrap_or_default(),
-            self.seq,
-            self.version,
-        );
-        self.sink.send_bytes(&frame)?;
-        self.seq = self.seq.wrapping_add(1);
-        self.bytes += frame.len() as u64;
-        Ok(())
-    }
 }
 
 /// A `Pages` frame being built in a pool buffer: header space, then records.
@@ -112,29 +86,18 @@ fn finish_frame(c: &mut DataConn, f: &mut Option<PagesFrame>) -> Result<(), Migr
     if fr.count == 0 {
         return Ok(());
     }
-    let buf = c.sink.buffer()?;
-    let mut end = fr.pos;
-    if let Some(s) = &c.seal {
-        let hl = protocol::HEADER_LEN;
-        end = hl + s.seal(c.seq, &mut buf[hl..], fr.pos - hl)?;
-    }
-    let h = protocol::FrameHeader::with_version(
-        Command::Pages,
-        fr.count,
-        &buf[protocol::HEADER_LEN..end],
-        c.seq,
-        c.version,
-    );
-    buf[..protocol::HEADER_LEN].copy_from_slice(zerocopy::IntoBytes::as_bytes(&h));
-    if crate::faults::armed() && crate::faults::hit_in("source:corrupt", &c.migration).is_some() {
-        // Test hook: one payload byte changes after the checksum was computed.
-        let last = end - 1;
-        buf[last] ^= 0x5a;
-    }
-    c.sink.send_buffer(end)?;
-    c.seq = c.seq.wrapping_add(1);
-    c.bytes += end as u64;
-    Ok(())
+    let migration = &c.migration;
+    c.out
+        .send_buffer(Command::Pages, fr.count, fr.pos, |frame| {
+            if crate::faults::armed()
+                && crate::faults::hit_in("source:corrupt", migration).is_some()
+            {
+                // Test hook: one payload byte changes after the checksum was computed.
+                if let Some(last) = frame.last_mut() {
+                    *last ^= 0x5a;
+                }
+            }
+        })
 }
 
 pub(super) fn worker_loop(
@@ -152,17 +115,12 @@ pub(super) fn worker_loop(
     let mut scratch = Box::new([0u8; PAGE]);
     let mut frame: Option<PagesFrame> = None;
     let mut t = Totals::default();
-    let mut wire_mark = c.bytes;
-    let mut stats_mark = c.sink.stats;
+    let mut wire_mark = c.out.bytes();
+    let mut stats_mark = c.out.stats();
     let mut tuner = Tuner::new(stream, &c.plan);
     let auto = Tuner::auto(&c.plan);
     // A sealed frame grows by its tag.
-    let cap = c.sink.buffer_size()
-        - if c.seal.is_some() {
-            crate::transport::seal::TAG_LEN
-        } else {
-            0
-        };
+    let cap = c.out.frame_limit();
     let result = (|| -> Result<(), MigrateError> {
         for work in rx {
             match work {
@@ -173,9 +131,9 @@ pub(super) fn worker_loop(
                             f.pos + RECORD_LEN + PAGE > cap || f.pos >= protocol::PAGES_FRAME_TARGET
                         }) {
                             if auto {
-                                let (t0, w0) = (Instant::now(), c.sink.waited_ns);
+                                let (t0, w0) = (Instant::now(), c.out.waited_ns());
                                 finish_frame(&mut c, &mut frame)?;
-                                let waited = c.sink.waited_ns - w0;
+                                let waited = c.out.waited_ns() - w0;
                                 tuner.meter.frame_ns += nanos(t0.elapsed()).saturating_sub(waited);
                                 tuner.tick(&c);
                             } else {
@@ -186,7 +144,7 @@ pub(super) fn worker_loop(
                             pos: protocol::HEADER_LEN,
                             count: 0,
                         });
-                        let buf = c.sink.buffer()?;
+                        let buf = c.out.buffer()?;
                         let slot = &mut buf[fr.pos + RECORD_LEN..fr.pos + RECORD_LEN + PAGE];
                         // One copy out of guest memory: the snapshot that is checked,
                         // compressed, checksummed and (if raw) sent as it is.
@@ -251,7 +209,7 @@ pub(super) fn worker_loop(
                     } else {
                         Command::RoundEnd
                     };
-                    c.send_control(
+                    c.out.send_msg(
                         cmd,
                         &RoundEnd {
                             round,
@@ -269,11 +227,11 @@ pub(super) fn worker_loop(
                         .into());
                     }
                     if last {
-                        c.sink.flush(Duration::from_secs(10))?;
+                        c.out.flush(Duration::from_secs(10))?;
                     }
-                    t.wire_bytes = c.bytes - wire_mark;
-                    wire_mark = c.bytes;
-                    let now = c.sink.stats;
+                    t.wire_bytes = c.out.bytes() - wire_mark;
+                    wire_mark = c.out.bytes();
+                    let now = c.out.stats();
                     t.send = SendStats {
                         zero_copy_bytes: now.zero_copy_bytes - stats_mark.zero_copy_bytes,
                         zc_copied_bytes: now.zc_copied_bytes - stats_mark.zc_copied_bytes,
@@ -282,7 +240,7 @@ pub(super) fn worker_loop(
                         fell_back: now.fell_back,
                     };
                     stats_mark = now;
-                    t.next_seq = c.seq;
+                    t.framer = Some(c.out.framer().clone());
                     t.tuning = tuner.report.clone();
                     let _ = reports.send(Report {
                         stream,
