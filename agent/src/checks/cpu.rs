@@ -29,28 +29,8 @@ pub fn level(offered: &BTreeSet<FeatureBit>) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::cpuid::{features, CpuidEntry};
-
-    fn table(ecx1: u32, ebx7: u32) -> Vec<CpuidEntry> {
-        vec![
-            CpuidEntry {
-                function: 1,
-                index: 0,
-                eax: 0,
-                ebx: 0,
-                ecx: ecx1,
-                edx: 0,
-            },
-            CpuidEntry {
-                function: 7,
-                index: 0,
-                eax: 0,
-                ebx: ebx7,
-                ecx: 0,
-                edx: 0,
-            },
-        ]
-    }
+    use crate::vm::cpuid::features;
+    use crate::vm::cpuid::tests::table;
 
     #[test]
     fn compatibility_names_offenders_and_ignores_os_bits() {

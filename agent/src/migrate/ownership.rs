@@ -51,6 +51,13 @@ pub enum OwnershipError {
     },
     #[error("ownership record {0} is corrupt")]
     Corrupt(PathBuf),
+    /// A destination may take a guest only from the host its record names.
+    #[error("the record of {vm} names {} (generation {}), not {from}", .found.owner_name(), .found.generation)]
+    NotFrom {
+        vm: String,
+        found: Box<Record>,
+        from: String,
+    },
 }
 
 /// One generation of a guest's ownership.
@@ -286,6 +293,46 @@ impl Ownership {
             Err(e) => Err(Self::io(dest)(e)),
         }
         // The temporary file goes when the caller drops `staged` (after the moment that matters).
+    }
+
+    /// The commit point on a destination: make `me` the owner of `vm`, taking it from `from`
+    /// at `generation` (None: the source keeps no records; its generation is read here), with
+    /// the record `prepared` ahead of the pause if it fits (one `link(2)` then). Returns the
+    /// spent staging and the record now current.
+    pub fn take_over(
+        &self,
+        vm: &str,
+        from: &str,
+        generation: Option<u64>,
+        me: &str,
+        migration: &str,
+        prepared: Option<Staged>,
+    ) -> Result<(Staged, Record), OwnershipError> {
+        let g = match generation {
+            Some(g) => g,
+            None => match self.current(vm)? {
+                Some(r) if r.owned_by(from) => r.generation,
+                Some(r) => {
+                    return Err(OwnershipError::NotFrom {
+                        vm: vm.to_string(),
+                        found: Box::new(r),
+                        from: from.to_string(),
+                    })
+                }
+                None => 0,
+            },
+        };
+        let expect = if generation.is_none() && g == 0 {
+            None
+        } else {
+            Some(from)
+        };
+        let staged = match prepared {
+            Some(s) if s.record().generation == g + 1 && s.expects() == expect => s,
+            _ => self.stage(vm, expect, g, Some(me), Some(migration), "migrated")?,
+        };
+        let r = self.publish(&staged)?;
+        Ok((staged, r))
     }
 
     /// Flush `vm`'s record directory (the links [`Ownership::publish`] made) and drop old

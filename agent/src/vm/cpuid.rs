@@ -288,10 +288,11 @@ pub fn features(entries: &[CpuidEntry]) -> BTreeSet<FeatureBit> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn table(ecx1: u32, ebx7: u32) -> Vec<CpuidEntry> {
+    /// A CPUID table with leaf 1's ECX and leaf 7's EBX (the checks' tests use it too).
+    pub(crate) fn table(ecx1: u32, ebx7: u32) -> Vec<CpuidEntry> {
         vec![
             CpuidEntry {
                 function: 1,

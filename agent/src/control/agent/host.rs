@@ -160,37 +160,8 @@ impl Host for Agent {
             self.hand_over_disks(vm);
             return Ok(None);
         };
-        let g = match generation {
-            Some(g) => g,
-            // The source keeps no records (configurations differ): take it from the source.
-            None => match o
-                .current(vm)
-                .map_err(|e| HostError::Ownership(e.to_string()))?
-            {
-                Some(r) if r.owned_by(from) => r.generation,
-                Some(r) => {
-                    return Err(HostError::Ownership(format!(
-                        "the record names {} (generation {}), not {from}",
-                        r.owner_name(),
-                        r.generation
-                    )))
-                }
-                None => 0,
-            },
-        };
-        let expect = if generation.is_none() && g == 0 {
-            None
-        } else {
-            Some(from)
-        };
-        let staged = match prepared {
-            Some(s) if s.record().generation == g + 1 && s.expects() == expect => s,
-            _ => o
-                .stage(vm, expect, g, Some(self.me()), Some(migration), "migrated")
-                .map_err(|e| HostError::Ownership(e.to_string()))?,
-        };
-        let r = o
-            .publish(&staged)
+        let (staged, r) = o
+            .take_over(vm, from, generation, self.me(), migration, prepared)
             .map_err(|e| HostError::Ownership(e.to_string()))?;
         tracing::info!(
             vm,

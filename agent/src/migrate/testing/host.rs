@@ -195,34 +195,8 @@ impl Host for FakeHost {
         let Some(o) = &self.ownership else {
             return Ok(None);
         };
-        let g = match generation {
-            Some(g) => g,
-            None => match o
-                .current(vm)
-                .map_err(|e| HostError::Ownership(e.to_string()))?
-            {
-                Some(r) if r.owned_by(from) => r.generation,
-                Some(r) => {
-                    return Err(HostError::Ownership(format!(
-                        "the record names {}",
-                        r.owner_name()
-                    )))
-                }
-                None => 0,
-            },
-        };
-        let expect = if generation.is_none() && g == 0 {
-            None
-        } else {
-            Some(from)
-        };
-        let staged = match prepared {
-            Some(s) if s.record().generation == g + 1 && s.expects() == expect => s,
-            _ => o
-                .stage(vm, expect, g, Some(&self.name), Some(migration), "migrated")
-                .map_err(|e| HostError::Ownership(e.to_string()))?,
-        };
-        o.publish(&staged)
+        let (staged, _) = o
+            .take_over(vm, from, generation, &self.name, migration, prepared)
             .map_err(|e| HostError::Ownership(e.to_string()))?;
         Ok(Some(staged))
     }
