@@ -105,7 +105,9 @@ impl Agent {
                 {
                     tracing::error!(vm = name, disk = %d.path, error = %e, "an adopted guest's disk lock could not be taken");
                     if let Ok(mut v) = self.vmm_errors.lock() {
-                        v.push(format!("VMM of {name} adopted, but its disk lock could not be taken: {e}"));
+                        v.push(format!(
+                            "VMM of {name} adopted, but its disk lock could not be taken: {e}"
+                        ));
                     }
                 }
             }
