@@ -325,6 +325,17 @@ fn every_command_prints_json_that_parses() {
         ("b", vec!["vm", "stop", "j"]),
         ("b", vec!["vm", "start", "j"]),
     ];
+    // `digest`, `save` and `restore` are refused with `[vmm] mode = "process"` (docs/vmm.md,
+    // "not supported in process mode yet"): there they are left out, with the `destroy` that
+    // only makes room for the restore.
+    let process = xtask::lab::lab_vmm_mode() == ferry::control::config::VmmMode::Process;
+    let runs = runs.into_iter().filter(|(_, args)| {
+        !(process
+            && matches!(
+                args[..],
+                ["vm", "digest" | "save" | "restore" | "destroy", ..]
+            ))
+    });
     for (host, args) in runs {
         let mut a = vec!["--json"];
         a.extend_from_slice(&args);

@@ -691,6 +691,29 @@ fn link(lab: &Lab, host: &str, dev: &str) -> Option<(String, String)> {
     ))
 }
 
+/// Whether host `host` of the lab has `path` open: its agent, or (`[vmm] mode = "process"`) one
+/// of its VMMs (`ferry vmm ... --state-dir HOST_STATE_DIR`).
+fn host_has_open(lab: &Lab, host: &str, path: &Path) -> bool {
+    let h = lab.host(host).unwrap();
+    let state_dir = h.state_dir.to_string_lossy().into_owned();
+    let vmms = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                        let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                        args.contains(&&b"vmm"[..]) && args.contains(&state_dir.as_bytes())
+                    })
+                })
+                .collect::<Vec<u32>>()
+        })
+        .unwrap_or_default();
+    h.agent_pid
+        .into_iter()
+        .chain(vmms)
+        .any(|pid| has_open(pid, path))
+}
+
 fn has_open(pid: u32, path: &Path) -> bool {
     let want = std::fs::canonicalize(path).unwrap_or(path.to_path_buf());
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -748,9 +771,10 @@ fn service_vm_nic_and_disk_in_the_lab_and_across_a_migration() {
     assert_eq!(master, "vmbr0");
     assert_eq!(mac, "fe:54:00:0a:0b:0c");
     let image = lab.shared_datastore().join("s1/disk.img");
-    let pid_a = lab.host("a").unwrap().agent_pid.unwrap();
-    let pid_b = lab.host("b").unwrap().agent_pid.unwrap();
-    assert!(has_open(pid_a, &image), "agent a has the disk image open");
+    assert!(
+        host_has_open(&lab, "a", &image),
+        "agent a (or its VMM) has the disk image open"
+    );
     wait_for("the probe guest to bring its NIC up", 20, || {
         let c = console(&f, "a", "s1");
         assert!(!c.contains("BAD"), "probe guest failed: {c}");
@@ -783,8 +807,13 @@ fn service_vm_nic_and_disk_in_the_lab_and_across_a_migration() {
     wait_for("a's tap to go", 10, || {
         link(&lab, "a", &tap).is_none().then_some(())
     });
-    assert!(has_open(pid_b, &image), "agent b has the disk image open");
-    assert!(!has_open(pid_a, &image), "agent a closed the disk image");
+    assert!(
+        host_has_open(&lab, "b", &image),
+        "agent b (or its VMM) has the disk image open"
+    );
+    wait_for("host a to close the disk image", 10, || {
+        (!host_has_open(&lab, "a", &image)).then_some(())
+    });
     // The guest on b receives what is sent on b's bridge.
     let before = received(&console(&f, "b", "s1"));
     assert!(before >= 5, "the console history came along");

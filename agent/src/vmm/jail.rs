@@ -168,17 +168,13 @@ pub fn install_seccomp(mode: SeccompMode) -> Result<(), JailError> {
 /// Make a system call the filter forbids (`--test-requests` only): under the filter the kernel
 /// kills the VMM with SIGSYS and this does not return.
 pub fn forbidden_syscall() {
-    // openat of the root directory: harmless, and exactly what a jailed VMM must not do.
-    // SAFETY: openat with a constant NUL-terminated path; the result is closed if it comes back.
-    let fd = unsafe {
-        libc::openat(
-            libc::AT_FDCWD,
-            c"/".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
+    // A TCP socket: harmless, and exactly what a jailed VMM must not make (it has no network
+    // but its taps). (`openat` is not used: it fails with EACCES instead of killing, see
+    // `filters`.)
+    // SAFETY: socket(2) with constant arguments; the result is closed if it comes back.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd >= 0 {
-        // SAFETY: closing the descriptor just opened.
+        // SAFETY: closing the descriptor just made.
         unsafe { libc::close(fd) };
     }
 }
@@ -392,14 +388,18 @@ pub fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, JailError> {
     Ok(m)
 }
 
-/// The programs to install, in order: one that makes `clone3` fail with ENOSYS, then the
-/// allow-list (which lets `clone3` through, and not `seccomp`: it must come last). The kernel
-/// runs every installed filter and takes the most restrictive answer (KILL over ERRNO over
-/// ALLOW), so `clone3` fails and everything outside the allow-list kills.
+/// The programs to install, in order: one that makes `clone3` fail with ENOSYS and `openat`
+/// with EACCES, then the allow-list (which lets both through, and not `seccomp`: it must come
+/// last). The kernel runs every installed filter and takes the most restrictive answer (KILL
+/// over ERRNO over ALLOW), so `clone3` and `openat` fail and everything outside the allow-list
+/// kills. `openat` fails rather than kills because glibc opens files on its own in ordinary
+/// calls: `free` shrinking a thread arena's heap reads `/proc/sys/vm/overcommit_memory` once
+/// (and takes a failure as "do not shrink"); a VMM must not die of that, and it opens nothing.
 fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, JailError> {
     let err = |e: seccompiler::BackendError| JailError::Seccomp(e.to_string());
     let mut rules = rules()?;
     rules.insert(libc::SYS_clone3, vec![]);
+    rules.insert(libc::SYS_openat, vec![]);
     let mismatch = match mode {
         SeccompMode::Kill => SeccompAction::KillProcess,
         SeccompMode::Log => SeccompAction::Log,
@@ -413,8 +413,16 @@ fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, JailError> {
         arch,
     )
     .map_err(err)?;
+    let openat = SeccompFilter::new(
+        [(libc::SYS_openat, vec![])].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch,
+    )
+    .map_err(err)?;
     Ok(vec![
         clone3.try_into().map_err(err)?,
+        openat.try_into().map_err(err)?,
         allow.try_into().map_err(err)?,
     ])
 }
@@ -434,7 +442,7 @@ mod tests {
         assert_eq!(KVM_RUN(), 0xae80);
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         let f = filters(SeccompMode::Kill).unwrap();
-        assert_eq!(f.len(), 2);
-        assert!(f[1].len() > 50);
+        assert_eq!(f.len(), 3);
+        assert!(f[2].len() > 50);
     }
 }

@@ -9,6 +9,7 @@
 //! migration's request. A connection that fails (the VMM died) marks the guest ended; the
 //! reason comes from the monitor's exit record (`DIR/vmm/N.exit`).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -120,7 +121,16 @@ fn spawn(
     })?;
     // Whatever was left of an earlier VMM of this name (its exit record) is not this one's.
     let _ = std::fs::remove_file(super::exit_path(state_dir, name));
-    let mut child = Command::new(exe)
+    // The program is `/proc/self/exe`, the agent's own binary even after it was replaced on disk
+    // (an upgrade that has not restarted the agent yet: `current_exe` then names a deleted
+    // file), so a VMM always speaks its agent's protocol. argv[0] is the path it was run as.
+    let arg0 = exe
+        .to_str()
+        .and_then(|s| s.strip_suffix(" (deleted)"))
+        .map(PathBuf::from)
+        .unwrap_or(exe);
+    let mut child = Command::new("/proc/self/exe")
+        .arg0(&arg0)
         .arg("vmm")
         .arg("--name")
         .arg(name)

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::names::belongs_to_lab;
 use super::process::stop_processes;
-use super::procfs::{same_process_alive, stop_processes_in};
+use super::procfs::{proc_start_time, same_process_alive, stop_processes_in};
 use super::state::{resolve_state, HostRecord, Resolved};
 use super::util::{combine_errors, require_root};
 use super::{Ip, STATE_FILE};
@@ -21,7 +21,8 @@ pub struct DownReport {
     pub root: PathBuf,
     /// `(host, pid)` of each agent stopped.
     pub stopped_agents: Vec<(String, u32)>,
-    /// `(namespace, pid)` of other processes that were still running inside the lab.
+    /// `(namespace, pid)` of other processes that were still running inside the lab; `("vmm",
+    /// pid)` for a VMM (and its monitor) of one of the lab's hosts.
     pub stopped_processes: Vec<(String, u32)>,
     pub deleted_namespaces: Vec<String>,
     pub removed_root: bool,
@@ -88,6 +89,15 @@ pub fn down_recorded(name: Option<&str>, root: &Path) -> Result<DownReport> {
         }
     }
 
+    // VMMs outlive their agents (process mode): stopped by pid, before their state dirs go.
+    let state_dirs: Vec<PathBuf> = state.hosts.iter().map(|h| h.state_dir.clone()).collect();
+    match stop_lab_vmms(&state_dirs) {
+        Ok(pids) => report
+            .stopped_processes
+            .extend(pids.into_iter().map(|p| ("vmm".to_string(), p))),
+        Err(e) => errors.push(e),
+    }
+
     match ip.netns_list() {
         Ok(existing) => {
             let wanted: BTreeSet<&str> = state.namespaces.iter().map(String::as_str).collect();
@@ -126,6 +136,69 @@ pub fn down_recorded(name: Option<&str>, root: &Path) -> Result<DownReport> {
         }
     }
     combine_errors(errors).map(|()| report)
+}
+
+/// The VMM processes (`ferry vmm`, `[vmm] mode = "process"`) of the hosts whose state
+/// directories are `state_dirs`, which outlive their agents by design: the pid each VMM's Hello
+/// gives (`DIR/vmm/N.sock`), and every process whose command line is `... vmm ... --state-dir
+/// DIR` (the monitors, and VMMs whose socket is gone). A pid counts only if its command line
+/// names one of these state directories, so nothing outside the lab is touched.
+pub(super) fn lab_vmm_pids(state_dirs: &[PathBuf]) -> Vec<u32> {
+    let dirs: Vec<Vec<u8>> = state_dirs
+        .iter()
+        .map(|d| d.as_os_str().as_encoded_bytes().to_vec())
+        .collect();
+    let is_lab_vmm = |pid: u32| {
+        fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+            args.contains(&&b"vmm"[..])
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"--state-dir" && dirs.iter().any(|d| d == w[1]))
+        })
+    };
+    let mut pids = BTreeSet::new();
+    for dir in state_dirs {
+        let Ok(rd) = fs::read_dir(ferry::vmm::vmm_dir(dir)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "sock") {
+                if let Ok(c) =
+                    ferry::vmm::client::VmmClient::connect(&p, std::time::Duration::from_secs(1))
+                {
+                    pids.insert(c.hello().pid);
+                }
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir("/proc") {
+        pids.extend(
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()),
+        );
+    }
+    let me = std::process::id();
+    pids.into_iter()
+        .filter(|&pid| pid != me && is_lab_vmm(pid))
+        .collect()
+}
+
+/// Stops the VMMs of `state_dirs` ([`lab_vmm_pids`]); returns the pids stopped.
+pub(super) fn stop_lab_vmms(state_dirs: &[PathBuf]) -> Result<Vec<u32>> {
+    let pids = lab_vmm_pids(state_dirs);
+    let starts: Vec<Option<u64>> = pids.iter().map(|&p| proc_start_time(p)).collect();
+    let results = stop_processes(&pids, |i| {
+        starts[i].is_none() || proc_start_time(pids[i]) != starts[i]
+    });
+    let mut errors = Vec::new();
+    for (pid, r) in pids.iter().zip(results) {
+        if let Err(e) = r {
+            errors.push(e.context(format!("cannot stop the lab's VMM pid {pid}")));
+        }
+    }
+    combine_errors(errors).map(|()| pids)
 }
 
 /// Whether `root` only holds entries a lab creates.

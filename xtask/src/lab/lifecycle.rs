@@ -292,6 +292,11 @@ impl Lab {
         if let Err(e) = self.stop_agents(&all) {
             errors.push(e);
         }
+        // VMMs outlive their agents (`[vmm] mode = "process"`): those of this lab's hosts.
+        let state_dirs: Vec<_> = self.hosts.iter().map(|h| h.state_dir.clone()).collect();
+        if let Err(e) = super::down::stop_lab_vmms(&state_dirs) {
+            errors.push(e);
+        }
         if let Err(e) = stop_processes_in(&self.created_netns) {
             errors.push(e);
         }

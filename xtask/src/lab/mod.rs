@@ -70,6 +70,7 @@ mod status;
 mod util;
 
 pub use binary::ferry_bin;
+pub use config::lab_vmm_mode;
 pub use down::{down_recorded, DownReport};
 pub use names::{client_netns_name, LabOptions};
 pub use process::require_program;

@@ -230,6 +230,48 @@ fn scenario(
     config_kept(c, &edited)?;
     step(t0, "reinstall without guests: agent restarted");
 
+    // `[vmm] mode = "process"` under the packaged unit's sandbox (its capabilities and
+    // RestrictNamespaces=mnt are what the VMM's jail needs): a guest runs in a jailed `ferry vmm`
+    // and outlives `systemctl restart`; the new agent adopts it. The config lives in /run (a
+    // drop-in points ExecStart at it), so /etc/ferry stays as the operator left it.
+    c.ok(
+        "mkdir -p /run/systemd/system/ferry-agent.service.d && \
+         { cat /etc/ferry/agent.toml; printf '\\n[vmm]\\nmode = \"process\"\\n'; } > /run/ferry-process.toml && \
+         printf '[Service]\\nExecStartPre=\\nExecStartPre=/usr/bin/ferry agent --config /run/ferry-process.toml --check-config\\nExecStart=\\nExecStart=/usr/bin/ferry agent --config /run/ferry-process.toml --log-format text\\n' \
+           > /run/systemd/system/ferry-agent.service.d/process.conf && \
+         systemctl daemon-reload && systemctl restart ferry-agent",
+        90,
+    )?;
+    ensure!(active_state(c)? == "active");
+    c.ok("ferry vm create p1 --memory 128M --start", 60)?;
+    guest_runs(c, "p1")?;
+    // One line per process of p1's VMM (the monitor, root; the VMM, jailed).
+    let vmm = c.ok(
+        "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^/usr/bin/ferry vmm --name p1 ' \
+           && echo $(grep -E '^(Uid|CapEff):' $p/status); done; true",
+        10,
+    )?;
+    ensure!(
+        vmm.lines()
+            .any(|l| l.contains("Uid: 65534") && l.contains("CapEff: 0000000000000000")),
+        "the VMM of p1 is not jailed (nobody, no capabilities):\n{vmm}"
+    );
+    c.ok("systemctl restart ferry-agent", 90)?;
+    ensure!(active_state(c)? == "active");
+    guest_runs(c, "p1")?;
+    c.ok("ferry vm destroy p1", 60)?;
+    c.ok(
+        "rm -r /run/systemd/system/ferry-agent.service.d /run/ferry-process.toml && \
+         systemctl daemon-reload && systemctl restart ferry-agent",
+        90,
+    )?;
+    ensure!(active_state(c)? == "active");
+    config_kept(c, &edited)?;
+    step(
+        t0,
+        "process mode under the unit: guest jailed, outlives a restart, adopted",
+    );
+
     // Remove: stopped, files gone, config kept.
     c.ok("dpkg -r ferry", 120)?;
     let state = active_state(c)?;

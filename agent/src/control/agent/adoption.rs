@@ -92,6 +92,26 @@ impl Agent {
                 Err(e) => tracing::error!(vm = name, error = %e, "could not resume the guest"),
             }
         }
+        // The guest's disk locks: still on the datastores (an agent stop releases nothing), and
+        // this host's lease heartbeat goes on from this agent (renewed at start and every
+        // lease/3). Taken again here in case one went missing; holding it is fine. Another
+        // guest holding a disk is reported and the guest left running: it already writes there.
+        if !matches!(g.status(), VmStatus::Crashed | VmStatus::Stopped) {
+            let owner_of = |vm: &str| self.owner_of(vm);
+            for d in &g.spec().disks {
+                if let Err(e) =
+                    self.locks
+                        .acquire(&self.datastores, &d.path, name, self.me(), &owner_of)
+                {
+                    tracing::error!(vm = name, disk = %d.path, error = %e, "an adopted guest's disk lock could not be taken");
+                    if let Ok(mut v) = self.vmm_errors.lock() {
+                        v.push(format!(
+                            "VMM of {name} adopted, but its disk lock could not be taken: {e}"
+                        ));
+                    }
+                }
+            }
+        }
         let pid = g.hello().pid;
         let state = g.status();
         match self.insert(Guest::Process(g)) {
