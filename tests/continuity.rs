@@ -250,42 +250,21 @@ fn service_guest_keeps_its_clients_across_three_round_trips() {
 
 /// Create and start the service guest `s1` on host a; wait until it is ready and journaling.
 fn service_on_a(lab: &Lab) {
-    let f = LabFerry { lab };
-    let program = xtask::guest::guest_image();
-    assert!(program.is_file(), "run `cargo xtask build-guest`");
-    let ip = format!("{}/24", lab::vm_addr(10).unwrap());
-    f.json(
+    let rate = JOURNAL_RATE.to_string();
+    LabFerry { lab }.start_service_guest(
         "a",
+        "s1",
+        10,
+        MAC,
         &[
-            "vm",
-            "create",
-            "s1",
-            "--kind",
-            "service",
-            "--memory",
-            "128M",
-            "--ip",
-            &ip,
-            "--nic",
-            &format!("{MAC}@vm-net"),
-            "--disk",
-            "[shared] s1/disk.img:16M",
             "--journal-rate",
-            &JOURNAL_RATE.to_string(),
+            &rate,
             "--working-set",
             "32M",
             "--dirty-rate",
             "16",
-            "--program",
-            program.to_str().unwrap(),
-            "--start",
         ],
     );
-    wait_for("the guest to be ready", 30, || {
-        let c = console(&f, "a", "s1");
-        assert!(!c.contains("PANIC"), "{c}");
-        c.contains("ferry-guest: ready").then_some(())
-    });
 }
 
 /// The destination's agent is killed at fault point `point` during a migration a->b: the

@@ -356,6 +356,37 @@ impl LabFerry<'_> {
     }
 }
 
+impl LabFerry<'_> {
+    /// Create and start the service guest (`guest/ferry-guest.bin`, kind `service`) `name` on
+    /// `host`, 128 MiB, with a NIC `mac` on `vm-net` at `xtask::lab::vm_addr(addr)`/24 and a
+    /// 16 MiB disk `[shared] NAME/disk.img`, plus `extra` arguments of `ferry vm create`; wait
+    /// (30 s at most) until its console says it is ready.
+    pub fn start_service_guest(&self, host: &str, name: &str, addr: u8, mac: &str, extra: &[&str]) {
+        let program = xtask::guest::guest_image();
+        assert!(program.is_file(), "run `cargo xtask build-guest`");
+        let ip = format!("{}/24", xtask::lab::vm_addr(addr).expect("guest address"));
+        let nic = format!("{mac}@vm-net");
+        let disk = format!("[shared] {name}/disk.img:16M");
+        let mut args = vec![
+            "vm", "create", name, "--kind", "service", "--memory", "128M", "--ip", &ip, "--nic",
+            &nic, "--disk", &disk,
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[
+            "--program",
+            program.to_str().expect("UTF-8 path"),
+            "--start",
+        ]);
+        self.json(host, &args);
+        wait_for("the service guest to be ready", 30, || {
+            let o = self.cli(host, &["vm", "console", name]);
+            let c = String::from_utf8_lossy(&o.stdout).into_owned();
+            assert!(!c.contains("PANIC"), "{c}");
+            c.contains("ferry-guest: ready").then_some(())
+        });
+    }
+}
+
 /// Run `f` on a thread inside network namespace `netns` (e.g. a lab host's).
 pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/run/netns/{netns}");

@@ -75,37 +75,7 @@ fn create(f: &LabFerry, name: &str, dirty: &str) {
 /// The service guest (`guest/`, kind `service`) with a NIC on `vm-net` and a disk on the
 /// shared datastore, on host a.
 fn create_service(lab: &Lab) {
-    let f = LabFerry { lab };
-    let program = xtask::guest::guest_image();
-    assert!(program.is_file(), "run `cargo xtask build-guest`");
-    let ip = format!("{}/24", xtask::lab::vm_addr(10).unwrap());
-    f.json(
-        "a",
-        &[
-            "vm",
-            "create",
-            "s1",
-            "--kind",
-            "service",
-            "--memory",
-            "128M",
-            "--ip",
-            &ip,
-            "--nic",
-            "52:54:00:0f:16:0a@vm-net",
-            "--disk",
-            "[shared] s1/disk.img:16M",
-            "--program",
-            program.to_str().unwrap(),
-            "--start",
-        ],
-    );
-    wait_for("the service guest to be ready", 30, || {
-        let o = f.cli("a", &["vm", "console", "s1"]);
-        let c = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(!c.contains("PANIC"), "{c}");
-        c.contains("ferry-guest: ready").then_some(())
-    });
+    LabFerry { lab }.start_service_guest("a", "s1", 10, "52:54:00:0f:16:0a", &[]);
 }
 
 /// A copy of the built `ferry` at `path`, a new file (inode) each time: what a package
