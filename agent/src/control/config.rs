@@ -261,7 +261,10 @@ pub struct Config {
     pub debug: DebugSection,
     #[serde(default)]
     pub metrics: MetricsSection,
-    #[serde(default)]
+    /// Left out of a written config while it is the default, so that a config written by this
+    /// build (the lab's) still loads into an agent from before `[vmm]` existed (benchmarks
+    /// compare such builds side by side).
+    #[serde(default, skip_serializing_if = "VmmSection::is_default")]
     pub vmm: VmmSection,
 }
 
@@ -274,6 +277,13 @@ pub struct VmmSection {
     /// outlives the agent: a restarted agent adopts it.
     #[serde(default)]
     pub mode: VmmMode,
+}
+
+impl VmmSection {
+    /// Whether this is what an absent `[vmm]` means.
+    pub fn is_default(&self) -> bool {
+        *self == VmmSection::default()
+    }
 }
 
 /// `[vmm] mode`.
