@@ -321,7 +321,7 @@ fn bench_matrix(m: MatrixArgs) -> Result<()> {
                 .iter()
                 .map(|c| {
                     c.parse()
-                        .map_err(|e: String| anyhow::anyhow!("--codec: {e}"))
+                        .map_err(|e: ferry::migrate::OptionError| anyhow::anyhow!("--codec: {e}"))
                 })
                 .collect::<Result<_>>()?,
             shaped_mixed_only: false,

@@ -154,7 +154,10 @@ pub fn run_ping(cli: &Cli, p: &PingArgs) -> Result<(), Failure> {
     let Some(secs) = p.throughput.or(p.bytes.map(|_| 0.0)) else {
         return run_icmp_ping(cli, &p.peer);
     };
-    let mode: BlastMode = p.mode.parse().map_err(usage)?;
+    let mode: BlastMode = p
+        .mode
+        .parse()
+        .map_err(|e: ferry::migrate::OptionError| usage(e.to_string()))?;
     let req = PingRequest {
         to: p.peer.clone(),
         throughput: Some(BlastRequest {

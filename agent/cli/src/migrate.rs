@@ -49,10 +49,12 @@ pub fn run_migrate(cli: &Cli, m: &MigrateArgs) -> Result<(), Failure> {
     options.policy.auto_converge = !m.no_auto_converge;
     options.poison_buffers = m.poison_buffers;
     if let Some(mode) = &m.send_mode {
-        options.send_mode = mode.parse().map_err(|e: String| Failure {
-            code: 2,
-            message: e,
-        })?;
+        options.send_mode =
+            mode.parse()
+                .map_err(|e: ferry::transport::uring::UnknownSendMode| Failure {
+                    code: 2,
+                    message: e.to_string(),
+                })?;
     }
     let started: MigrationRecord = c.post(
         "/v1/migrations",

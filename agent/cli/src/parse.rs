@@ -13,6 +13,7 @@ use crate::{fail, Failure};
 /// A `--codec` value.
 pub(crate) fn parse_codec(s: &str) -> Result<ferry::migrate::tune::CodecChoice, String> {
     s.parse()
+        .map_err(|e: ferry::migrate::OptionError| e.to_string())
 }
 
 /// A stable, locally administered MAC for NIC `i` of VM `name`.

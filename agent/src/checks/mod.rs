@@ -187,13 +187,28 @@ pub fn disk_lock_items(vm: &str, locks: &[disklock::DiskLockInfo]) -> Vec<CheckI
         .collect()
 }
 
+/// Why the link probe over the migration network could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("migration is not configured here")]
+    NotConfigured,
+    #[error("migration is not enabled on both hosts")]
+    NotEnabled,
+    #[error("the migration address is not IPv4")]
+    NotIpv4,
+    #[error("{0} has no IPv4 migration address")]
+    PeerNotIpv4(String),
+    #[error(transparent)]
+    Ping(#[from] ping::PingError),
+}
+
 /// Evaluate every check. `local` is this host, `peer` the destination, `link` the probe over
 /// the migration network (None when it could not run; the reason is in the link row).
 pub fn evaluate(
     req: &Requirements,
     local: &HostFacts,
     peer: &HostFacts,
-    link: Result<&LinkProbe, String>,
+    link: Result<&LinkProbe, &ProbeError>,
 ) -> Vec<CheckItem> {
     let mut items = Vec::new();
 
@@ -319,7 +334,7 @@ pub fn evaluate(
             Err(why) => item(
                 "Migration link",
                 Outcome::Failure,
-                why,
+                why.to_string(),
                 Some("check the migration NIC and addresses; `ferry ping PEER` shows the path"),
             ),
             Ok(p) if p.received == 0 => item(

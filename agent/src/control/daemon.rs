@@ -84,15 +84,16 @@ async fn shutdown_signal() {
 }
 
 /// Load the eBPF programs where the configuration asks for them; say once why not otherwise.
-fn start_netpin(config: &Config) -> Result<Arc<crate::netpin::NetPin>, String> {
+fn start_netpin(config: &Config) -> Result<Arc<crate::netpin::NetPin>, crate::netpin::NetpinOff> {
+    use crate::netpin::NetpinOff;
     let Some(m) = &config.migration else {
-        return Err("no [migration] section in the configuration".into());
+        return Err(NetpinOff::NoMigration);
     };
     if !m.ebpf {
-        return Err("disabled by [migration] ebpf = false".into());
+        return Err(NetpinOff::Disabled);
     }
     let Some(iface) = &m.interface else {
-        return Err("no [migration] interface configured".into());
+        return Err(NetpinOff::NoInterface);
     };
     let cfg = crate::netpin::NetpinConfig {
         migration_interface: iface.clone(),
@@ -107,9 +108,7 @@ fn start_netpin(config: &Config) -> Result<Arc<crate::netpin::NetPin>, String> {
             .as_deref()
             .and_then(|s| crate::netpin::parse_speed(s).ok()),
     };
-    crate::netpin::NetPin::start(cfg).map_err(|e| {
-        format!("eBPF is unavailable here ({e}): migration traffic is not pinned to the migration NIC and link utilization is not measured")
-    })
+    crate::netpin::NetPin::start(cfg).map_err(NetpinOff::Unavailable)
 }
 
 /// Run the agent until SIGTERM or SIGINT.

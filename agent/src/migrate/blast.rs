@@ -52,16 +52,16 @@ pub enum BlastMode {
 }
 
 impl std::str::FromStr for BlastMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = super::OptionError;
+    fn from_str(s: &str) -> Result<Self, super::OptionError> {
         match s {
             "tcp" => Ok(BlastMode::Tcp),
-            other => other.parse::<SendMode>().map(|m| match m {
+            other => Ok(other.parse::<SendMode>().map(|m| match m {
                 SendMode::Std => BlastMode::Std,
                 SendMode::Uring => BlastMode::Uring,
                 SendMode::ZeroCopy => BlastMode::ZeroCopy,
                 SendMode::ZeroCopyFixed => BlastMode::ZeroCopyFixed,
-            }),
+            })?),
         }
     }
 }
@@ -102,12 +102,12 @@ impl Default for BlastRequest {
 }
 
 impl BlastRequest {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), super::OptionError> {
         if self.streams == 0 || self.streams > 64 {
-            return Err(format!("{} streams: use 1 to 64", self.streams));
+            return Err(super::OptionError::ProbeStreams(self.streams));
         }
         if self.bytes == 0 && !(self.secs > 0.0 && self.secs <= 600.0) {
-            return Err(format!("{} s: give 0 < seconds <= 600", self.secs));
+            return Err(super::OptionError::ProbeSecs(self.secs));
         }
         Ok(())
     }
@@ -238,7 +238,7 @@ pub fn run(
     me: &super::session::Identity,
     req: &BlastRequest,
 ) -> Result<BlastResult, MigrateError> {
-    req.validate().map_err(MigrateError::Config)?;
+    req.validate()?;
     let super::session::Session {
         w: mut cw,
         r: mut cr,
@@ -373,7 +373,7 @@ pub fn serve(
         MigrateError::refused(reason)
     };
     if let Err(e) = req.validate() {
-        return Err(refuse(cw, e));
+        return Err(refuse(cw, e.to_string()));
     }
     let local = match local {
         Ok(a) => a,

@@ -65,21 +65,19 @@ impl Policy {
         Duration::from_secs_f64(self.downtime_target_ms.max(0.0) / 1000.0)
     }
     /// Refuse values that make no sense.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), super::OptionError> {
+        use super::OptionError;
         if self.downtime_target_ms.is_nan()
             || self.downtime_target_ms <= 0.0
             || self.downtime_target_ms > 60_000.0
         {
-            return Err(format!(
-                "downtime target {} ms must be above 0 and at most 60000",
-                self.downtime_target_ms
-            ));
+            return Err(OptionError::DowntimeTarget(self.downtime_target_ms));
         }
         if self.max_time_s.is_nan() || self.max_time_s <= 0.0 {
-            return Err(format!("max time {} s must be positive", self.max_time_s));
+            return Err(OptionError::MaxTime(self.max_time_s));
         }
         if self.throttle_max > 99 || self.throttle_initial > self.throttle_max {
-            return Err("throttle percentages must satisfy initial <= max <= 99".into());
+            return Err(OptionError::Throttle);
         }
         Ok(())
     }

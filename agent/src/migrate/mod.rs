@@ -44,6 +44,32 @@ use serde::{Deserialize, Serialize};
 pub use converge::{Policy, RoundStats};
 use protocol::{Abort, AbortCode, Encoding, ProtocolError};
 
+/// A migration's options (or a throughput probe's) that make no sense: refused before anything
+/// moves.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OptionError {
+    #[error("{0} streams is too many (at most 64)")]
+    TooManyStreams(u32),
+    #[error("cache size {0} % must be between 0 and 100")]
+    CachePercent(f64),
+    #[error("downtime target {0} ms must be above 0 and at most 60000")]
+    DowntimeTarget(f64),
+    #[error("max time {0} s must be positive")]
+    MaxTime(f64),
+    #[error("throttle percentages must satisfy initial <= max <= 99")]
+    Throttle,
+    #[error("{0} streams: use 1 to 64")]
+    ProbeStreams(u32),
+    #[error("{0} s: give 0 < seconds <= 600")]
+    ProbeSecs(f64),
+    #[error("unknown codec {0:?}: choose auto (the default), none, lz4 or zstd")]
+    UnknownCodec(String),
+    #[error("--codec zstd needs protocol version 2 and the destination speaks {0}: upgrade it, or choose --codec lz4 or auto")]
+    ZstdNeedsVersion2(u16),
+    #[error(transparent)]
+    SendMode(#[from] crate::transport::uring::UnknownSendMode),
+}
+
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -58,6 +84,8 @@ pub enum MigrateError {
     },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Option(#[from] OptionError),
     #[error(transparent)]
     Vm(#[from] crate::vm::VmError),
     #[error(transparent)]
@@ -231,15 +259,12 @@ impl MigrateOptions {
             .clamp(1, 4)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), OptionError> {
         if self.streams > 64 {
-            return Err(format!("{} streams is too many (at most 64)", self.streams));
+            return Err(OptionError::TooManyStreams(self.streams));
         }
         if !(0.0..=100.0).contains(&self.cache_percent) {
-            return Err(format!(
-                "cache size {} % must be between 0 and 100",
-                self.cache_percent
-            ));
+            return Err(OptionError::CachePercent(self.cache_percent));
         }
         self.policy.validate()
     }

@@ -75,16 +75,14 @@ impl CodecChoice {
 }
 
 impl std::str::FromStr for CodecChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = super::OptionError;
+    fn from_str(s: &str) -> Result<Self, super::OptionError> {
         match s {
             "auto" => Ok(CodecChoice::Auto),
             "none" => Ok(CodecChoice::None),
             "lz4" => Ok(CodecChoice::Lz4),
             "zstd" => Ok(CodecChoice::Zstd),
-            o => Err(format!(
-                "unknown codec {o:?}: choose auto (the default), none, lz4 or zstd"
-            )),
+            o => Err(super::OptionError::UnknownCodec(o.to_string())),
         }
     }
 }
@@ -104,7 +102,11 @@ pub struct CodecPlan {
 
 /// The plan for `choice` (`compress` false is `--no-compress`, which wins) on a session that
 /// negotiated protocol `version` (zstd pages need 2).
-pub fn plan(choice: CodecChoice, compress: bool, version: u16) -> Result<CodecPlan, String> {
+pub fn plan(
+    choice: CodecChoice,
+    compress: bool,
+    version: u16,
+) -> Result<CodecPlan, super::OptionError> {
     let zstd_ok = version >= super::protocol::Encoding::Zstd.since_version();
     let fixed = |start, delta, mode| CodecPlan {
         start,
@@ -129,11 +131,7 @@ pub fn plan(choice: CodecChoice, compress: bool, version: u16) -> Result<CodecPl
         CodecChoice::None => fixed(Codec::None, false, "none"),
         CodecChoice::Lz4 => fixed(Codec::Lz4, true, "lz4"),
         CodecChoice::Zstd if zstd_ok => fixed(Codec::Zstd, true, "zstd"),
-        CodecChoice::Zstd => {
-            return Err(format!(
-                "--codec zstd needs protocol version 2 and the destination speaks {version}: upgrade it, or choose --codec lz4 or auto"
-            ))
-        }
+        CodecChoice::Zstd => return Err(super::OptionError::ZstdNeedsVersion2(version)),
     })
 }
 
@@ -521,9 +519,15 @@ mod tests {
         );
         assert_eq!(plan(CodecChoice::Lz4, true, 1).unwrap().start, Codec::Lz4);
         let e = plan(CodecChoice::Zstd, true, 1).unwrap_err();
+        assert_eq!(e, crate::migrate::OptionError::ZstdNeedsVersion2(1));
+        let e = e.to_string();
         assert!(e.contains("upgrade") && e.contains("version 2"), "{e}");
         assert_eq!("zstd".parse::<CodecChoice>(), Ok(CodecChoice::Zstd));
-        assert!("gzip".parse::<CodecChoice>().unwrap_err().contains("auto"));
+        assert!("gzip"
+            .parse::<CodecChoice>()
+            .unwrap_err()
+            .to_string()
+            .contains("auto"));
     }
 
     #[test]

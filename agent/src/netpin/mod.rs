@@ -302,8 +302,26 @@ fn host_interfaces() -> Vec<String> {
     v
 }
 
+/// Why the eBPF programs are not running on this host (`ferry stats` says it).
+#[derive(Debug, thiserror::Error)]
+pub enum NetpinOff {
+    #[error("no [migration] section in the configuration")]
+    NoMigration,
+    #[error("disabled by [migration] ebpf = false")]
+    Disabled,
+    #[error("no [migration] interface configured")]
+    NoInterface,
+    #[error("eBPF is unavailable here ({0}): migration traffic is not pinned to the migration NIC and link utilization is not measured")]
+    Unavailable(NetpinError),
+}
+
+/// A link speed that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a link speed; write e.g. 10gbit, 25G or 1000mbit")]
+pub struct BadSpeed(pub String);
+
 /// Parse "10gbit", "25G", "1000mbit", "100m" into bits per second.
-pub fn parse_speed(s: &str) -> Result<u64, String> {
+pub fn parse_speed(s: &str) -> Result<u64, BadSpeed> {
     let t = s.trim().to_ascii_lowercase();
     let t = t
         .strip_suffix("bit")
@@ -320,7 +338,7 @@ pub fn parse_speed(s: &str) -> Result<u64, String> {
         .ok()
         .filter(|v| *v > 0.0)
         .map(|v| (v * mult) as u64)
-        .ok_or_else(|| format!("{s:?} is not a link speed; write e.g. 10gbit, 25G or 1000mbit"))
+        .ok_or_else(|| BadSpeed(s.to_string()))
 }
 
 impl NetPin {

@@ -153,17 +153,22 @@ pub fn accept_until(l: &TcpListener, deadline: Instant) -> io::Result<TcpStream>
     }
 }
 
+/// A peer that is neither a known name nor an address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is neither a peer name from [peers] nor an address like 198.18.0.2 or 198.18.0.2:7720"
+)]
+pub struct BadAddr(pub String);
+
 /// Parse "host:port" or "host" (with `default_port`).
-pub fn parse_addr(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+pub fn parse_addr(s: &str, default_port: u16) -> Result<SocketAddr, BadAddr> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, default_port));
     }
-    Err(format!(
-        "{s:?} is neither a peer name from [peers] nor an address like 198.18.0.2 or 198.18.0.2:7720"
-    ))
+    Err(BadAddr(s.to_string()))
 }
 
 #[cfg(test)]

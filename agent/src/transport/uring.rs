@@ -55,17 +55,20 @@ pub enum SendMode {
     ZeroCopyFixed,
 }
 
+/// A send mode's name that is none of them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown send mode {0:?}: use std, uring, zero-copy or zero-copy-fixed")]
+pub struct UnknownSendMode(pub String);
+
 impl std::str::FromStr for SendMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownSendMode;
+    fn from_str(s: &str) -> Result<Self, UnknownSendMode> {
         match s {
             "std" => Ok(SendMode::Std),
             "uring" => Ok(SendMode::Uring),
             "zc" | "zero-copy" => Ok(SendMode::ZeroCopy),
             "zc-fixed" | "zero-copy-fixed" => Ok(SendMode::ZeroCopyFixed),
-            o => Err(format!(
-                "unknown send mode {o:?}: use std, uring, zero-copy or zero-copy-fixed"
-            )),
+            o => Err(UnknownSendMode(o.to_string())),
         }
     }
 }

@@ -122,17 +122,20 @@ impl Profile {
     }
 }
 
+/// A content profile's name that is none of them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown content profile {0:?}: use zero, random, text or mixed")]
+pub struct UnknownProfile(pub String);
+
 impl std::str::FromStr for Profile {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownProfile;
+    fn from_str(s: &str) -> Result<Self, UnknownProfile> {
         match s {
             "zero" => Ok(Profile::Zero),
             "random" => Ok(Profile::Random),
             "text" => Ok(Profile::Text),
             "mixed" => Ok(Profile::Mixed),
-            other => Err(format!(
-                "unknown content profile {other:?}: use zero, random, text or mixed"
-            )),
+            other => Err(UnknownProfile(other.to_string())),
         }
     }
 }

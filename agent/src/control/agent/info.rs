@@ -99,7 +99,7 @@ impl Agent {
     pub fn host_info(&self) -> HostInfo {
         let (total, avail, memory_error) = match host_memory() {
             Ok((t, a)) => (t, a, None),
-            Err(e) => (0, 0, Some(e)),
+            Err(e) => (0, 0, Some(e.to_string())),
         };
         HostInfo {
             name: self.config.agent.name.clone(),

@@ -128,7 +128,8 @@ impl Agent {
             )));
         }
         let text = self.config.peers.get(to).map_or(to, String::as_str);
-        crate::transport::tcp::parse_addr(text, port).map_err(AgentError::Invalid)
+        crate::transport::tcp::parse_addr(text, port)
+            .map_err(|e| AgentError::Invalid(e.to_string()))
     }
 
     /// Start migrating a running VM to a peer; returns at once with the migration's record.
@@ -136,7 +137,9 @@ impl Agent {
         self: &Arc<Self>,
         req: MigrateRequest,
     ) -> Result<MigrationRecord, AgentError> {
-        req.options.validate().map_err(AgentError::Invalid)?;
+        req.options
+            .validate()
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
         let mig_cfg = self.config.migration.clone().ok_or_else(|| {
             AgentError::Invalid(
                 "migration is not configured on this host: add a [migration] section with its address".into(),

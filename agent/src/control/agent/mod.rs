@@ -69,7 +69,7 @@ pub struct Agent {
     /// Owned op locks of VMs arriving by migration, held until they are committed or gone.
     incoming_ops: Mutex<BTreeMap<String, tokio::sync::OwnedMutexGuard<()>>>,
     /// The eBPF programs on this host's NICs, or why there are none.
-    netpin: Result<Arc<NetPin>, String>,
+    netpin: Result<Arc<NetPin>, crate::netpin::NetpinOff>,
     datastores: Datastores,
     /// The cluster key peers must prove (and this agent proves to them).
     key: Option<Arc<crate::auth::ClusterKey>>,
@@ -86,7 +86,7 @@ impl Agent {
     pub fn new(
         config: Config,
         hv: Arc<Hypervisor>,
-        netpin: Result<Arc<NetPin>, String>,
+        netpin: Result<Arc<NetPin>, crate::netpin::NetpinOff>,
         datastores: Datastores,
         key: Option<Arc<crate::auth::ClusterKey>>,
     ) -> Arc<Agent> {
@@ -262,7 +262,7 @@ impl Agent {
             Ok(np) => np.report(),
             Err(reason) => StatsReport {
                 available: false,
-                reason: Some(reason.clone()),
+                reason: Some(reason.to_string()),
                 ..StatsReport::default()
             },
         }

@@ -2,6 +2,7 @@
 //! the migration link (`ferry ping`), and the CPU baseline of a set of hosts (`ferry cpu
 //! baseline`).
 
+use crate::checks::ProbeError;
 use serde::{Deserialize, Serialize};
 
 use crate::checks::{CheckReport, HostFacts, LinkProbe, Requirements};
@@ -24,20 +25,20 @@ pub struct Baseline {
 }
 
 impl Agent {
-    fn local_probe(&self, peer: &HostFacts) -> Result<LinkProbe, String> {
+    fn local_probe(&self, peer: &HostFacts) -> Result<LinkProbe, ProbeError> {
         let m = self
             .config
             .migration
             .as_ref()
-            .ok_or("migration is not configured here")?;
+            .ok_or(ProbeError::NotConfigured)?;
         let std::net::IpAddr::V4(local) = m.address else {
-            return Err("the migration address is not IPv4".into());
+            return Err(ProbeError::NotIpv4);
         };
         let remote: std::net::Ipv4Addr = peer
             .migration_address
             .as_deref()
             .and_then(|a| a.parse().ok())
-            .ok_or_else(|| format!("{} has no IPv4 migration address", peer.name))?;
+            .ok_or_else(|| ProbeError::PeerNotIpv4(peer.name.clone()))?;
         let r = crate::checks::ping::ping(
             local,
             remote,
@@ -45,8 +46,7 @@ impl Agent {
             3,
             std::time::Duration::from_millis(100),
             std::time::Duration::from_millis(500),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         Ok(LinkProbe {
             sent: r.sent,
             received: r.received,
@@ -106,10 +106,9 @@ impl Agent {
         let probe = if local.migration_enabled && pf.migration_enabled {
             self.local_probe(&pf)
         } else {
-            Err("migration is not enabled on both hosts".into())
+            Err(ProbeError::NotEnabled)
         };
-        let mut items =
-            crate::checks::evaluate(&req, &local, &pf, probe.as_ref().map_err(Clone::clone));
+        let mut items = crate::checks::evaluate(&req, &local, &pf, probe.as_ref());
         items.extend(crate::checks::disk_lock_items(vm, &self.disk_locks(&spec)));
         Ok(CheckReport::new(vm, to, items))
     }
@@ -211,7 +210,9 @@ impl Agent {
             .throughput
             .clone()
             .ok_or_else(|| AgentError::Invalid("no throughput request".into()))?;
-        throughput.validate().map_err(AgentError::Invalid)?;
+        throughput
+            .validate()
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
         let local = self
             .migration_addr()
             .map_err(|e| AgentError::Invalid(e.to_string()))?;

@@ -7,23 +7,31 @@ use crate::vm::{VmSpec, VmStatus};
 
 use super::{Agent, AgentError};
 
+/// What keeps the agent from knowing the host's memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemInfoError {
+    #[error("cannot read /proc/meminfo to learn how much memory is free: {0}")]
+    Read(std::io::Error),
+    #[error("/proc/meminfo has no readable {0} line")]
+    Field(&'static str),
+}
+
 /// /proc/meminfo values in MiB: (total, available). A file that cannot be read (e.g. no fds
 /// left) or lacks a field is an error, never "0 MiB".
-pub fn host_memory() -> Result<(u64, u64), String> {
-    let text = std::fs::read_to_string("/proc/meminfo")
-        .map_err(|e| format!("cannot read /proc/meminfo to learn how much memory is free: {e}"))?;
+pub fn host_memory() -> Result<(u64, u64), MemInfoError> {
+    let text = std::fs::read_to_string("/proc/meminfo").map_err(MemInfoError::Read)?;
     parse_meminfo(&text)
 }
 
 /// (MemTotal, MemAvailable) in MiB from the text of /proc/meminfo.
-pub fn parse_meminfo(text: &str) -> Result<(u64, u64), String> {
-    let field = |name: &str| {
+pub fn parse_meminfo(text: &str) -> Result<(u64, u64), MemInfoError> {
+    let field = |name: &'static str| {
         text.lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse::<u64>().ok())
             .map(|kib| kib / 1024)
-            .ok_or_else(|| format!("/proc/meminfo has no readable {name} line"))
+            .ok_or(MemInfoError::Field(name))
     };
     Ok((field("MemTotal:")?, field("MemAvailable:")?))
 }
@@ -178,8 +186,8 @@ mod meminfo_tests {
     #[test]
     fn meminfo_that_cannot_be_read_is_an_error_not_zero() {
         let text = "MemTotal:       16384000 kB\nMemFree: 1 kB\nMemAvailable:    8192000 kB\n";
-        assert_eq!(parse_meminfo(text), Ok((16000, 8000)));
-        let e = parse_meminfo("").unwrap_err();
+        assert_eq!(parse_meminfo(text).unwrap(), (16000, 8000));
+        let e = parse_meminfo("").unwrap_err().to_string();
         assert!(e.contains("MemTotal"), "{e}");
         assert!(parse_meminfo("MemTotal: 5 kB\n").is_err());
         assert!(parse_meminfo("MemTotal: x kB\nMemAvailable: 1 kB\n").is_err());

@@ -351,8 +351,7 @@ fn open<'a>(job: &'a SourceJob, ctl: &mut Control) -> Result<(Engine<'a>, Ready)
     // The page codec: fixed by the user, or tuned per stream; zstd only where the destination
     // speaks a protocol version that has it.
     let version = ctl.w.version();
-    let plan = tune::plan(job.options.codec, job.options.compress, version)
-        .map_err(MigrateError::Config)?;
+    let plan = tune::plan(job.options.codec, job.options.compress, version)?;
     // Data streams and their workers.
     let cache_pages = ((mem.size() as f64 * job.options.cache_percent / 100.0) / PAGE as f64)
         as usize

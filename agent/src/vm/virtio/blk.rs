@@ -404,7 +404,8 @@ impl BlkDevice {
             .t
             .lock()
             .map_err(|_| VirtioError::Mismatch("disk lock poisoned".into()))?;
-        t.restore(&st.transport).map_err(VirtioError::Mismatch)
+        t.restore(&st.transport)
+            .map_err(|e| VirtioError::Mismatch(e.to_string()))
     }
 
     pub fn stats(&self) -> BlkStats {

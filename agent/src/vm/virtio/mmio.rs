@@ -91,6 +91,17 @@ pub struct Transport {
     pub st: TransportState,
 }
 
+/// Saved transport state that does not fit this device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportMismatch {
+    #[error("{saved} queues saved, the device has {here}")]
+    Queues { saved: usize, here: usize },
+    #[error("negotiated features {negotiated:#x} are not all offered here ({offered:#x})")]
+    Features { negotiated: u64, offered: u64 },
+    #[error("a saved queue has an invalid size")]
+    QueueSize,
+}
+
 impl Transport {
     pub fn new(device_id: u32, device_features: u64, queues: usize) -> Transport {
         Transport {
@@ -126,26 +137,25 @@ impl Transport {
     }
 
     /// Load saved state (checked against this device's shape).
-    pub fn restore(&mut self, st: &TransportState) -> Result<(), String> {
+    pub fn restore(&mut self, st: &TransportState) -> Result<(), TransportMismatch> {
         if st.queues.len() != self.st.queues.len() {
-            return Err(format!(
-                "{} queues saved, the device has {}",
-                st.queues.len(),
-                self.st.queues.len()
-            ));
+            return Err(TransportMismatch::Queues {
+                saved: st.queues.len(),
+                here: self.st.queues.len(),
+            });
         }
         if st.driver_features & !self.device_features != 0 {
-            return Err(format!(
-                "negotiated features {:#x} are not all offered here ({:#x})",
-                st.driver_features, self.device_features
-            ));
+            return Err(TransportMismatch::Features {
+                negotiated: st.driver_features,
+                offered: self.device_features,
+            });
         }
         if st
             .queues
             .iter()
             .any(|q| q.size > QUEUE_MAX || (q.size != 0 && !q.size.is_power_of_two()))
         {
-            return Err("a saved queue has an invalid size".into());
+            return Err(TransportMismatch::QueueSize);
         }
         self.st = st.clone();
         Ok(())

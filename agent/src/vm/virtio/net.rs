@@ -421,7 +421,8 @@ impl NetDevice {
             .inner
             .lock()
             .map_err(|_| VirtioError::Mismatch("NIC lock poisoned".into()))?;
-        g.t.restore(&st.transport).map_err(VirtioError::Mismatch)?;
+        g.t.restore(&st.transport)
+            .map_err(|e| VirtioError::Mismatch(e.to_string()))?;
         g.captured = None;
         let local = g.rx.len() as u64;
         if local > 0 {
